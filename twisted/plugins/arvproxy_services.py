@@ -1,0 +1,14 @@
+from twisted.application.service import ServiceMaker
+
+controller = ServiceMaker(
+    "arv-controller-proxy",
+    "arvproxy.controller.tap",
+    "The front door: authorize and forward requests to container web services",
+    "arv-controller-proxy",
+)
+gateway = ServiceMaker(
+    "crunch-run-gateway",
+    "arvproxy.gateway.tap",
+    "The node gateway beside one container: verify signed requests and proxy them in",
+    "crunch-run-gateway",
+)
