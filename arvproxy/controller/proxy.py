@@ -1,0 +1,273 @@
+"""
+The front door: authorize each request to a container web service and forward it, signed, to the
+container's gateway.
+
+For a request to C{<uuid>-<port>.<suffix>} the L{Controller} moves a query token into a cookie,
+checks the token and the user's permission (L{arvproxy.permissions}), resolves the container and
+its gateway, and streams the request to the gateway over pinned TLS (L{GatewayConnector}),
+then streams the answer back (L{arvproxy.streaming}).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet import error as net_error
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.web import iweb
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+    URI,
+)
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
+
+from arvproxy import pages, permissions, policy
+from arvproxy.backends import CONTAINER_INFIX, CONTAINER_REQUEST_INFIX, ICluster, uuid_infix
+from arvproxy.config import ClusterConfig
+from arvproxy.errors import (
+    BadGateway,
+    BadRequest,
+    GatewayTimeout,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+)
+from arvproxy.streaming import StreamingRequest, relay_response
+from arvproxy.tlsidentity import client_creator
+
+log = Logger()
+
+# Set by a gateway on the errors it produces itself (as opposed to the service's own answers).
+GATEWAY_ERROR = b"x-arvados-gateway-error"
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """
+    Split a C{gateway_address} (C{host:port}, C{[v6]:port}).
+
+    @raise BadGateway: it is not one.
+    """
+    try:
+        name, port = policy.split_host(address.encode("ascii"))
+    except (policy.BadRequest, UnicodeEncodeError):
+        port = None
+    if port is None:
+        raise BadGateway(f"The container's gateway address {address!r} is not host:port.")
+    return name.decode("ascii").strip("[]"), port
+
+
+@implementer(iweb.IAgentEndpointFactory)
+class GatewayConnector:
+    """
+    Sends requests to gateways over TLS pinned to each container's key, reusing connections.
+
+    Each (container, gateway address) gets a synthetic host name in the request URI, so the
+    connection pool (keyed by scheme, host and port) never hands one container's connection to
+    a request for another, and each endpoint pins the key derived from that container's secret.
+    """
+
+    def __init__(self, reactor: Any, connect_timeout: float = 10.0, idle_timeout: float = 240.0):
+        self._reactor = reactor
+        self._connect_timeout = connect_timeout
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = 64
+        self.pool.cachedConnectionTimeout = idle_timeout
+        self.pool.retryAutomatically = True
+        self._names: dict[tuple[str, str], bytes] = {}
+        self._endpoints: dict[bytes, Any] = {}
+        self._counter = itertools.count(1)
+        self._agent = Agent.usingEndpointFactory(reactor, self, pool=self.pool)
+
+    def _route(self, container_uuid: str, address: str, secret: str) -> bytes:
+        key = (container_uuid, address)
+        name = self._names.get(key)
+        if name is None:
+            host, port = split_address(address)
+            name = b"gw%d-%s.invalid" % (next(self._counter), container_uuid.encode("ascii"))
+            endpoint = HostnameEndpoint(self._reactor, host, port, timeout=self._connect_timeout)
+            self._endpoints[name] = wrapClientTLS(client_creator(secret), endpoint)
+            self._names[key] = name
+        return name
+
+    def endpointForURI(self, uri: URI) -> Any:
+        return self._endpoints[uri.host]
+
+    async def request(
+        self,
+        container_uuid: str,
+        address: str,
+        secret: str,
+        method: bytes,
+        path: bytes,
+        headers: Headers,
+        body: iweb.IBodyProducer | None,
+    ) -> iweb.IResponse:
+        """
+        Send a request to a container's gateway.
+
+        @raise BadGateway: the gateway cannot be reached, or fails the identity check.
+        @raise GatewayTimeout: the connection timed out.
+        """
+        name = self._route(container_uuid, address, secret)
+        port = split_address(address)[1]
+        headers.setRawHeaders(b"host", [address.encode("ascii")])
+        uri = b"https://%s:%d%s" % (name, port, path)
+        try:
+            return await self._agent.request(method, uri, headers, body)
+        except net_error.TimeoutError as e:
+            raise GatewayTimeout(
+                "The container's gateway did not answer in time.",
+                hint="The worker node may be overloaded or unreachable; try again shortly.",
+            ) from e
+        except (net_error.ConnectError, net_error.DNSLookupError) as e:
+            raise BadGateway(
+                "The container's gateway cannot be reached.",
+                hint="The container may have just stopped, or its node is unreachable.",
+            ) from e
+        except (ResponseNeverReceived, RequestTransmissionFailed, ResponseFailed) as e:
+            if any(r.check(SSL.Error) for r in e.reasons):
+                raise BadGateway(
+                    "The container's gateway failed its identity check (TLS); nothing was sent."
+                ) from e
+            raise BadGateway("The connection to the container's gateway failed.") from e
+
+
+class Controller:
+    """
+    The request handler of the front door (see L{arvproxy.streaming.ProxySite}).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: ClusterConfig,
+        cluster: ICluster,
+        gateways: GatewayConnector,
+    ) -> None:
+        self._reactor = reactor
+        self._config = config
+        self._cluster = cluster
+        self._gateways = gateways
+
+    async def __call__(self, request: StreamingRequest) -> None:
+        external = self._config.external_url
+        host = request.getHeader(b"host")
+        if host is None:
+            raise BadRequest("The request has no Host header.")
+        target = policy.parse_vhost(host, external)
+        if target is None:
+            if policy.is_service_host(host, external):
+                raise NotFound(
+                    "Container services live at their own addresses, like "
+                    f"{external.url_for('<container-uuid>-<port>')}",
+                    hint="Use the link you were given for your container's service.",
+                )
+            raise BadRequest(
+                "This server only serves container web services, at addresses like "
+                f"{external.url_for('<container-uuid>-<port>')}",
+            )
+
+        uri, query_token = policy.split_query_token(request.uri)
+        if query_token is not None:
+            cookies = [policy.token_set_cookie(query_token, external.secure)] if query_token else []
+            pages.redirect(request, uri, cookies)
+            return
+
+        token = policy.token_from_cookies(request.requestHeaders)
+        if token is None:
+            raise Unauthorized(
+                "You need to sign in to open this container's service.",
+                hint="Open the link with your token (?arvados_api_token=...) once, "
+                "or ask the container's owner to share the container request with you.",
+            )
+        try:
+            credentials = await self._cluster.authenticate(token.decode("ascii"))
+        except UnicodeDecodeError:
+            raise Unauthorized("Your token is not valid.") from None
+
+        container, requests = await self._resolve(target.uuid)
+        permissions.check_scope(credentials, {target.uuid, container.uuid}, target.port)
+        levels = {}
+        if not credentials.is_admin:
+            for cr in requests:
+                levels[cr.uuid] = await self._cluster.permission_level(
+                    credentials.user_uuid, cr.uuid
+                )
+        permissions.check_access(credentials, target.uuid, requests, levels)
+        permissions.check_running(container)
+        await self._forward(request, target, container.uuid, container.gateway_address, host)
+
+    async def _resolve(self, uuid: str) -> tuple[Any, list[Any]]:
+        """The container a URL's UUID leads to, and the container requests that use it."""
+        try:
+            infix = uuid_infix(uuid)
+        except ValueError:
+            infix = ""
+        if infix == CONTAINER_REQUEST_INFIX:
+            cr = await self._cluster.get_container_request(uuid)
+            if not cr.container_uuid:
+                raise Unavailable(
+                    f"Container request {uuid} has no container yet. This page will retry by itself."
+                )
+            return await self._cluster.get_container(cr.container_uuid), [cr]
+        if infix == CONTAINER_INFIX:
+            container = await self._cluster.get_container(uuid)
+            return container, list(await self._cluster.container_requests_for(uuid))
+        raise NotFound(f"{uuid} is neither a container nor a container request.")
+
+    async def _forward(
+        self,
+        request: StreamingRequest,
+        target: policy.Target,
+        container_uuid: str,
+        gateway_address: str,
+        host: bytes,
+    ) -> None:
+        config = self._config
+        secret = policy.gateway_secret(config.system_root_token, container_uuid)
+        client_ip = getattr(request.getClientAddress(), "host", None)
+        headers = policy.gateway_request_headers(
+            request.requestHeaders,
+            target_uuid=container_uuid,
+            target_port=target.port,
+            request_host=host,
+            authorization=policy.sign(secret, self._reactor.seconds()),
+            client_ip=client_ip,
+            proto="https" if request.isSecure() else config.external_url.scheme,
+            trusted_peer=policy.is_trusted(client_ip, config.trusted_proxies),
+        )
+        body = None if request.body.empty else request.body
+        response = await self._gateways.request(
+            container_uuid, gateway_address, secret, request.method, request.uri, headers, body
+        )
+        reason = response.headers.getRawHeaders(GATEWAY_ERROR)
+        if reason:
+            response.deliverBody(_Discard())
+            log.warn(
+                "Gateway of {container} refused a request: {reason}",
+                container=container_uuid,
+                reason=reason[0].decode("latin-1"),
+            )
+            raise BadGateway(
+                "The container's gateway refused the forwarded request "
+                f"({reason[0].decode('latin-1')[:200]}).",
+                hint="This is a problem between the proxy and the worker node; "
+                "tell the cluster's administrator.",
+            )
+        await relay_response(request, response)
+
+
+class _Discard(Protocol):
+    """Reads and drops a response body, so its connection can go back to the pool."""
+
+    def dataReceived(self, data: bytes) -> None:
+        pass

@@ -1,0 +1,88 @@
+"""
+The handful of failures a request can meet, each carrying its HTTP status.
+
+Raise one of these anywhere on the path of a request; L{arvproxy.pages.render_error} turns it
+into a page for a browser or a short JSON body for an API client.  Messages are shown to the
+person at the other end, so they must never contain a token or a secret.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """
+    A failure to serve a request, shown to the client with C{status}.
+
+    @ivar status: the HTTP status code of the response.
+    @ivar title: a short heading for the error page.
+    @ivar message: what went wrong, in one or two sentences, safe to show.
+    @ivar hint: what the person can do about it, or C{""}.
+    @ivar retry_after: seconds for a C{Retry-After} header, or C{None} for none.
+    """
+
+    status = 500
+    title = "Internal error"
+    retry_after: int | None = None
+
+    def __init__(self, message: str, hint: str = "", retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        if retry_after is not None:
+            self.retry_after = retry_after
+
+
+class BadRequest(ProxyError):
+    status = 400
+    title = "Bad request"
+
+
+class Unauthorized(ProxyError):
+    """No token, or a token that is invalid, revoked or expired."""
+
+    status = 401
+    title = "Sign-in required"
+
+
+class Forbidden(ProxyError):
+    """A valid token that may not reach this target (scope or permission)."""
+
+    status = 403
+    title = "Permission denied"
+
+
+class NotFound(ProxyError):
+    status = 404
+    title = "Not found"
+
+
+class Gone(ProxyError):
+    """The container has finished: it will never serve again."""
+
+    status = 410
+    title = "Container finished"
+
+
+class RequestHeaderFieldsTooLarge(ProxyError):
+    status = 431
+    title = "Request headers too large"
+
+
+class BadGateway(ProxyError):
+    """The next hop could not be reached, failed its checks, or broke the protocol."""
+
+    status = 502
+    title = "Bad gateway"
+
+
+class Unavailable(ProxyError):
+    """Not yet: the container is not running, or its service is not listening yet."""
+
+    status = 503
+    title = "Not available yet"
+    retry_after = 5
+
+
+class GatewayTimeout(ProxyError):
+    status = 504
+    title = "Gateway timeout"

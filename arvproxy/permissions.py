@@ -1,0 +1,108 @@
+"""
+Who may connect to which container port: the rules of the story, as pure functions.
+
+The controller gathers the facts (credentials, the container, the container requests that use it,
+the user's permission level on each) from a cluster backend and asks these functions; each
+raises the L{ProxyError} the person should see, or returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+
+from arvproxy.backends import (
+    CAN_MANAGE,
+    CAN_WRITE,
+    FINAL_STATES,
+    RUNNING,
+    Container,
+    ContainerRequest,
+    Credentials,
+)
+from arvproxy.errors import Forbidden, Gone, NotFound, Unavailable
+from arvproxy.policy import connect_scope
+
+WRITE_LEVELS = frozenset({CAN_WRITE, CAN_MANAGE})
+
+
+def scope_allows(credentials: Credentials, uuids: Collection[str], port: int) -> bool:
+    """
+    Whether the token's scopes allow connecting to C{port} of the target: scope C{all}, or
+    C{CONNECT /arvados/v1/container/<uuid>/<port>} for one of C{uuids} (the UUID in the URL or the
+    container it resolves to) and exactly this port.
+    """
+    if "all" in credentials.scopes:
+        return True
+    allowed = {connect_scope(uuid, port) for uuid in uuids}
+    return any(scope in allowed for scope in credentials.scopes)
+
+
+def check_scope(credentials: Credentials, uuids: Collection[str], port: int) -> None:
+    """
+    @raise Forbidden: the token is scoped to something else.
+    """
+    if not scope_allows(credentials, uuids, port):
+        raise Forbidden(
+            "Your token's scope does not allow connecting to this container port.",
+            hint="Use a token with scope \"all\", or one made for exactly this container and port.",
+        )
+
+
+def check_access(
+    credentials: Credentials,
+    named_uuid: str,
+    requests: Sequence[ContainerRequest],
+    levels: Mapping[str, str | None],
+) -> None:
+    """
+    The user must be an admin, or hold C{can_write} or C{can_manage} on every container request
+    in C{requests} (those that use the container; just one when the URL named a request).
+
+    @param named_uuid: the UUID in the URL.
+    @param levels: the user's permission level on each request's UUID (C{None}: none at all).
+    @raise NotFound: the user cannot even read what the URL names (so its existence stays hidden).
+    @raise Forbidden: the user can see it but may not connect.
+    """
+    if credentials.is_admin:
+        return
+    readable = [cr for cr in requests if levels.get(cr.uuid) is not None]
+    if not readable:
+        raise NotFound(
+            f"There is no container or container request {named_uuid} that you can see.",
+            hint="Check the address, or sign in as the user who started the container.",
+        )
+    if len(readable) < len(requests) or any(
+        levels.get(cr.uuid) not in WRITE_LEVELS for cr in requests
+    ):
+        raise Forbidden(
+            "You need write permission on the container request to connect to its container"
+            + (
+                ", and this container is also used by requests you cannot write."
+                if len(requests) > 1
+                else "."
+            ),
+            hint="Ask the request's owner to share it with you with write (or manage) permission.",
+        )
+
+
+def check_running(container: Container) -> None:
+    """
+    @raise Unavailable: the container is not running yet, or has no gateway yet.
+    @raise Gone: the container has finished.
+    """
+    if container.state in FINAL_STATES:
+        raise Gone(
+            f"Container {container.uuid} has finished ({container.state}); "
+            "its web services are no longer available.",
+            hint="Start a new container to use the service again.",
+        )
+    if container.state != RUNNING:
+        raise Unavailable(
+            f"Container {container.uuid} is {container.state}, not running yet. "
+            "This page will retry by itself.",
+        )
+    if not container.gateway_address:
+        raise Unavailable(
+            f"Container {container.uuid} is starting: its gateway is not ready yet. "
+            "This page will retry by itself.",
+        )

@@ -1,0 +1,437 @@
+"""
+The rules both hops obey: which vhost names which target, how the user's token moves from the
+query to a cookie and never further, which headers cross a hop, and how the controller signs a
+request so that the gateway can believe it.
+
+Everything here is pure: bytes and values in, values or exceptions out, the clock passed in.
+Secrets are compared with L{hmac.compare_digest}.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import ipaddress
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
+
+from twisted.web.http_headers import Headers
+
+from arvproxy.config import ExternalURL
+from arvproxy.errors import BadRequest
+
+TOKEN_COOKIE = b"arvados_api_token"
+TOKEN_PARAM = b"arvados_api_token"
+
+ARVADOS_HEADER_PREFIX = b"x-arvados-"
+TARGET_UUID = b"x-arvados-target-uuid"
+TARGET_PORT = b"x-arvados-target-port"
+REQUEST_HOST = b"x-arvados-request-host"
+AUTHORIZATION = b"x-arvados-authorization"
+
+# RFC 9110 section 7.6.1, plus the de-facto ones every proxy strips.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+# Set by the controller from what it knows; never taken from a client unless trusted.
+FORWARDED_HEADERS = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
+
+UUID_PATTERN = rb"[a-z0-9]{5}-[a-z0-9]{5}-[a-z0-9]{15}"
+_VHOST_LABEL = re.compile(rb"^(" + UUID_PATTERN + rb")-([0-9]{1,5})$")
+_HOST = re.compile(rb"^(?P<name>\[[0-9a-f:.]+\]|[^:\[\]]+)(?::(?P<port>[0-9]{1,5}))?$")
+
+
+# --- Hosts --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """
+    What a container vhost names: a container or container request UUID and a port in it.
+    """
+
+    uuid: str
+    port: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.uuid}-{self.port}"
+
+
+def split_host(host: bytes) -> tuple[bytes, int | None]:
+    """
+    Split a C{Host} header value into a lower-case name and a port.
+
+    @raise BadRequest: the value is not a host name with an optional numeric port.
+    """
+    match = _HOST.match(host.strip().lower())
+    if match is None:
+        raise BadRequest("The Host header is not a valid host name.")
+    port = match.group("port")
+    return match.group("name"), (int(port) if port is not None else None)
+
+
+def is_service_host(host: bytes, external: ExternalURL) -> bool:
+    """
+    Whether C{host} is the bare suffix of the ExternalURL (where the controller's own pages live).
+    """
+    try:
+        name, port = split_host(host)
+    except BadRequest:
+        return False
+    return name == external.suffix.encode("ascii") and _port_matches(port, external)
+
+
+def _port_matches(port: int | None, external: ExternalURL) -> bool:
+    return port is None or port == external.default_port
+
+
+def parse_vhost(host: bytes, external: ExternalURL) -> Target | None:
+    """
+    Find the target named by a request's C{Host}: C{<uuid>-<port>.<suffix>}, case-insensitive,
+    with or without the ExternalURL's port.
+
+    @return: the L{Target}, or C{None} when C{host} is not under the ExternalURL's suffix at all
+        (some other site, or the bare suffix).
+    @raise BadRequest: the host is under the suffix but does not name a UUID and a port from 1
+        to 65535, or it names a port other than the ExternalURL's.
+    """
+    name, port = split_host(host)
+    suffix = b"." + external.suffix.encode("ascii")
+    if not name.endswith(suffix) or len(name) == len(suffix):
+        return None
+    if not _port_matches(port, external):
+        raise BadRequest(
+            f"This address uses port {port}, but container services are served on port "
+            f"{external.default_port}."
+        )
+    label = name[: -len(suffix)]
+    match = _VHOST_LABEL.match(label)
+    if match is None:
+        raise BadRequest(
+            "The address does not name a container service. It should look like "
+            f"{external.url_for('<container-uuid>-<port>')}",
+            hint="Check the link you followed, or open the list of your containers.",
+        )
+    target_port = int(match.group(2))
+    if not 1 <= target_port <= 65535:
+        raise BadRequest(f"Port {target_port} is not a valid TCP port (1 to 65535).")
+    return Target(match.group(1).decode("ascii"), target_port)
+
+
+def connect_scope(uuid: str, port: int) -> str:
+    """The token scope that allows exactly this target (phase 2 of the story)."""
+    return f"CONNECT /arvados/v1/container/{uuid}/{port}"
+
+
+# --- The user's token ---------------------------------------------------------------------------
+
+
+def split_query_token(uri: bytes) -> tuple[bytes, bytes | None]:
+    """
+    Take C{arvados_api_token} out of a request URI.
+
+    @return: the URI without any C{arvados_api_token} parameter (other parameters kept exactly
+        as written, in order; no C{?} left when none remain) and the decoded token, or
+        C{(uri, None)} when there is none.  When the parameter appears more than once, the
+        first non-empty value wins; every copy is removed.
+    """
+    path, sep, query = uri.partition(b"?")
+    if not sep:
+        return uri, None
+    kept: list[bytes] = []
+    token: bytes | None = None
+    found = False
+    for param in query.split(b"&"):
+        name, _, value = param.partition(b"=")
+        if unquote_to_bytes(name.replace(b"+", b" ")) == TOKEN_PARAM:
+            found = True
+            if token is None and value:
+                token = unquote_to_bytes(value.replace(b"+", b" "))
+        else:
+            kept.append(param)
+    if not found:
+        return uri, None
+    rest = b"&".join(kept)
+    return (path + b"?" + rest if rest else path), (token if token is not None else b"")
+
+
+def encode_token_cookie(token: bytes) -> bytes:
+    """The cookie value that carries C{token}: base64url, as Arvados does."""
+    return base64.urlsafe_b64encode(token)
+
+
+def decode_token_cookie(value: bytes) -> bytes | None:
+    """The token in a cookie value, or C{None} when the value is not valid base64url."""
+    try:
+        token = base64.urlsafe_b64decode(value + b"=" * (-len(value) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    return token or None
+
+
+def token_set_cookie(token: bytes, secure: bool) -> bytes:
+    """A C{Set-Cookie} value that stores C{token} for this origin only."""
+    attributes = b"; Path=/; HttpOnly; SameSite=Lax" + (b"; Secure" if secure else b"")
+    return TOKEN_COOKIE + b"=" + encode_token_cookie(token) + attributes
+
+
+def _cookie_pairs(header: bytes) -> Iterable[tuple[bytes, bytes]]:
+    for piece in header.split(b";"):
+        pair = piece.strip()
+        if pair:
+            name, _, value = pair.partition(b"=")
+            yield name.strip(), pair
+
+
+def token_from_cookies(headers: Headers) -> bytes | None:
+    """The token in the first C{arvados_api_token} cookie that decodes, or C{None}."""
+    for header in headers.getRawHeaders(b"cookie", []):
+        for name, pair in _cookie_pairs(header):
+            if name == TOKEN_COOKIE:
+                token = decode_token_cookie(pair.partition(b"=")[2].strip().strip(b'"'))
+                if token:
+                    return token
+    return None
+
+
+def strip_token_cookie(cookies: list[bytes]) -> list[bytes]:
+    """
+    Remove every C{arvados_api_token} cookie from C{Cookie} header values, keeping the other
+    cookies as written and in order, and dropping headers left empty.
+    """
+    result = []
+    for header in cookies:
+        kept = [pair for name, pair in _cookie_pairs(header) if name != TOKEN_COOKIE]
+        if kept:
+            result.append(b"; ".join(kept))
+    return result
+
+
+# --- Headers across a hop -----------------------------------------------------------------------
+
+
+def connection_listed(headers: Headers) -> frozenset[bytes]:
+    """The lower-case header names listed in every C{Connection} header."""
+    names = set()
+    for value in headers.getRawHeaders(b"connection", []):
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                names.add(token)
+    return frozenset(names)
+
+
+def forwardable(headers: Headers, drop: Iterable[bytes] = ()) -> Headers:
+    """
+    A copy of C{headers} without hop-by-hop headers, the headers named in C{Connection}, and the
+    lower-case names in C{drop}; repeated headers and their order are kept.
+
+    This runs before anything is added for the next hop, so a client can never use
+    C{Connection} to remove a header the proxy sets.
+    """
+    dropped = HOP_BY_HOP | connection_listed(headers) | frozenset(drop)
+    result = Headers()
+    for name, values in headers.getAllRawHeaders():
+        lower = name.lower()
+        if lower not in dropped and not lower.startswith(ARVADOS_HEADER_PREFIX):
+            result.setRawHeaders(name, list(values))
+    return result
+
+
+def is_trusted(address: str | None, trusted: Iterable[ipaddress._BaseNetwork]) -> bool:
+    """Whether C{address} (the peer's IP) is inside one of the C{trusted} networks."""
+    if address is None:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
+
+
+def gateway_request_headers(
+    client: Headers,
+    *,
+    target_uuid: str,
+    target_port: int,
+    request_host: bytes,
+    authorization: str,
+    client_ip: str | None,
+    proto: str,
+    trusted_peer: bool,
+) -> Headers:
+    """
+    The headers the controller sends to a gateway for a client's request.
+
+    Hop-by-hop headers, the headers named in C{Connection}, every client-supplied C{x-arvados-*}
+    header, C{Host} and the C{arvados_api_token} cookie are removed; C{Authorization} passes
+    unchanged.  C{X-Forwarded-*} are set from what the controller knows; when the peer is a
+    trusted proxy its C{X-Forwarded-For} is extended and its C{-Proto}/C{-Host} are kept.
+    """
+    drop = {b"host", b"cookie", *FORWARDED_HEADERS}
+    headers = forwardable(client, drop=drop)
+    cookies = strip_token_cookie(client.getRawHeaders(b"cookie", []))
+    if cookies:
+        headers.setRawHeaders(b"cookie", cookies)
+
+    prior_for = client.getRawHeaders(b"x-forwarded-for", []) if trusted_peer else []
+    chain = [v.strip() for v in b", ".join(prior_for).split(b",") if v.strip()]
+    if client_ip:
+        chain.append(client_ip.encode("ascii"))
+    if chain:
+        headers.setRawHeaders(b"x-forwarded-for", [b", ".join(chain)])
+    forwarded_proto = client.getRawHeaders(b"x-forwarded-proto") if trusted_peer else None
+    headers.setRawHeaders(
+        b"x-forwarded-proto", [forwarded_proto[-1] if forwarded_proto else proto.encode("ascii")]
+    )
+    forwarded_host = client.getRawHeaders(b"x-forwarded-host") if trusted_peer else None
+    headers.setRawHeaders(b"x-forwarded-host", [forwarded_host[-1] if forwarded_host else request_host])
+
+    headers.setRawHeaders(TARGET_UUID, [target_uuid.encode("ascii")])
+    headers.setRawHeaders(TARGET_PORT, [b"%d" % (target_port,)])
+    headers.setRawHeaders(REQUEST_HOST, [request_host])
+    headers.setRawHeaders(AUTHORIZATION, [authorization.encode("ascii")])
+    return headers
+
+
+def container_request_headers(gateway: Headers, request_host: bytes) -> Headers:
+    """
+    The headers the gateway sends to the service in the container: the controller's, without
+    hop-by-hop and C{x-arvados-*} headers, with C{Host} set to the original request's host.
+    """
+    headers = forwardable(gateway, drop={b"host"})
+    headers.setRawHeaders(b"host", [request_host])
+    return headers
+
+
+def response_headers(upstream: Headers) -> Headers:
+    """
+    The headers of an upstream response that may cross a hop back towards the client.
+    """
+    return forwardable(upstream, drop={b"content-length"})
+
+
+def parse_target_port(values: list[bytes] | None) -> int:
+    """
+    The port in C{x-arvados-target-port}.
+
+    @raise ValueError: missing, repeated, or not a decimal from 1 to 65535.
+    """
+    if not values or len(values) != 1:
+        raise ValueError("x-arvados-target-port must appear exactly once")
+    value = values[0].strip()
+    if not value.isdigit() or len(value) > 5 or not 1 <= int(value) <= 65535:
+        raise ValueError("x-arvados-target-port must be a port number from 1 to 65535")
+    return int(value)
+
+
+# --- Signing between the hops -------------------------------------------------------------------
+
+
+def gateway_secret(system_root_token: str, container_uuid: str) -> str:
+    """
+    The per-container secret the dispatcher hands the gateway as C{GatewayAuthSecret}:
+    C{hex(HMAC-SHA256(key=SystemRootToken, msg=container UUID))}.  A worker node never sees the
+    SystemRootToken.
+    """
+    return hmac.new(
+        system_root_token.encode("utf-8"), container_uuid.encode("ascii"), hashlib.sha256
+    ).hexdigest()
+
+
+NONCE_BYTES = 16
+
+
+def _mac(secret: str, message: str) -> str:
+    return hmac.new(secret.encode("utf-8"), message.encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def sign(secret: str, now: float, nonce: bytes | None = None) -> str:
+    """
+    An C{x-arvados-authorization} value: C{<nonce>+<timestamp> <hex HMAC-SHA256(secret, nonce+timestamp)>}.
+
+    @param nonce: random bytes (at least 16); fresh ones from L{os.urandom} when C{None}.
+    """
+    if nonce is None:
+        nonce = os.urandom(NONCE_BYTES)
+    message = f"{nonce.hex()}+{int(now)}"
+    return f"{message} {_mac(secret, message)}"
+
+
+class SignatureError(Exception):
+    """A request's C{x-arvados-authorization} is missing, malformed, wrong, stale or replayed."""
+
+
+_SIGNATURE = re.compile(r"^([0-9a-f]{32,128})\+([0-9]{1,12}) ([0-9a-f]{64})$")
+
+
+class NonceCache:
+    """
+    The nonces a gateway has accepted, kept for as long as their timestamps could still pass the
+    clock check, so that a captured request cannot be replayed.  Memory is bounded by the
+    request rate times the window.
+    """
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self._seen: dict[str, float] = {}
+        self._next_prune = 0.0
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def add(self, nonce: str, timestamp: int, now: float) -> bool:
+        """
+        Record C{nonce}; C{False} when it was already recorded (a replay).
+        """
+        if now >= self._next_prune:
+            self._prune(now)
+        if nonce in self._seen:
+            return False
+        self._seen[nonce] = timestamp + self.window
+        return True
+
+    def _prune(self, now: float) -> None:
+        self._seen = {n: expiry for n, expiry in self._seen.items() if expiry >= now}
+        self._next_prune = now + 1.0
+
+
+def verify(values: list[bytes] | None, secret: str, now: float, nonces: NonceCache) -> None:
+    """
+    Check an C{x-arvados-authorization} header: one value, well formed, a MAC made with
+    C{secret}, a timestamp within C{nonces.window} seconds of C{now}, and a nonce not seen before.
+
+    @raise SignatureError: saying which check failed.
+    """
+    if not values:
+        raise SignatureError("missing x-arvados-authorization")
+    if len(values) != 1:
+        raise SignatureError("repeated x-arvados-authorization")
+    match = _SIGNATURE.match(values[0].decode("latin-1"))
+    if match is None:
+        raise SignatureError("malformed x-arvados-authorization")
+    nonce, timestamp, mac = match.groups()
+    expected = _mac(secret, f"{nonce}+{timestamp}")
+    if not hmac.compare_digest(mac, expected):
+        raise SignatureError("bad signature")
+    if abs(now - int(timestamp)) > nonces.window:
+        raise SignatureError("stale signature: the timestamp is too far from this node's clock")
+    if not nonces.add(nonce, int(timestamp), now):
+        raise SignatureError("replayed signature")

@@ -1,0 +1,340 @@
+"""
+The streaming machinery both hops share: a twisted.web site that hands each request to a handler
+as soon as its headers have arrived, a request body that streams to the next hop with
+backpressure, and a relay that streams the next hop's response back.
+
+Twisted's own server reads a whole request body before any resource runs, and
+C{twisted.web.proxy} buffers, drops repeated headers and has no backpressure (see the Twisted
+notes in the project's references).  Here nothing is buffered whole: a slow client or a slow
+service pauses the other side's socket.
+
+This module uses private attributes of L{twisted.web.http.HTTPChannel} (C{_command}, C{_path},
+C{_version}); Twisted is pinned to one release series and the tests exercise every one of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, iweb, resource, server
+from twisted.web.client import PotentialDataLoss, ResponseDone
+from zope.interface import implementer, provider
+
+from arvproxy import pages, policy
+from arvproxy.errors import ProxyError
+
+log = Logger()
+
+# A handler serves one request; it returns when the response has been written (or has failed).
+Handler = Callable[["StreamingRequest"], Coroutine[Any, Any, None]]
+
+# Body bytes held while the next hop is not ready for them; past this the client is paused.
+MAX_BUFFERED_BODY = 64 * 1024
+
+
+@implementer(iweb.IBodyProducer, IPushProducer)
+class RequestBody:
+    """
+    The body of a client's request, produced to the next hop as it arrives.
+
+    Until the next hop asks for it (L{startProducing}), at most about L{MAX_BUFFERED_BODY} bytes
+    are held and the client's socket is paused.  When the next hop's socket is full it pauses
+    this producer, which pauses the client's socket.
+
+    @ivar length: the body's length from C{Content-Length}, or C{UNKNOWN_LENGTH} when chunked.
+    @ivar complete: whether the whole body has arrived from the client.
+    """
+
+    def __init__(self, request: StreamingRequest, length: int | None) -> None:
+        self._request = request
+        self.length: int | object = iweb.UNKNOWN_LENGTH if length is None else length
+        self.complete = False
+        self.received = 0
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._consumer: IConsumer | None = None
+        self._paused = False
+        self._client_paused = False
+        self._stopped = False
+        self._done: defer.Deferred[None] | None = None
+
+    @property
+    def empty(self) -> bool:
+        """Whether the request has no body at all (no Content-Length, no chunked encoding)."""
+        return self.length == 0
+
+    # Called by the request as the client sends.
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._stopped:
+            return
+        self.received += len(data)
+        if self._consumer is not None and not self._paused and not self._buffer:
+            self._consumer.write(data)
+            return
+        self._buffer.append(data)
+        self._buffered += len(data)
+        if self._buffered >= MAX_BUFFERED_BODY:
+            self._pause_client()
+
+    def bodyComplete(self) -> None:
+        self.complete = True
+        self._maybe_done()
+
+    def clientGone(self, reason: Failure) -> None:
+        """The client's connection closed; an unfinished body fails the next hop's request."""
+        if not self.complete and self._done is not None and not self._stopped:
+            done, self._done = self._done, None
+            done.errback(reason)
+
+    # IBodyProducer, driven by the next hop.
+
+    def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
+        self._consumer = consumer
+        self._request.sendContinue()
+        self._done = defer.Deferred()
+        self._flush()
+        if not self._paused:
+            self._resume_client()
+        self._maybe_done()
+        return self._done
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self._pause_client()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._flush()
+        if not self._paused:
+            self._resume_client()
+            self._maybe_done()
+
+    def stopProducing(self) -> None:
+        # The next hop gave up; per IBodyProducer the Deferred must never fire now.
+        self._stopped = True
+        self._done = None
+        self._buffer.clear()
+        self._buffered = 0
+
+    # Internals.
+
+    def _flush(self) -> None:
+        while self._buffer and not self._paused and self._consumer is not None:
+            data = self._buffer.pop(0)
+            self._buffered -= len(data)
+            self._consumer.write(data)
+
+    def _maybe_done(self) -> None:
+        if self.complete and not self._buffer and self._done is not None:
+            done, self._done = self._done, None
+            done.callback(None)
+
+    def _pause_client(self) -> None:
+        transport = self._request.client_transport()
+        if transport is not None and not self.complete:
+            self._client_paused = True
+            transport.pauseProducing()
+
+    def _resume_client(self) -> None:
+        transport = self._request.client_transport()
+        if transport is not None and self._client_paused:
+            self._client_paused = False
+            transport.resumeProducing()
+
+
+@provider(iweb.INonQueuedRequestFactory)
+class StreamingRequest(http.Request):
+    """
+    A request handed to its site's handler as soon as its headers are in.
+
+    Its body streams through L{body}; L{method}, L{uri}, L{path} and L{clientproto} are set
+    before the handler runs.  The handler writes the response with the usual
+    C{setResponseCode}/C{setHeader}/C{write}/C{finish}, or raises a L{ProxyError}.
+    """
+
+    site: ProxySite
+    body: RequestBody
+    _expects_continue = False
+
+    def gotLength(self, length: int | None) -> None:
+        channel = self.channel
+        self.method = channel._command
+        self.uri = channel._path
+        self.clientproto = channel._version
+        self.path = self.uri.split(b"?", 1)[0]
+        self.args = {}
+        self.body = RequestBody(self, length)
+        expect = self.requestHeaders.getRawHeaders(b"expect", [])
+        self._expects_continue = bool(
+            expect and expect[0].lower() == b"100-continue" and self.clientproto == b"HTTP/1.1"
+        )
+        self.notifyFinish().addErrback(self.body.clientGone)
+        defer.Deferred.fromCoroutine(self.site.handler(self)).addErrback(self._failed)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self.body.dataReceived(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        # The handler is already running; this only marks the end of the body.
+        self.body.bodyComplete()
+
+    def sendContinue(self) -> None:
+        """
+        Tell a client that waits with C{Expect: 100-continue} to send its body: done only when the
+        next hop asks for the body, so a refused request is refused before its body is read.
+        """
+        if self._expects_continue and not self.body.complete and not self.startedWriting:
+            self._expects_continue = False
+            transport = self.client_transport()
+            if transport is not None:
+                transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def client_transport(self) -> Any:
+        """The client's transport, or C{None} once the client has gone."""
+        channel = self.channel
+        return None if channel is None else channel.transport
+
+    @property
+    def gone(self) -> bool:
+        """Whether the client has disconnected."""
+        return bool(self._disconnected)
+
+    def finishEarly(self) -> None:
+        """
+        Prepare to answer before the whole body has arrived: the connection closes after the
+        response, so that the rest of the body can never be read as a new request.
+        """
+        if not self.body.complete and self.channel is not None:
+            self.channel.persistent = False
+            self.setHeader(b"connection", b"close")
+
+    def _failed(self, failure: Failure) -> None:
+        if self.gone or self.finished:
+            if not failure.check(ProxyError, defer.CancelledError):
+                log.failure("Error after the response started", failure)
+            return
+        if self.startedWriting:
+            log.failure("Error while relaying a response", failure)
+            self.client_transport().abortConnection()
+            return
+        error = failure.value
+        if not isinstance(error, ProxyError):
+            log.failure("Unexpected error while serving {method} {path}", failure,
+                        method=self.method, path=policy.split_query_token(self.path)[0])
+            error = ProxyError("Something went wrong in the proxy. The error has been logged.")
+        pages.render_error(self, error)
+
+
+class ProxyChannel(http.HTTPChannel):
+    """
+    An HTTP/1.1 channel whose requests may be answered before their bodies have arrived.
+    """
+
+    def _send100Continue(self) -> None:
+        # StreamingRequest.sendContinue decides when (and whether) to send it.
+        pass
+
+    def allContentReceived(self) -> None:
+        if not self.requests:
+            # Answered early and closing: the rest of the body was discarded.
+            return
+        super().allContentReceived()
+
+
+class ProxySite(server.Site):
+    """
+    A site whose every request goes to C{handler} (see L{StreamingRequest}), over HTTP/1.1 only.
+
+    The access log never shows a query string (it could hold a token).
+    """
+
+    protocol = ProxyChannel  # type: ignore[assignment]
+
+    def __init__(self, handler: Handler, reactor: Any, timeout: float = 60 * 60 * 12) -> None:
+        super().__init__(resource.Resource(), reactor=reactor, timeout=timeout)
+        self.handler = handler
+        self.requestFactory = StreamingRequest
+        self.access_log = False
+
+    def acceptableProtocols(self) -> list[bytes]:
+        return [b"http/1.1"]
+
+    def log(self, request: Any) -> None:
+        if self.access_log:
+            log.info(
+                "{client} {method} {path} {code} {length}",
+                client=request.getClientAddress(),
+                method=request.method,
+                path=request.path,
+                code=request.code,
+                length=request.sentLength,
+            )
+
+
+class Relay(Protocol):
+    """
+    Streams an upstream response body to a request, with backpressure both ways.
+
+    A body that ends early is never made to look complete: the client's connection is aborted.
+    """
+
+    def __init__(self, request: StreamingRequest) -> None:
+        self.request = request
+        self.done: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        if self.request.gone:
+            self.transport.stopProducing()
+            return
+        self.request.registerProducer(self.transport, True)
+        self.request.notifyFinish().addErrback(self._client_gone)
+
+    def _client_gone(self, reason: Failure) -> None:
+        self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.request.gone:
+            self.request.write(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        request = self.request
+        if not request.gone:
+            request.unregisterProducer()
+            if reason.check(ResponseDone, PotentialDataLoss):
+                request.finish()
+            else:
+                log.info("Upstream response ended early: {reason}", reason=reason.value)
+                request.client_transport().abortConnection()
+        self.done.callback(None)
+
+
+async def relay_response(request: StreamingRequest, response: iweb.IResponse) -> None:
+    """
+    Send C{response} (from the next hop) to the client: its status, its end-to-end headers and
+    its body as it arrives.
+    """
+    request.setResponseCode(response.code, response.phrase)
+    headers = policy.response_headers(response.headers)
+    for name, values in headers.getAllRawHeaders():
+        request.responseHeaders.setRawHeaders(name, values)
+    if request.method == b"HEAD":
+        length = response.headers.getRawHeaders(b"content-length")
+        if length:
+            request.responseHeaders.setRawHeaders(b"content-length", length[-1:])
+    elif response.length is not iweb.UNKNOWN_LENGTH and response.code not in http.NO_BODY_CODES:
+        request.setHeader(b"content-length", b"%d" % (response.length,))
+    request.finishEarly()
+    relay = Relay(request)
+    response.deliverBody(relay)
+    await relay.done
+
+
+CLIENT_GONE = (ConnectionDone, ConnectionLost)
