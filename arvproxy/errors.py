@@ -18,16 +18,24 @@ class ProxyError(Exception):
     @ivar message: what went wrong, in one or two sentences, safe to show.
     @ivar hint: what the person can do about it, or C{""}.
     @ivar retry_after: seconds for a C{Retry-After} header, or C{None} for none.
+    @ivar headers: further response headers (lower-case names), e.g. to mark who refused.
     """
 
     status = 500
     title = "Internal error"
     retry_after: int | None = None
 
-    def __init__(self, message: str, hint: str = "", retry_after: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        hint: str = "",
+        retry_after: int | None = None,
+        headers: dict[bytes, bytes] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.headers = headers or {}
         if retry_after is not None:
             self.retry_after = retry_after
 

@@ -64,6 +64,8 @@ def render_error(request: Any, error: ProxyError) -> None:
     request.setHeader(b"x-content-type-options", b"nosniff")
     if error.retry_after is not None:
         request.setHeader(b"retry-after", b"%d" % (error.retry_after,))
+    for name, value in error.headers.items():
+        request.setHeader(name, value)
     if wants_html(request):
         refresh = ""
         if error.retry_after is not None:

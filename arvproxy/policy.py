@@ -33,6 +33,9 @@ TARGET_UUID = b"x-arvados-target-uuid"
 TARGET_PORT = b"x-arvados-target-port"
 REQUEST_HOST = b"x-arvados-request-host"
 AUTHORIZATION = b"x-arvados-authorization"
+# Set by a gateway on the errors it produces itself (not on the service's own answers); the
+# controller turns such a refusal into a 502 for the client.
+GATEWAY_ERROR = b"x-arvados-gateway-error"
 
 # RFC 9110 section 7.6.1, plus the de-facto ones every proxy strips.
 HOP_BY_HOP = frozenset(

@@ -160,7 +160,6 @@ class StreamingRequest(http.Request):
     C{setResponseCode}/C{setHeader}/C{write}/C{finish}, or raises a L{ProxyError}.
     """
 
-    site: ProxySite
     body: RequestBody
     _expects_continue = False
 
@@ -177,14 +176,22 @@ class StreamingRequest(http.Request):
             expect and expect[0].lower() == b"100-continue" and self.clientproto == b"HTTP/1.1"
         )
         self.notifyFinish().addErrback(self.body.clientGone)
-        defer.Deferred.fromCoroutine(self.site.handler(self)).addErrback(self._failed)
+        if not self.body.empty:
+            # Start now, so the body can stream to the next hop as it arrives.
+            self._handle()
 
     def handleContentChunk(self, data: bytes) -> None:
         self.body.dataReceived(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        # The handler is already running; this only marks the end of the body.
         self.body.bodyComplete()
+        if self.body.empty:
+            # Without a body, start once the channel is ready for the next request's bytes.
+            self._handle()
+
+    def _handle(self) -> None:
+        handler = self.channel.site.handler
+        defer.Deferred.fromCoroutine(handler(self)).addErrback(self._failed)
 
     def sendContinue(self) -> None:
         """

@@ -46,9 +46,6 @@ from arvproxy.tlsidentity import client_creator
 
 log = Logger()
 
-# Set by a gateway on the errors it produces itself (as opposed to the service's own answers).
-GATEWAY_ERROR = b"x-arvados-gateway-error"
-
 
 def split_address(address: str) -> tuple[str, int]:
     """
@@ -249,7 +246,7 @@ class Controller:
         response = await self._gateways.request(
             container_uuid, gateway_address, secret, request.method, request.uri, headers, body
         )
-        reason = response.headers.getRawHeaders(GATEWAY_ERROR)
+        reason = response.headers.getRawHeaders(policy.GATEWAY_ERROR)
         if reason:
             response.deliverBody(_Discard())
             log.warn(

@@ -1,0 +1,137 @@
+"""
+The node gateway's request handler: believe only requests the controller signed for this
+container, then proxy them to the target port inside the container.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import error as net_error
+from twisted.logger import Logger
+from twisted.web import iweb
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+    URI,
+)
+from zope.interface import implementer
+
+from arvproxy import policy
+from arvproxy.errors import BadGateway, BadRequest, GatewayTimeout, ProxyError, Unauthorized, Unavailable
+from arvproxy.gateway.runtime import IRuntime
+from arvproxy.streaming import StreamingRequest, relay_response
+
+log = Logger()
+
+
+def refusal(error_type: type[ProxyError], reason: str) -> ProxyError:
+    """An error the gateway produces itself, marked so the controller knows it is not the service's."""
+    return error_type(reason, headers={policy.GATEWAY_ERROR: reason.encode("ascii", "replace")})
+
+
+@implementer(iweb.IAgentEndpointFactory)
+class ContainerConnector:
+    """
+    Sends requests to ports inside the container, reusing connections per port.
+
+    The pool is this gateway's own and serves one container, so its key (scheme, host, port) with
+    a synthetic host can never mix two containers' connections.
+    """
+
+    def __init__(self, reactor: Any, runtime: IRuntime, idle_timeout: float = 50.0) -> None:
+        self._runtime = runtime
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = 64
+        self.pool.cachedConnectionTimeout = idle_timeout
+        self._endpoints: dict[int, Any] = {}
+        self._agent = Agent.usingEndpointFactory(reactor, self, pool=self.pool)
+
+    def endpointForURI(self, uri: URI) -> Any:
+        endpoint = self._endpoints.get(uri.port)
+        if endpoint is None:
+            endpoint = self._endpoints[uri.port] = self._runtime.endpoint(uri.port)
+        return endpoint
+
+    async def request(
+        self, port: int, method: bytes, path: bytes, headers: Any, body: Any
+    ) -> iweb.IResponse:
+        """
+        @raise Unavailable: nothing listens on C{port} (yet).
+        @raise BadGateway: the connection failed otherwise.
+        """
+        uri = b"http://container.invalid:%d%s" % (port, path)
+        try:
+            return await self._agent.request(method, uri, headers, body)
+        except net_error.ConnectionRefusedError as e:
+            raise Unavailable(
+                f"Nothing in the container is listening on port {port} yet. "
+                "This page will retry by itself.",
+                hint="If the service should be up by now, check that it listens on this port.",
+            ) from e
+        except net_error.TimeoutError as e:
+            raise GatewayTimeout(f"The service on port {port} did not accept a connection in time.") from e
+        except (net_error.ConnectError, ResponseNeverReceived, RequestTransmissionFailed, ResponseFailed) as e:
+            raise BadGateway(f"The connection to the service on port {port} failed.") from e
+
+
+class Gateway:
+    """
+    The request handler of a node gateway (see L{arvproxy.streaming.ProxySite}).
+
+    @ivar accepting: whether new requests are served; cleared when the container has finished.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        container_uuid: str,
+        secret: str,
+        runtime: IRuntime,
+        max_clock_skew: float = 300.0,
+    ) -> None:
+        self._reactor = reactor
+        self._uuid = container_uuid.encode("ascii")
+        self._secret = secret
+        self.nonces = policy.NonceCache(max_clock_skew)
+        self.connector = ContainerConnector(reactor, runtime)
+        self.accepting = True
+
+    def check(self, headers: Any) -> tuple[int, bytes]:
+        """
+        Check a forwarded request's signature and target.
+
+        @return: the target port and the original request's host.
+        @raise ProxyError: marked as the gateway's own refusal.
+        """
+        try:
+            policy.verify(
+                headers.getRawHeaders(policy.AUTHORIZATION),
+                self._secret,
+                self._reactor.seconds(),
+                self.nonces,
+            )
+        except policy.SignatureError as e:
+            raise refusal(Unauthorized, str(e)) from None
+        if headers.getRawHeaders(policy.TARGET_UUID) != [self._uuid]:
+            raise refusal(BadGateway, "misdirected request: the target is another container")
+        try:
+            port = policy.parse_target_port(headers.getRawHeaders(policy.TARGET_PORT))
+        except ValueError as e:
+            raise refusal(BadRequest, str(e)) from None
+        hosts = headers.getRawHeaders(policy.REQUEST_HOST)
+        if not hosts or len(hosts) != 1 or not hosts[0]:
+            raise refusal(BadGateway, "missing x-arvados-request-host")
+        return port, hosts[0]
+
+    async def __call__(self, request: StreamingRequest) -> None:
+        port, request_host = self.check(request.requestHeaders)
+        if not self.accepting:
+            raise refusal(Unavailable, "the container has finished")
+        headers = policy.container_request_headers(request.requestHeaders, request_host)
+        body = None if request.body.empty else request.body
+        response = await self.connector.request(port, request.method, request.uri, headers, body)
+        await relay_response(request, response)

@@ -1,0 +1,115 @@
+"""
+What both twistd plugins share: reading the configuration with clear errors, opening the cluster
+backend, and a listening service that says where it listens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer, endpoints
+from twisted.logger import Logger
+from twisted.python import usage
+
+from arvproxy.config import ClusterConfig, ConfigError, load_config
+
+log = Logger()
+
+
+def read_config(path: str | None) -> ClusterConfig:
+    """
+    Load the configuration for a plugin, turning every problem into a usage error that twistd
+    prints at start-up.
+    """
+    if not path:
+        raise usage.UsageError("--config FILE is required (see conf/local.yml for an example)")
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise usage.UsageError(str(e)) from None
+
+
+def open_cluster(reactor: Any, config: ClusterConfig) -> Any:
+    """The cluster backend the configuration names, as a service that must be started."""
+    from arvproxy.backends.registry import EmbeddedRegistry
+
+    return EmbeddedRegistry.from_config(reactor, config)
+
+
+class ListeningService(Service):
+    """
+    Listens on a server endpoint description while running, and reports the port it got.
+
+    @ivar port: the C{IListeningPort} while listening, else C{None}.
+    @ivar listening: a Deferred that fires with the port once listening.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        description: str,
+        factory: Any,
+        on_listening: Callable[[Any], Any] | None = None,
+        on_stopping: Callable[[], Any] | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._description = description
+        self._factory = factory
+        self._on_listening = on_listening
+        self._on_stopping = on_stopping
+        self.port: Any = None
+        self.listening: defer.Deferred[Any] = defer.Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        endpoint = endpoints.serverFromString(self._reactor, self._description)
+        d = endpoint.listen(self._factory)
+        d.addCallback(self._listening)
+        d.addErrback(self._failed)
+
+    def _listening(self, port: Any) -> Any:
+        self.port = port
+        address = port.getHost()
+        log.info("Listening on {host}:{port}", host=address.host, port=address.port)
+        result = self._on_listening(port) if self._on_listening else None
+        d = defer.maybeDeferred(lambda: result)
+        d.addCallback(lambda _: self.listening.callback(port))
+        return d
+
+    def _failed(self, failure: Any) -> None:
+        log.failure("Cannot start listening on {description}", failure, description=self._description)
+        if not self.listening.called:
+            self.listening.errback(failure)
+        if self._reactor.running:
+            self._reactor.stop()
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            yield self.port.stopListening()
+            self.port = None
+        if self._on_stopping is not None:
+            yield self._on_stopping()
+
+
+def fatal(failure: Any, reactor: Any, what: str) -> None:
+    """
+    Stop the process because it cannot do its job: log why, stop the reactor, and exit with
+    status 1 once the reactor has shut down cleanly (so supervisors and dispatchers notice).
+    """
+    log.failure("Fatal: {what}", failure, what=what)
+
+    def exit_now() -> None:
+        import os
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    reactor.addSystemEventTrigger("after", "shutdown", exit_now)
+    if reactor.running:
+        reactor.stop()
