@@ -56,8 +56,8 @@ HOP_BY_HOP = frozenset(
 FORWARDED_HEADERS = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
 
 UUID_PATTERN = rb"[a-z0-9]{5}-[a-z0-9]{5}-[a-z0-9]{15}"
-_VHOST_LABEL = re.compile(rb"^(" + UUID_PATTERN + rb")-([0-9]{1,5})$")
-_HOST = re.compile(rb"^(?P<name>\[[0-9a-f:.]+\]|[^:\[\]]+)(?::(?P<port>[0-9]{1,5}))?$")
+_VHOST_LABEL = re.compile(rb"^(" + UUID_PATTERN + rb")-([0-9]{1,5})\Z")
+_HOST = re.compile(rb"^(?P<name>\[[0-9a-f:.]+\]|[^:\[\]]+)(?::(?P<port>[0-9]{1,5}))?\Z")
 
 
 # --- Hosts --------------------------------------------------------------------------------------
@@ -258,6 +258,24 @@ def forwardable(headers: Headers, drop: Iterable[bytes] = ()) -> Headers:
     return result
 
 
+def upgrade_requested(headers: Headers) -> bytes | None:
+    """
+    The protocol a request asks to switch to (C{Upgrade}, with C{upgrade} listed in
+    C{Connection}), or C{None}.
+    """
+    values = headers.getRawHeaders(b"upgrade")
+    if not values or b"upgrade" not in connection_listed(headers):
+        return None
+    return b", ".join(values)
+
+
+def with_upgrade(headers: Headers, protocol: bytes) -> Headers:
+    """C{headers} with the hop-by-hop headers that ask the next hop to switch to C{protocol}."""
+    headers.setRawHeaders(b"connection", [b"upgrade"])
+    headers.setRawHeaders(b"upgrade", [protocol])
+    return headers
+
+
 def is_trusted(address: str | None, trusted: Iterable[ipaddress._BaseNetwork]) -> bool:
     """Whether C{address} (the peer's IP) is inside one of the C{trusted} networks."""
     if address is None:
@@ -382,7 +400,7 @@ class SignatureError(Exception):
     """A request's C{x-arvados-authorization} is missing, malformed, wrong, stale or replayed."""
 
 
-_SIGNATURE = re.compile(r"^([0-9a-f]{32,128})\+([0-9]{1,12}) ([0-9a-f]{64})$")
+_SIGNATURE = re.compile(r"^([0-9a-f]{32,128})\+([0-9]{1,12}) ([0-9a-f]{64})\Z")
 
 
 class NonceCache:

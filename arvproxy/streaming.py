@@ -20,7 +20,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IConsumer, IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, iweb, resource, server
@@ -311,7 +311,7 @@ class Relay(Protocol):
         if not self.request.gone:
             self.request.write(data)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         request = self.request
         if not request.gone:
             request.unregisterProducer()

@@ -11,6 +11,8 @@ then streams the answer back (L{arvproxy.streaming}).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from OpenSSL import SSL
@@ -20,12 +22,12 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web import iweb
 from twisted.web.client import (
+    URI,
     Agent,
     HTTPConnectionPool,
     RequestTransmissionFailed,
     ResponseFailed,
     ResponseNeverReceived,
-    URI,
 )
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
@@ -43,6 +45,7 @@ from arvproxy.errors import (
 )
 from arvproxy.streaming import StreamingRequest, relay_response
 from arvproxy.tlsidentity import client_creator
+from arvproxy.upgrade import UpgradeResponse, open_upgrade, relay_upgrade
 
 log = Logger()
 
@@ -98,6 +101,10 @@ class GatewayConnector:
     def endpointForURI(self, uri: URI) -> Any:
         return self._endpoints[uri.host]
 
+    def endpoint(self, container_uuid: str, address: str, secret: str) -> Any:
+        """A pinned TLS endpoint to a container's gateway, for a connection of its own."""
+        return self._endpoints[self._route(container_uuid, address, secret)]
+
     async def request(
         self,
         container_uuid: str,
@@ -118,24 +125,52 @@ class GatewayConnector:
         port = split_address(address)[1]
         headers.setRawHeaders(b"host", [address.encode("ascii")])
         uri = b"https://%s:%d%s" % (name, port, path)
-        try:
+        with translate_gateway_errors():
             return await self._agent.request(method, uri, headers, body)
-        except net_error.TimeoutError as e:
-            raise GatewayTimeout(
-                "The container's gateway did not answer in time.",
-                hint="The worker node may be overloaded or unreachable; try again shortly.",
-            ) from e
-        except (net_error.ConnectError, net_error.DNSLookupError) as e:
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def upgrade(
+        self,
+        container_uuid: str,
+        address: str,
+        secret: str,
+        method: bytes,
+        path: bytes,
+        headers: Headers,
+    ) -> UpgradeResponse:
+        """Send an upgrade request to a container's gateway on a connection of its own."""
+        headers.setRawHeaders(b"host", [address.encode("ascii")])
+        endpoint = self.endpoint(container_uuid, address, secret)
+        with translate_gateway_errors():
+            return await open_upgrade(endpoint, method, path, headers)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+@contextmanager
+def translate_gateway_errors() -> Iterator[None]:
+    """Turn failures to reach or talk to a gateway into the errors the client should see."""
+    try:
+        yield
+    except net_error.TimeoutError as e:
+        raise GatewayTimeout(
+            "The container's gateway did not answer in time.",
+            hint="The worker node may be overloaded or unreachable; try again shortly.",
+        ) from e
+    except (net_error.ConnectError, net_error.DNSLookupError) as e:
+        raise BadGateway(
+            "The container's gateway cannot be reached.",
+            hint="The container may have just stopped, or its node is unreachable.",
+        ) from e
+    except (ResponseNeverReceived, RequestTransmissionFailed, ResponseFailed) as e:
+        if any(r.check(SSL.Error) for r in e.reasons):
             raise BadGateway(
-                "The container's gateway cannot be reached.",
-                hint="The container may have just stopped, or its node is unreachable.",
+                "The container's gateway failed its identity check (TLS); nothing was sent."
             ) from e
-        except (ResponseNeverReceived, RequestTransmissionFailed, ResponseFailed) as e:
-            if any(r.check(SSL.Error) for r in e.reasons):
-                raise BadGateway(
-                    "The container's gateway failed its identity check (TLS); nothing was sent."
-                ) from e
-            raise BadGateway("The connection to the container's gateway failed.") from e
+        raise BadGateway("The connection to the container's gateway failed.") from e
+    except SSL.Error as e:
+        raise BadGateway(
+            "The container's gateway failed its identity check (TLS); nothing was sent."
+        ) from e
 
 
 class Controller:
@@ -242,13 +277,28 @@ class Controller:
             proto="https" if request.isSecure() else config.external_url.scheme,
             trusted_peer=policy.is_trusted(client_ip, config.trusted_proxies),
         )
-        body = None if request.body.empty else request.body
-        response = await self._gateways.request(
-            container_uuid, gateway_address, secret, request.method, request.uri, headers, body
-        )
+        upgrade = policy.upgrade_requested(request.requestHeaders) if request.body.empty else None
+        response: Any
+        if upgrade is not None:
+            response = await self._gateways.upgrade(
+                container_uuid,
+                gateway_address,
+                secret,
+                request.method,
+                request.uri,
+                policy.with_upgrade(headers, upgrade),
+            )
+        else:
+            body = None if request.body.empty else request.body
+            response = await self._gateways.request(
+                container_uuid, gateway_address, secret, request.method, request.uri, headers, body
+            )
         reason = response.headers.getRawHeaders(policy.GATEWAY_ERROR)
         if reason:
-            response.deliverBody(_Discard())
+            if upgrade is not None:
+                response.discard()
+            else:
+                response.deliverBody(_Discard())
             log.warn(
                 "Gateway of {container} refused a request: {reason}",
                 container=container_uuid,
@@ -260,7 +310,10 @@ class Controller:
                 hint="This is a problem between the proxy and the worker node; "
                 "tell the cluster's administrator.",
             )
-        await relay_response(request, response)
+        if upgrade is not None:
+            relay_upgrade(request, response)
+        else:
+            await relay_response(request, response)
 
 
 class _Discard(Protocol):

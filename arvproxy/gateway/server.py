@@ -5,25 +5,35 @@ container, then proxy them to the target port inside the container.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from twisted.internet import error as net_error
 from twisted.logger import Logger
 from twisted.web import iweb
 from twisted.web.client import (
+    URI,
     Agent,
     HTTPConnectionPool,
     RequestTransmissionFailed,
     ResponseFailed,
     ResponseNeverReceived,
-    URI,
 )
 from zope.interface import implementer
 
 from arvproxy import policy
-from arvproxy.errors import BadGateway, BadRequest, GatewayTimeout, ProxyError, Unauthorized, Unavailable
+from arvproxy.errors import (
+    BadGateway,
+    BadRequest,
+    GatewayTimeout,
+    ProxyError,
+    Unauthorized,
+    Unavailable,
+)
 from arvproxy.gateway.runtime import IRuntime
 from arvproxy.streaming import StreamingRequest, relay_response
+from arvproxy.upgrade import UpgradeResponse, open_upgrade, relay_upgrade
 
 log = Logger()
 
@@ -64,19 +74,39 @@ class ContainerConnector:
         @raise BadGateway: the connection failed otherwise.
         """
         uri = b"http://container.invalid:%d%s" % (port, path)
-        try:
+        with translate_container_errors(port):
             return await self._agent.request(method, uri, headers, body)
-        except net_error.ConnectionRefusedError as e:
-            raise Unavailable(
-                f"Nothing in the container is listening on port {port} yet. "
-                "This page will retry by itself.",
-                hint="If the service should be up by now, check that it listens on this port.",
-            ) from e
-        except net_error.TimeoutError as e:
-            raise GatewayTimeout(f"The service on port {port} did not accept a connection in time.") from e
-        except (net_error.ConnectError, ResponseNeverReceived, RequestTransmissionFailed, ResponseFailed) as e:
-            raise BadGateway(f"The connection to the service on port {port} failed.") from e
+        raise AssertionError("unreachable")  # pragma: no cover
 
+    async def upgrade(self, port: int, method: bytes, path: bytes, headers: Any) -> UpgradeResponse:
+        """Send an upgrade request to C{port} on a connection of its own."""
+        with translate_container_errors(port):
+            return await open_upgrade(self._runtime.endpoint(port), method, path, headers)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+@contextmanager
+def translate_container_errors(port: int) -> Iterator[None]:
+    """Turn failures to reach the service on C{port} into the errors the client should see."""
+    try:
+        yield
+    except net_error.ConnectionRefusedError as e:
+        raise Unavailable(
+            f"Nothing in the container is listening on port {port} yet. "
+            "This page will retry by itself.",
+            hint="If the service should be up by now, check that it listens on this port.",
+        ) from e
+    except net_error.TimeoutError as e:
+        raise GatewayTimeout(
+            f"The service on port {port} did not accept a connection in time."
+        ) from e
+    except (
+        net_error.ConnectError,
+        ResponseNeverReceived,
+        RequestTransmissionFailed,
+        ResponseFailed,
+    ) as e:
+        raise BadGateway(f"The connection to the service on port {port} failed.") from e
 
 class Gateway:
     """
@@ -132,6 +162,12 @@ class Gateway:
         if not self.accepting:
             raise refusal(Unavailable, "the container has finished")
         headers = policy.container_request_headers(request.requestHeaders, request_host)
+        upgrade = policy.upgrade_requested(request.requestHeaders) if request.body.empty else None
+        if upgrade is not None:
+            headers = policy.with_upgrade(headers, upgrade)
+            answer = await self.connector.upgrade(port, request.method, request.uri, headers)
+            relay_upgrade(request, answer)
+            return
         body = None if request.body.empty else request.body
         response = await self.connector.request(port, request.method, request.uri, headers, body)
         await relay_response(request, response)

@@ -1,0 +1,274 @@
+"""
+Protocol upgrades (WebSockets) through a hop: the request goes to the next hop on a connection of
+its own, and only a C{101 Switching Protocols} answer turns the client's connection into a tunnel.
+
+Any other answer is relayed as an ordinary response and the client's connection stays an HTTP
+connection, so a refused upgrade can never become a way around the checks.  Once spliced, each
+side's transport is the other's producer: a slow reader pauses the writer, in both directions.
+Frames are never parsed: subprotocols, extensions, fragmentation, pings and close codes pass
+untouched.
+
+Twisted's server has no public way to take over a connection after a request; this uses the same
+private hook as Twisted's own WebSocket support (the channel's C{dataReceived} and
+C{connectionLost} are replaced), which the pinned Twisted release series keeps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h11
+from twisted.internet import defer
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+
+from arvproxy import policy
+from arvproxy.errors import BadGateway
+from arvproxy.streaming import StreamingRequest
+
+log = Logger()
+
+
+class UpgradeResponse:
+    """
+    The next hop's answer to an upgrade request, before anything has been sent to the client.
+
+    @ivar code: the status code.
+    @ivar headers: the response headers, as received.
+    """
+
+    def __init__(self, client: _UpgradeClient, code: int, reason: bytes, headers: Headers):
+        self._client = client
+        self.code = code
+        self.reason = reason
+        self.headers = headers
+
+    def discard(self) -> None:
+        """Close the next hop's connection without using the response."""
+        self._client.transport.loseConnection()
+
+
+class _UpgradeClient(Protocol):
+    """
+    Sends one upgrade request to the next hop and reads its answer with h11.
+
+    Bytes that follow the answer (a response body, or the first frames after a 101) are held
+    until a sink is attached with L{attach}.
+    """
+
+    def __init__(self, method: bytes, target: bytes, headers: Headers) -> None:
+        self._request = h11.Request(
+            method=method,
+            target=target,
+            headers=[(name, value) for name, values in headers.getAllRawHeaders() for value in values],
+        )
+        self._h11 = h11.Connection(h11.CLIENT)
+        self.answered: defer.Deferred[UpgradeResponse] = defer.Deferred()
+        self._answer: Any = None
+        self._sink: Any = None
+        self._pending: list[bytes] = []
+        self._ended = False
+        self._lost: Failure | None = None
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._h11.send(self._request) + self._h11.send(h11.EndOfMessage()))
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._h11.their_state is h11.SWITCHED_PROTOCOL:
+            self._deliver(data)
+            return
+        try:
+            self._h11.receive_data(data)
+            self._process()
+        except h11.RemoteProtocolError as e:
+            self._fail(BadGateway(f"The next hop sent an invalid response ({e})."))
+
+    def _process(self) -> None:
+        while True:
+            event = self._h11.next_event()
+            if event is h11.NEED_DATA:
+                break
+            if event is h11.PAUSED:
+                trailing, _ = self._h11.trailing_data
+                if trailing:
+                    self._deliver(bytes(trailing))
+                break
+            if isinstance(event, h11.InformationalResponse):
+                if event.status_code == 101:
+                    self._answer = event
+                # Other 1xx answers are not relayed.
+            elif isinstance(event, h11.Response):
+                self._answer = event
+            elif isinstance(event, h11.Data):
+                self._deliver(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                self._ended = True
+                if self._sink is not None:
+                    self._sink.bodyDone()
+                self.transport.loseConnection()
+                break
+            elif isinstance(event, h11.ConnectionClosed):
+                break
+        if self._answer is not None and not self.answered.called:
+            headers = Headers()
+            for name, value in self._answer.headers.raw_items():
+                headers.addRawHeader(name, value)
+            answer = UpgradeResponse(self, self._answer.status_code, self._answer.reason, headers)
+            self.answered.callback(answer)
+
+    def _deliver(self, data: bytes) -> None:
+        if self._sink is not None:
+            self._sink.dataReceived(data)
+        else:
+            self._pending.append(data)
+
+    def attach(self, sink: Any) -> None:
+        """Send everything after the answer to C{sink}, starting with what has already come."""
+        self._sink = sink
+        pending, self._pending = self._pending, []
+        for data in pending:
+            sink.dataReceived(data)
+        if self._ended:
+            sink.bodyDone()
+        if self._lost is not None:
+            sink.peerLost(self._lost)
+
+    def _fail(self, error: Exception) -> None:
+        if not self.answered.called:
+            self.answered.errback(error)
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = reason
+        if not self.answered.called:
+            self.answered.errback(BadGateway("The next hop closed the connection without answering."))
+        elif self._sink is not None:
+            self._sink.peerLost(reason)
+
+
+class _ClientSide(Protocol):
+    """The client's connection after the switch: bytes go to the next hop."""
+
+    def __init__(self, upstream: Any) -> None:
+        self._upstream = upstream
+
+    def dataReceived(self, data: bytes) -> None:
+        self._upstream.write(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._upstream.loseConnection()
+
+
+class _Tunnel:
+    """The next hop's side of a spliced connection: bytes go to the client."""
+
+    def __init__(self, client_transport: Any) -> None:
+        self._client = client_transport
+
+    def dataReceived(self, data: bytes) -> None:
+        self._client.write(data)
+
+    def peerLost(self, reason: Failure) -> None:
+        self._client.loseConnection()
+
+
+class _ResponseRelay:
+    """Relays a non-101 answer's body to the request, then finishes it."""
+
+    def __init__(self, request: StreamingRequest, upstream: Any) -> None:
+        self._request = request
+        self._upstream = upstream
+        self._done = False
+        request.registerProducer(upstream, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._request.gone:
+            self._request.write(data)
+
+    def bodyDone(self) -> None:
+        if not self._done and not self._request.gone:
+            self._done = True
+            self._request.unregisterProducer()
+            self._request.finish()
+
+    def peerLost(self, reason: Failure) -> None:
+        if not self._done and not self._request.gone:
+            self._done = True
+            self._request.unregisterProducer()
+            self._request.client_transport().abortConnection()
+
+
+async def open_upgrade(
+    endpoint: Any, method: bytes, target: bytes, headers: Headers
+) -> UpgradeResponse:
+    """
+    Send an upgrade request to the next hop over a connection of its own.
+
+    @return: its answer, once the status and headers have arrived.
+    """
+    client = _UpgradeClient(method, target, headers)
+    await endpoint.connect(_SingleUse(client))
+    return await client.answered
+
+
+class _SingleUse:
+    """A client factory for exactly one already-built protocol."""
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def doStart(self) -> None:
+        pass
+
+    def doStop(self) -> None:
+        pass
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self._protocol
+
+
+def relay_upgrade(request: StreamingRequest, response: UpgradeResponse) -> None:
+    """
+    Pass the next hop's answer to the client: splice the two connections on C{101}; otherwise
+    relay it as an ordinary response.
+    """
+    client = response._client
+    upstream = client.transport
+    if request.gone:
+        upstream.loseConnection()
+        return
+    if response.code != 101:
+        request.setResponseCode(response.code, response.reason)
+        for name, values in policy.response_headers(response.headers).getAllRawHeaders():
+            request.responseHeaders.setRawHeaders(name, values)
+        length = response.headers.getRawHeaders(b"content-length")
+        if length and request.method != b"HEAD":
+            request.setHeader(b"content-length", length[-1])
+        client.attach(_ResponseRelay(request, upstream))
+        return
+
+    head = [b"HTTP/1.1 101 " + (response.reason or b"Switching Protocols")]
+    for name, values in policy.response_headers(response.headers).getAllRawHeaders():
+        head.extend(name + b": " + value for value in values)
+    head.append(b"Connection: Upgrade")
+    head.extend(b"Upgrade: " + value for value in response.headers.getRawHeaders(b"upgrade", []))
+    channel = request.channel
+    transport = channel.transport
+    transport.write(b"\r\n".join(head) + b"\r\n\r\n")
+
+    # Take the connection over from the HTTP channel, as Twisted's own WebSockets do.
+    transport.unregisterProducer()
+    client_side = _ClientSide(upstream)
+    channel.dataReceived = client_side.dataReceived
+    channel.connectionLost = client_side.connectionLost
+    buffered = b"".join(channel._dataBuffer)
+    channel._dataBuffer = []
+
+    client.attach(_Tunnel(transport))
+    if buffered:
+        upstream.write(buffered)
+    transport.registerProducer(upstream, True)
+    upstream.registerProducer(transport, True)
+    transport.resumeProducing()

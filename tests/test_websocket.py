@@ -1,0 +1,149 @@
+"""
+WebSockets through the whole chain (controller → TLS gateway → service), on loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.trial import unittest
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+
+from tests.chain import start_chain
+from tests.wsservice import Client, EchoFactory, Rejected
+
+SIZES = [0, 125, 126, 65535, 65536, 16 * 1024 * 1024]
+
+
+class WebSocketChainTests(unittest.TestCase):
+    timeout = 120
+
+    async def _chain(self):
+        self.service = EchoFactory()
+        port = reactor.listenTCP(0, self.service, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return await start_chain(self, port.getHost().port)
+
+    async def _connect(self, chain, cookie=True, target="/ws", **kwargs) -> Client:
+        headers = [(b"cookie", chain.cookie)] if cookie else []
+        client = Client(chain.host.decode(), target, headers=headers, **kwargs)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", chain.controller_port)
+        await connectProtocol(endpoint, client)
+        self.addCleanup(lambda: client.transport.abortConnection())
+        return client
+
+    def test_messages_of_every_size_echo(self):
+        """Text and binary messages of 0 to 16 MiB bytes cross both hops unchanged, both ways."""
+
+        async def go():
+            chain = await self._chain()
+            client = await self._connect(chain)
+            await client.accepted
+            for size in SIZES:
+                payload = os.urandom(size)
+                client.send(BytesMessage(data=payload))
+                kind, (data, _) = await client.messages.get()
+                self.assertEqual((kind, len(data)), ("bytes", size))
+                self.assertEqual(data, payload)
+                text = "é" * (size // 2)
+                client.send(TextMessage(data=text))
+                kind, (data, _) = await client.messages.get()
+                self.assertEqual((kind, data), ("text", text))
+
+        return defer.ensureDeferred(go())
+
+    def test_fragments_pings_and_close_codes_pass_untouched(self):
+        """Fragmented messages stay fragmented; pings get pongs; the close code arrives."""
+
+        async def go():
+            chain = await self._chain()
+            client = await self._connect(chain)
+            await client.accepted
+            client.send(TextMessage(data="one ", message_finished=False))
+            client.send(TextMessage(data="two ", message_finished=False))
+            client.send(TextMessage(data="three", message_finished=True))
+            kind, (data, parts) = await client.messages.get()
+            self.assertEqual((kind, data, parts), ("text", "one two three", 3))
+            self.assertEqual(self.service.frames[-3:], [("TextMessage", 4)] * 2 + [("TextMessage", 5)])
+
+            client.send(Ping(payload=b"are you there"))
+            self.assertEqual(await client.messages.get(), ("pong", b"are you there"))
+
+            client.send(CloseConnection(code=4001, reason="done"))
+            self.assertEqual(await client.closed, 4001)
+            self.assertEqual(self.service.close_codes, [4001])
+
+        return defer.ensureDeferred(go())
+
+    def test_subprotocols_and_extensions_are_negotiated_end_to_end(self):
+        """Sec-WebSocket-Protocol and -Extensions reach the service and its choice comes back."""
+
+        async def go():
+            chain = await self._chain()
+            client = await self._connect(chain, subprotocols=["superchat", "chat"], deflate=True)
+            accepted = await client.accepted
+            self.assertEqual(accepted.subprotocol, "superchat")
+            self.assertEqual([e.name for e in accepted.extensions], ["permessage-deflate"])
+            request = self.service.requests[-1]
+            self.assertEqual(request.subprotocols, ["superchat", "chat"])
+            payload = b"compressible " * 10000
+            client.send(BytesMessage(data=payload))
+            self.assertEqual(await client.messages.get(), ("bytes", (payload, 1)))
+
+        return defer.ensureDeferred(go())
+
+    def test_upgrade_without_token_is_refused_before_the_service(self):
+        """An upgrade without a token gets 401 and the service never sees a handshake."""
+
+        async def go():
+            chain = await self._chain()
+            client = await self._connect(chain, cookie=False)
+            error = await self.assertFailure(client.accepted, Rejected)
+            self.assertEqual(error.status, 401)
+            self.assertEqual(self.service.requests, [])
+
+        return defer.ensureDeferred(go())
+
+    def test_refused_upgrade_is_relayed_and_connection_stays_http(self):
+        """A non-101 answer reaches the client as a response; the connection serves HTTP again."""
+
+        async def go():
+            chain = await self._chain()
+            sock = socket.create_connection(("127.0.0.1", chain.controller_port))
+            self.addCleanup(sock.close)
+            request = (
+                b"GET /ws?reject HTTP/1.1\r\nHost: %s\r\nCookie: %s\r\n"
+                b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            ) % (chain.host, chain.cookie)
+            reply = await _exchange(sock, request, b"refused by the service")
+            self.assertTrue(reply.startswith(b"HTTP/1.1 403 "), reply)
+            self.assertNotIn(b"upgrade", reply.lower().split(b"\r\n\r\n")[0])
+            # The same connection now carries an ordinary request, authorized as usual.
+            again = b"GET / HTTP/1.1\r\nHost: %s\r\nCookie: %s\r\n\r\n" % (chain.host, chain.cookie)
+            reply = await _exchange(sock, again, b"plain HTTP answer")
+            self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
+            self.assertEqual(self.service.plain_requests, 1)
+
+        return defer.ensureDeferred(go())
+
+
+async def _exchange(sock: socket.socket, data: bytes, until: bytes) -> bytes:
+    """Send C{data} on a blocking socket in a thread and read until C{until} has arrived."""
+    from twisted.internet.threads import deferToThread
+
+    def work() -> bytes:
+        sock.settimeout(20)
+        sock.sendall(data)
+        received = b""
+        while until not in received:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+    return await deferToThread(work)
