@@ -96,6 +96,7 @@ class ClusterConfig:
     @ivar trusted_proxies: networks whose X-Forwarded-* headers the controller believes.
     @ivar registry_path: the embedded registry's SQLite file (absolute).
     @ivar max_clock_skew: seconds a signed request's timestamp may differ from the gateway's clock.
+    @ivar limits: timeouts and size limits that protect the proxies and the services.
     """
 
     source: str
@@ -109,12 +110,41 @@ class ClusterConfig:
     backend: str = "embedded"
     registry_path: str = ""
     max_clock_skew: float = 300.0
+    limits: Limits = field(default_factory=lambda: Limits())
+
+
+@dataclass(frozen=True)
+class Limits:
+    """
+    C{ArvProxy.Timeouts} and C{ArvProxy.Limits}: the same for the controller and the gateways.
+
+    The defaults suit long-lived notebooks: no limit on how long a request, a streamed response
+    or a WebSocket may run while it is active.
+
+    @ivar client_idle: seconds a client connection may sit idle between requests, or stall while
+        sending a request body, before it is closed.
+    @ivar request_headers: seconds a client has to send a request's line and headers, from its
+        first byte (slowloris protection); answered with 408.
+    @ivar tunnel_idle: seconds a WebSocket (or other upgraded connection) may carry no bytes in
+        either direction before it is closed.
+    @ivar max_header_bytes: the largest request line plus headers accepted; larger gets 431.
+    @ivar max_connections_per_container: requests and tunnels open at once to one container;
+        more get 503 with Retry-After.
+    """
+
+    client_idle: float = 300.0
+    request_headers: float = 30.0
+    tunnel_idle: float = 24 * 3600.0
+    max_header_bytes: int = 32 * 1024
+    max_connections_per_container: int = 1000
 
 
 BACKENDS = ("embedded",)
 """The values C{ArvProxy.Backend} may take."""
 
-ARVPROXY_KEYS = ("Backend", "Registry", "TrustedProxies", "Gateway")
+ARVPROXY_KEYS = ("Backend", "Registry", "TrustedProxies", "Gateway", "Timeouts", "Limits")
+TIMEOUT_KEYS = ("ClientIdle", "RequestHeaders", "TunnelIdle")
+LIMIT_KEYS = ("MaxRequestHeaderBytes", "MaxConnectionsPerContainer")
 GATEWAY_KEYS = ("MaxClockSkew",)
 DEFAULT_LISTEN_PORT = 8900
 DEFAULT_REGISTRY = "arvproxy-registry.sqlite"
@@ -205,6 +235,7 @@ def parse_config(document: object, source: str, cluster_id: str | None = None) -
     gateway = p.mapping(own.get("Gateway"), f"{at_ap}.Gateway", optional=True)
     p.known_keys(gateway, f"{at_ap}.Gateway", GATEWAY_KEYS)
     skew = p.duration(gateway.get("MaxClockSkew", 300), f"{at_ap}.Gateway.MaxClockSkew")
+    limits = p.limits(own, at_ap)
 
     return ClusterConfig(
         source=source,
@@ -216,6 +247,7 @@ def parse_config(document: object, source: str, cluster_id: str | None = None) -
         backend=backend,
         registry_path=registry,
         max_clock_skew=skew,
+        limits=limits,
     )
 
 
@@ -474,6 +506,35 @@ class _Parser:
                     f'expected a network like "127.0.0.1/32" or "::1/128", got {_show(item)}{hint}',
                 )
         return tuple(networks)
+
+    def limits(self, own: Mapping[object, object], at: str) -> Limits:
+        defaults = Limits()
+        timeouts = self.mapping(own.get("Timeouts"), f"{at}.Timeouts", optional=True)
+        self.known_keys(timeouts, f"{at}.Timeouts", TIMEOUT_KEYS)
+        limits = self.mapping(own.get("Limits"), f"{at}.Limits", optional=True)
+        self.known_keys(limits, f"{at}.Limits", LIMIT_KEYS)
+
+        def duration(name: str, default: float) -> float:
+            return self.duration(timeouts.get(name, default), f"{at}.Timeouts.{name}")
+
+        def count(name: str, default: int, minimum: int) -> int:
+            value = limits.get(name, default)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                self.fail(
+                    f"{at}.Limits.{name}",
+                    f"expected a whole number of at least {minimum}, got {_show(value)}",
+                )
+            return value
+
+        return Limits(
+            client_idle=duration("ClientIdle", defaults.client_idle),
+            request_headers=duration("RequestHeaders", defaults.request_headers),
+            tunnel_idle=duration("TunnelIdle", defaults.tunnel_idle),
+            max_header_bytes=count("MaxRequestHeaderBytes", defaults.max_header_bytes, 1024),
+            max_connections_per_container=count(
+                "MaxConnectionsPerContainer", defaults.max_connections_per_container, 1
+            ),
+        )
 
     def duration(self, value: object, key: str) -> float:
         try:

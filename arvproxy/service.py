@@ -79,11 +79,10 @@ class ListeningService(Service):
         return d
 
     def _failed(self, failure: Any) -> None:
-        log.failure("Cannot start listening on {description}", failure, description=self._description)
         if not self.listening.called:
             self.listening.errback(failure)
-        if self._reactor.running:
-            self._reactor.stop()
+        # Exit non-zero, also when listening failed at once, before the reactor ran.
+        fatal(failure, self._reactor, f"cannot start listening on {self._description}")
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
@@ -113,3 +112,5 @@ def fatal(failure: Any, reactor: Any, what: str) -> None:
     reactor.addSystemEventTrigger("after", "shutdown", exit_now)
     if reactor.running:
         reactor.stop()
+    else:
+        reactor.callWhenRunning(reactor.stop)

@@ -28,6 +28,7 @@ from twisted.web.client import PotentialDataLoss, ResponseDone
 from zope.interface import implementer, provider
 
 from arvproxy import pages, policy
+from arvproxy.config import Limits
 from arvproxy.errors import ProxyError
 
 log = Logger()
@@ -64,6 +65,7 @@ class RequestBody:
         self._client_paused = False
         self._stopped = False
         self._done: defer.Deferred[None] | None = None
+        self._gone: Failure | None = None
 
     @property
     def empty(self) -> bool:
@@ -90,13 +92,19 @@ class RequestBody:
 
     def clientGone(self, reason: Failure) -> None:
         """The client's connection closed; an unfinished body fails the next hop's request."""
-        if not self.complete and self._done is not None and not self._stopped:
+        if self.complete:
+            return
+        self._gone = reason
+        if self._done is not None and not self._stopped:
             done, self._done = self._done, None
             done.errback(reason)
 
     # IBodyProducer, driven by the next hop.
 
     def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
+        if self._gone is not None:
+            # The client left before the next hop asked: the body will never be complete.
+            return defer.fail(self._gone)
         self._consumer = consumer
         self._request.sendContinue()
         self._done = defer.Deferred()
@@ -240,10 +248,75 @@ class StreamingRequest(http.Request):
         pages.render_error(self, error)
 
 
+_REQUEST_TIMEOUT = (
+    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: 58\r\n\r\nThe request's headers did not arrive in time; try again.\r\n"
+)
+_HEADERS_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 64\r\n\r\n"
+    b"The request's headers are too large (large cookies?); try again.\r\n"
+)
+
+
 class ProxyChannel(http.HTTPChannel):
     """
-    An HTTP/1.1 channel whose requests may be answered before their bodies have arrived.
+    An HTTP/1.1 channel whose requests may be answered before their bodies have arrived, with a
+    deadline for each request's headers (408) and a limit on their size (431).
     """
+
+    header_deadline = 30.0
+    _header_timer: Any = None
+    _awaiting_headers = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._awaiting_headers and self._header_timer is None and self.header_deadline:
+            self._header_timer = self.callLater(self.header_deadline, self._headers_too_slow)
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._awaiting_headers and self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._refuse(_HEADERS_TOO_LARGE)
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._refuse(_HEADERS_TOO_LARGE)
+
+    def allHeadersReceived(self) -> None:
+        self._awaiting_headers = False
+        self._cancel_header_timer()
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Any) -> None:
+        self._awaiting_headers = True
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._cancel_header_timer()
+        super().connectionLost(reason)
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self._awaiting_headers:
+            self._refuse(_REQUEST_TIMEOUT)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            if self._header_timer.active():
+                self._header_timer.cancel()
+            self._header_timer = None
+
+    def _refuse(self, response: bytes) -> None:
+        """Answer a request that never got as far as its handler, and close."""
+        self._cancel_header_timer()
+        self.dataReceived = self.lineReceived = lambda *args: None  # type: ignore[method-assign]
+        if self.requests:
+            # A previous response is still being written: closing is all that is left.
+            self.transport.loseConnection()
+            return
+        self.transport.write(response)
+        self.transport.loseConnection()
 
     def _send100Continue(self) -> None:
         # StreamingRequest.sendContinue decides when (and whether) to send it.
@@ -258,18 +331,37 @@ class ProxyChannel(http.HTTPChannel):
 
 class ProxySite(server.Site):
     """
-    A site whose every request goes to C{handler} (see L{StreamingRequest}), over HTTP/1.1 only.
+    A site whose every request goes to C{handler} (see L{StreamingRequest}), over HTTP/1.1 only,
+    within C{limits}.
 
     The access log never shows a query string (it could hold a token).
     """
 
     protocol = ProxyChannel  # type: ignore[assignment]
 
-    def __init__(self, handler: Handler, reactor: Any, timeout: float = 60 * 60 * 12) -> None:
-        super().__init__(resource.Resource(), reactor=reactor, timeout=timeout)
+    def __init__(
+        self,
+        handler: Handler,
+        reactor: Any,
+        limits: Limits | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        self.limits = limits = limits or Limits()
+        super().__init__(
+            resource.Resource(),
+            reactor=reactor,
+            timeout=limits.client_idle if timeout is None else timeout,
+        )
         self.handler = handler
         self.requestFactory = StreamingRequest
         self.access_log = False
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        channel.header_deadline = self.limits.request_headers
+        channel.totalHeadersSize = self.limits.max_header_bytes
+        channel.MAX_LENGTH = self.limits.max_header_bytes
+        return channel
 
     def acceptableProtocols(self) -> list[bytes]:
         return [b"http/1.1"]

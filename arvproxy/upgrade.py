@@ -148,30 +148,55 @@ class _UpgradeClient(Protocol):
             self._sink.peerLost(reason)
 
 
-class _ClientSide(Protocol):
-    """The client's connection after the switch: bytes go to the next hop."""
+class _Splice:
+    """
+    A client connection and a next-hop connection joined after a C{101}: bytes flow both ways,
+    each transport is the other's producer, and the pair closes together — when either side
+    closes, or when no byte has crossed in either direction for C{idle_timeout} seconds.
 
-    def __init__(self, upstream: Any) -> None:
+    @ivar closed: fires when both sides have been told to close.
+    """
+
+    def __init__(self, call_later: Any, client: Any, upstream: Any, idle_timeout: float) -> None:
+        self._client = client
         self._upstream = upstream
+        self._idle_timeout = idle_timeout
+        self._timer = call_later(idle_timeout, self._idle) if idle_timeout else None
+        self.closed: defer.Deferred[None] = defer.Deferred()
 
-    def dataReceived(self, data: bytes) -> None:
+    def from_client(self, data: bytes) -> None:
+        self._touch()
         self._upstream.write(data)
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._upstream.loseConnection()
-
-
-class _Tunnel:
-    """The next hop's side of a spliced connection: bytes go to the client."""
-
-    def __init__(self, client_transport: Any) -> None:
-        self._client = client_transport
-
-    def dataReceived(self, data: bytes) -> None:
+    def from_upstream(self, data: bytes) -> None:
+        self._touch()
         self._client.write(data)
 
-    def peerLost(self, reason: Failure) -> None:
+    def client_lost(self, reason: Failure = connectionDone) -> None:
+        self._upstream.loseConnection()
+        self._end()
+
+    def upstream_lost(self, reason: Failure) -> None:
         self._client.loseConnection()
+        self._end()
+
+    def bodyDone(self) -> None:
+        pass
+
+    def _touch(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._idle_timeout)
+
+    def _idle(self) -> None:
+        log.info("Closing a tunnel idle for {seconds} s", seconds=self._idle_timeout)
+        self._client.loseConnection()
+        self._upstream.loseConnection()
+
+    def _end(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if not self.closed.called:
+            self.closed.callback(None)
 
 
 class _ResponseRelay:
@@ -180,7 +205,7 @@ class _ResponseRelay:
     def __init__(self, request: StreamingRequest, upstream: Any) -> None:
         self._request = request
         self._upstream = upstream
-        self._done = False
+        self.done: defer.Deferred[None] = defer.Deferred()
         request.registerProducer(upstream, True)
 
     def dataReceived(self, data: bytes) -> None:
@@ -188,16 +213,18 @@ class _ResponseRelay:
             self._request.write(data)
 
     def bodyDone(self) -> None:
-        if not self._done and not self._request.gone:
-            self._done = True
-            self._request.unregisterProducer()
-            self._request.finish()
+        if not self.done.called:
+            if not self._request.gone:
+                self._request.unregisterProducer()
+                self._request.finish()
+            self.done.callback(None)
 
     def peerLost(self, reason: Failure) -> None:
-        if not self._done and not self._request.gone:
-            self._done = True
-            self._request.unregisterProducer()
-            self._request.client_transport().abortConnection()
+        if not self.done.called:
+            if not self._request.gone:
+                self._request.unregisterProducer()
+                self._request.client_transport().abortConnection()
+            self.done.callback(None)
 
 
 async def open_upgrade(
@@ -229,16 +256,18 @@ class _SingleUse:
         return self._protocol
 
 
-def relay_upgrade(request: StreamingRequest, response: UpgradeResponse) -> None:
+def relay_upgrade(request: StreamingRequest, response: UpgradeResponse) -> defer.Deferred[None]:
     """
     Pass the next hop's answer to the client: splice the two connections on C{101}; otherwise
     relay it as an ordinary response.
+
+    @return: a Deferred that fires when the tunnel has closed, or the response has been relayed.
     """
     client = response._client
     upstream = client.transport
     if request.gone:
         upstream.loseConnection()
-        return
+        return defer.succeed(None)
     if response.code != 101:
         request.setResponseCode(response.code, response.reason)
         for name, values in policy.response_headers(response.headers).getAllRawHeaders():
@@ -246,8 +275,9 @@ def relay_upgrade(request: StreamingRequest, response: UpgradeResponse) -> None:
         length = response.headers.getRawHeaders(b"content-length")
         if length and request.method != b"HEAD":
             request.setHeader(b"content-length", length[-1])
-        client.attach(_ResponseRelay(request, upstream))
-        return
+        relay = _ResponseRelay(request, upstream)
+        client.attach(relay)
+        return relay.done
 
     head = [b"HTTP/1.1 101 " + (response.reason or b"Switching Protocols")]
     for name, values in policy.response_headers(response.headers).getAllRawHeaders():
@@ -260,15 +290,25 @@ def relay_upgrade(request: StreamingRequest, response: UpgradeResponse) -> None:
 
     # Take the connection over from the HTTP channel, as Twisted's own WebSockets do.
     transport.unregisterProducer()
-    client_side = _ClientSide(upstream)
-    channel.dataReceived = client_side.dataReceived
-    channel.connectionLost = client_side.connectionLost
+    splice = _Splice(channel.callLater, transport, upstream, channel.site.limits.tunnel_idle)
+    channel.dataReceived = splice.from_client
+    channel.connectionLost = splice.client_lost
     buffered = b"".join(channel._dataBuffer)
     channel._dataBuffer = []
 
-    client.attach(_Tunnel(transport))
+    client.attach(_UpstreamSide(splice))
     if buffered:
-        upstream.write(buffered)
+        splice.from_client(buffered)
     transport.registerProducer(upstream, True)
     upstream.registerProducer(transport, True)
     transport.resumeProducing()
+    return splice.closed
+
+
+class _UpstreamSide:
+    """Where the next hop's bytes go once spliced."""
+
+    def __init__(self, splice: _Splice) -> None:
+        self.dataReceived = splice.from_upstream
+        self.peerLost = splice.upstream_lost
+        self.bodyDone = splice.bodyDone

@@ -39,10 +39,12 @@ from arvproxy.errors import (
     BadGateway,
     BadRequest,
     GatewayTimeout,
+    Gone,
     NotFound,
     Unauthorized,
     Unavailable,
 )
+from arvproxy.limits import ConnectionSlots
 from arvproxy.streaming import StreamingRequest, relay_response
 from arvproxy.tlsidentity import client_creator
 from arvproxy.upgrade import UpgradeResponse, open_upgrade, relay_upgrade
@@ -189,6 +191,7 @@ class Controller:
         self._config = config
         self._cluster = cluster
         self._gateways = gateways
+        self._slots = ConnectionSlots(config.limits.max_connections_per_container)
 
     async def __call__(self, request: StreamingRequest) -> None:
         external = self._config.external_url
@@ -236,7 +239,8 @@ class Controller:
                 )
         permissions.check_access(credentials, target.uuid, requests, levels)
         permissions.check_running(container)
-        await self._forward(request, target, container.uuid, container.gateway_address, host)
+        with self._slots.hold(container.uuid):
+            await self._forward(request, target, container.uuid, container.gateway_address, host)
 
     async def _resolve(self, uuid: str) -> tuple[Any, list[Any]]:
         """The container a URL's UUID leads to, and the container requests that use it."""
@@ -248,7 +252,8 @@ class Controller:
             cr = await self._cluster.get_container_request(uuid)
             if not cr.container_uuid:
                 raise Unavailable(
-                    f"Container request {uuid} has no container yet. This page will retry by itself."
+                    f"Container request {uuid} has no container yet. "
+                    "This page will retry by itself."
                 )
             return await self._cluster.get_container(cr.container_uuid), [cr]
         if infix == CONTAINER_INFIX:
@@ -304,6 +309,12 @@ class Controller:
                 container=container_uuid,
                 reason=reason[0].decode("latin-1"),
             )
+            if response.code == Gone.status:
+                raise Gone(
+                    f"Container {container_uuid} has finished; "
+                    "its web services are no longer available.",
+                    hint="Start a new container to use the service again.",
+                )
             raise BadGateway(
                 "The container's gateway refused the forwarded request "
                 f"({reason[0].decode('latin-1')[:200]}).",
@@ -311,7 +322,7 @@ class Controller:
                 "tell the cluster's administrator.",
             )
         if upgrade is not None:
-            relay_upgrade(request, response)
+            await relay_upgrade(request, response)
         else:
             await relay_response(request, response)
 

@@ -46,7 +46,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     cluster = open_cluster(reactor, config)
     cluster.setServiceParent(top)
     gateways = GatewayConnector(reactor)
-    site = ProxySite(Controller(reactor, config, cluster, gateways), reactor, timeout=300)
+    site = ProxySite(Controller(reactor, config, cluster, gateways), reactor, config.limits)
     site.access_log = bool(options["access-log"])
     ListeningService(
         reactor,

@@ -27,11 +27,13 @@ from arvproxy.errors import (
     BadGateway,
     BadRequest,
     GatewayTimeout,
+    Gone,
     ProxyError,
     Unauthorized,
     Unavailable,
 )
 from arvproxy.gateway.runtime import IRuntime
+from arvproxy.limits import ConnectionSlots
 from arvproxy.streaming import StreamingRequest, relay_response
 from arvproxy.upgrade import UpgradeResponse, open_upgrade, relay_upgrade
 
@@ -39,7 +41,7 @@ log = Logger()
 
 
 def refusal(error_type: type[ProxyError], reason: str) -> ProxyError:
-    """An error the gateway produces itself, marked so the controller knows it is not the service's."""
+    """An error the gateway produces itself, marked as such for the controller."""
     return error_type(reason, headers={policy.GATEWAY_ERROR: reason.encode("ascii", "replace")})
 
 
@@ -122,6 +124,7 @@ class Gateway:
         secret: str,
         runtime: IRuntime,
         max_clock_skew: float = 300.0,
+        max_connections: int = 1000,
     ) -> None:
         self._reactor = reactor
         self._uuid = container_uuid.encode("ascii")
@@ -129,6 +132,7 @@ class Gateway:
         self.nonces = policy.NonceCache(max_clock_skew)
         self.connector = ContainerConnector(reactor, runtime)
         self.accepting = True
+        self._slots = ConnectionSlots(max_connections)
 
     def check(self, headers: Any) -> tuple[int, bytes]:
         """
@@ -160,13 +164,17 @@ class Gateway:
     async def __call__(self, request: StreamingRequest) -> None:
         port, request_host = self.check(request.requestHeaders)
         if not self.accepting:
-            raise refusal(Unavailable, "the container has finished")
+            raise refusal(Gone, "the container has finished")
+        with self._slots.hold(self._uuid.decode("ascii")):
+            await self._proxy(request, port, request_host)
+
+    async def _proxy(self, request: StreamingRequest, port: int, request_host: bytes) -> None:
         headers = policy.container_request_headers(request.requestHeaders, request_host)
         upgrade = policy.upgrade_requested(request.requestHeaders) if request.body.empty else None
         if upgrade is not None:
             headers = policy.with_upgrade(headers, upgrade)
             answer = await self.connector.upgrade(port, request.method, request.uri, headers)
-            relay_upgrade(request, answer)
+            await relay_upgrade(request, answer)
             return
         body = None if request.body.empty else request.body
         response = await self.connector.request(port, request.method, request.uri, headers, body)

@@ -177,7 +177,14 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     uuid = options["container-uuid"]
     host, port, secret = options["host"], options["port"], options["secret"]
     runtime = HostRuntime(reactor)
-    gateway = Gateway(reactor, uuid, secret, runtime, max_clock_skew=config.max_clock_skew)
+    gateway = Gateway(
+        reactor,
+        uuid,
+        secret,
+        runtime,
+        max_clock_skew=config.max_clock_skew,
+        max_connections=config.limits.max_connections_per_container,
+    )
 
     top = MultiService()
     cluster = open_cluster(reactor, config)
@@ -185,7 +192,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     supervisor = ContainerSupervisor(reactor, cluster, uuid, runtime, gateway)
     supervisor.setServiceParent(top)
 
-    site = ProxySite(gateway, reactor, timeout=300)
+    site = ProxySite(gateway, reactor, config.limits)
     tls = TLSMemoryBIOFactory(server_context_factory(secret, [host]), False, site)
     description = options["listen"] or f"tcp:{port}:interface={_escape(host)}"
     address_host = f"[{host}]" if ":" in host else host
