@@ -1,0 +1,568 @@
+"""
+Tests for L{arvproxy.controller.proxy.Controller}: every outcome of a request to the front door,
+and exactly what it forwards to a gateway.  In memory: a L{FakeCluster}, a
+L{FakeGatewayConnector} and a L{ProxySite} over a C{StringTransport}.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Sequence
+from typing import Any, cast
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from arvproxy import policy
+from arvproxy.backends import CAN_MANAGE, CAN_READ, CAN_WRITE, CANCELLED, COMPLETE, LOCKED, QUEUED
+from arvproxy.config import ClusterConfig, ExternalURL
+from arvproxy.controller.proxy import Controller
+from arvproxy.errors import BadGateway, GatewayTimeout, NotFound, Unauthorized
+from arvproxy.streaming import ProxySite
+from arvproxy.testing import (
+    FakeCluster,
+    FakeGatewayConnector,
+    FakeResponse,
+    GatewayCall,
+    MemoryClient,
+    ParsedResponse,
+    request_bytes,
+)
+
+T0 = 1_700_000_000.0
+ROOT_TOKEN = "RootTokenForTheseTests0123456789abcdefgh"
+SUFFIX = "containers.example.com"
+GATEWAY = "127.0.0.1:9001"
+PORT = 8888
+NAVIGATE = [(b"Sec-Fetch-Mode", b"navigate"), (b"Accept", b"text/html")]
+FETCH = [(b"Sec-Fetch-Mode", b"cors"), (b"Accept", b"*/*")]
+
+
+def cookie(token: str) -> tuple[bytes, bytes]:
+    return (b"Cookie", b"arvados_api_token=" + policy.encode_token_cookie(token.encode()))
+
+
+class ControllerTestCase(SynchronousTestCase):
+    """
+    A cluster with: alice, who owns C{cr} (using the running container C{container}); bob, who
+    can only read C{cr}; carol, who can write it; dave, who cannot see it; an admin.
+    """
+
+    scheme = "https"
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.clock.advance(T0)
+        self.config = ClusterConfig(
+            source="test",
+            cluster_id="zzzzz",
+            system_root_token=ROOT_TOKEN,
+            external_url=ExternalURL(self.scheme, SUFFIX),
+            trusted_proxies=(ipaddress.ip_network("10.0.0.0/8"),),
+        )
+        self.cluster = FakeCluster("zzzzz", ROOT_TOKEN, clock=self.clock.seconds)
+        self.gateways = FakeGatewayConnector()
+        self.gateways.responder = lambda call: FakeResponse(
+            200, b"OK", [(b"Content-Type", b"text/plain")], b"from the service"
+        )
+        self.site = ProxySite(
+            Controller(self.clock, self.config, self.cluster, cast(Any, self.gateways)), self.clock
+        )
+        c = self.cluster
+        self.alice = c.add_user("Alice")
+        self.bob = c.add_user("Bob")
+        self.carol = c.add_user("Carol")
+        self.dave = c.add_user("Dave")
+        self.admin = c.add_user("Admin", is_admin=True)
+        self.container = c.add_container(gateway_address=GATEWAY)
+        self.cr = c.add_container_request(self.alice.uuid, self.container.uuid)
+        c.grant(self.bob.uuid, self.cr.uuid, CAN_READ)
+        c.grant(self.carol.uuid, self.cr.uuid, CAN_WRITE)
+        self.tokens = {
+            name: c.add_token(user.uuid)
+            for name, user in [
+                ("alice", self.alice),
+                ("bob", self.bob),
+                ("carol", self.carol),
+                ("dave", self.dave),
+                ("admin", self.admin),
+            ]
+        }
+
+    def host(self, uuid: str, port: int = PORT) -> bytes:
+        return f"{uuid}-{port}.{SUFFIX}".encode()
+
+    def send(
+        self,
+        host: bytes | None,
+        target: bytes = b"/",
+        token: str | None = None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        method: bytes = b"GET",
+        body: bytes = b"",
+        peer: str = "127.0.0.1",
+    ) -> ParsedResponse:
+        """Send one request; return its (complete) response, checked for leaked tokens."""
+        all_headers = list(headers)
+        if token is not None:
+            all_headers.append(cookie(token))
+        if body:
+            all_headers.append((b"Content-Length", b"%d" % len(body)))
+        self.client = MemoryClient(self.site, IPv4Address("TCP", peer, 40000))
+        self.client.send(request_bytes(method, target, all_headers, body, host=host))
+        response = self.client.response(method)
+        self.assertTrue(response.complete)
+        self.assertNoSecrets(response)
+        return response
+
+    def assertNoSecrets(self, response: ParsedResponse) -> None:
+        """No token appears in the response, except in the Set-Cookie of the query redirect."""
+        secrets = [ROOT_TOKEN, *(t.token for t in self.cluster.tokens.values())]
+        headers = [
+            (n, v) for n, v in response.headers if n != b"set-cookie" or response.status != 303
+        ]
+        shown = b"".join(n + b": " + v for n, v in headers) + response.body
+        for secret in secrets:
+            self.assertNotIn(secret.encode(), shown)
+            self.assertNotIn(policy.encode_token_cookie(secret.encode()), shown)
+            self.assertNotIn(secret.split("/")[-1].encode(), shown)
+
+    def assertError(self, response: ParsedResponse, status: int) -> None:
+        self.assertEqual(response.status, status, response.body)
+        self.assertEqual(response.header(b"cache-control"), b"no-store")
+
+    def get_ok(self, uuid: str, token: str, port: int = PORT) -> GatewayCall:
+        """Expect the request to reach the gateway, and its answer to reach the client."""
+        before = len(self.gateways.calls)
+        response = self.send(self.host(uuid, port), b"/p", token)
+        self.assertEqual((response.status, response.body), (200, b"from the service"))
+        self.assertEqual(len(self.gateways.calls), before + 1)
+        return self.gateways.calls[-1]
+
+
+class HostTests(ControllerTestCase):
+    def test_hosts_that_name_no_target(self) -> None:
+        """Hosts outside the suffix or malformed under it are 400; the bare suffix is 404."""
+        cases = [
+            (b"example.org", 400),
+            (b"containers.example.com.evil.org", 400),
+            (b"x.containers.example.com", 400),
+            (b"zzzzz-xvhdp-short-8888.containers.example.com", 400),
+            (self.host(self.cr.uuid, 0), 400),
+            (self.host(self.cr.uuid, 70000), 400),
+            (self.host(self.cr.uuid) + b":8443", 400),
+            (b"bad host!", 400),
+            (SUFFIX.encode(), 404),
+            (SUFFIX.encode() + b":443", 404),
+        ]
+        for host, status in cases:
+            response = self.send(host, token=self.tokens["alice"])
+            self.assertEqual(response.status, status, host)
+        self.assertEqual(self.cluster.calls, [])
+        self.assertEqual(self.gateways.calls, [])
+
+    def test_no_host(self) -> None:
+        """A request without a Host header is a 400."""
+        self.assertError(self.send(None), 400)
+
+    def test_explicit_default_port_and_case(self) -> None:
+        """The host may carry the ExternalURL's port and any letter case."""
+        host = self.host(self.cr.uuid).upper() + b":443"
+        response = self.send(host, token=self.tokens["alice"])
+        self.assertEqual(response.status, 200)
+
+
+class QueryTokenTests(ControllerTestCase):
+    def test_query_token_moves_to_cookie(self) -> None:
+        """?arvados_api_token= becomes a 303 to the same URL without it, and a Secure cookie."""
+        token = self.tokens["alice"]
+        target = b"/a/b?x=1&arvados_api_token=" + token.encode() + b"&y=2&x=3"
+        response = self.send(self.host(self.cr.uuid), target)
+        self.assertEqual(response.status, 303)
+        self.assertEqual(response.header(b"location"), b"/a/b?x=1&y=2&x=3")
+        [set_cookie] = response.all(b"set-cookie")
+        self.assertTrue(
+            set_cookie.startswith(
+                b"arvados_api_token=" + policy.encode_token_cookie(token.encode()) + b";"
+            )
+        )
+        self.assertIn(b"; Secure", set_cookie)
+        self.assertIn(b"HttpOnly", set_cookie)
+        self.assertNotIn(token.encode(), response.header(b"location") or b"")
+        self.assertNotIn(token.encode(), response.body)
+        self.assertEqual(self.cluster.calls, [])
+        self.assertEqual(self.gateways.calls, [])
+
+    def test_only_param(self) -> None:
+        """A query holding only the token redirects to the bare path."""
+        response = self.send(
+            self.host(self.cr.uuid), b"/x?arvados_api_token=" + self.tokens["bob"].encode()
+        )
+        self.assertEqual(response.header(b"location"), b"/x")
+
+    def test_cookie_then_works(self) -> None:
+        """The cookie the redirect set is enough to reach the service."""
+        response = self.send(
+            self.host(self.cr.uuid), b"/?arvados_api_token=" + self.tokens["alice"].encode()
+        )
+        value = response.header(b"set-cookie") or b""
+        pair = value.split(b";")[0]
+        response = self.send(self.host(self.cr.uuid), headers=[(b"Cookie", pair)])
+        self.assertEqual(response.status, 200)
+
+
+class PlainQueryTokenTests(ControllerTestCase):
+    scheme = "http"
+
+    def test_not_secure_over_http(self) -> None:
+        """With an http ExternalURL the cookie is not marked Secure (the browser would drop it)."""
+        response = self.send(
+            f"{self.cr.uuid}-{PORT}.{SUFFIX}".encode(),
+            b"/?arvados_api_token=" + self.tokens["alice"].encode(),
+        )
+        self.assertEqual(response.status, 303)
+        self.assertNotIn(b"Secure", response.header(b"set-cookie") or b"")
+
+
+class AuthenticationTests(ControllerTestCase):
+    def test_no_token(self) -> None:
+        """No token: 401 (HTML for a navigation, JSON for fetch), never a redirect, no lookups."""
+        page = self.send(self.host(self.cr.uuid), headers=NAVIGATE)
+        self.assertError(page, 401)
+        self.assertTrue((page.header(b"content-type") or b"").startswith(b"text/html"))
+        self.assertIsNone(page.header(b"location"))
+        document = self.send(self.host(self.cr.uuid), headers=FETCH)
+        self.assertError(document, 401)
+        self.assertEqual(document.header(b"content-type"), b"application/json")
+        self.assertEqual(json.loads(document.body)["status"], 401)
+        self.assertEqual(self.cluster.calls, [])
+        self.assertEqual(self.gateways.calls, [])
+
+    def test_bad_tokens(self) -> None:
+        """Malformed, unknown, revoked and expired tokens, and inactive users, get 401."""
+        expiring = self.cluster.add_token(self.alice.uuid, ttl=60)
+        revoked = self.cluster.add_token(self.alice.uuid)
+        self.cluster.revoke_token(revoked)
+        inactive_user = self.cluster.add_user("Gone")
+        inactive = self.cluster.add_token(inactive_user.uuid)
+        self.cluster.set_user_active(inactive_user.uuid, False)
+        self.assertEqual(self.send(self.host(self.cr.uuid), token=expiring).status, 200)
+        self.clock.advance(61)
+        wrong_secret = self.tokens["alice"][:-1] + "Q"
+        for token in ["garbage", wrong_secret, revoked, expiring, inactive, "v2/x/y"]:
+            response = self.send(self.host(self.cr.uuid), token=token, headers=FETCH)
+            self.assertError(response, 401)
+            self.assertNotIn(token.encode(), response.body)
+        self.assertEqual(len(self.gateways.calls), 1)
+
+    def test_undecodable_cookie(self) -> None:
+        """A cookie whose token is not ASCII is a 401, not a crash."""
+        response = self.send(
+            self.host(self.cr.uuid),
+            headers=[(b"Cookie", b"arvados_api_token=" + policy.encode_token_cookie(b"\xff\xfe"))],
+        )
+        self.assertError(response, 401)
+
+    def test_root_token(self) -> None:
+        """The SystemRootToken may connect to any container."""
+        self.get_ok(self.cr.uuid, ROOT_TOKEN)
+
+
+class PermissionTests(ControllerTestCase):
+    def test_access_table(self) -> None:
+        """Owner, writer and admin connect; a reader is refused; others cannot see the target."""
+        cases = [
+            ("alice", 200),
+            ("carol", 200),
+            ("admin", 200),
+            ("bob", 403),
+            ("dave", 404),
+        ]
+        for uuid in (self.cr.uuid, self.container.uuid):
+            for name, status in cases:
+                response = self.send(self.host(uuid), token=self.tokens[name])
+                self.assertEqual(response.status, status, (uuid, name))
+
+    def test_scopes(self) -> None:
+        """A token scoped to exactly this target and port works; any other scope is 403."""
+        c = self.cluster
+        cr, container = self.cr.uuid, self.container.uuid
+        # (scoped to, named in the URL) -> status: a request's scope does not open its container's
+        # URL (which other requests may share), a container's scope opens both.
+        table = {
+            (cr, cr): 200,
+            (cr, container): 403,
+            (container, cr): 200,
+            (container, container): 200,
+        }
+        for (scoped_to, named), status in table.items():
+            token = c.add_token(self.alice.uuid, [policy.connect_scope(scoped_to, PORT)])
+            self.assertEqual(self.send(self.host(named), token=token).status, status)
+            self.assertEqual(self.send(self.host(named, PORT + 1), token=token).status, 403)
+        for scopes in (["GET /arvados/v1/users/current"], [policy.connect_scope(self.cr.uuid, 1)]):
+            token = c.add_token(self.alice.uuid, scopes)
+            self.assertError(self.send(self.host(self.cr.uuid), token=token), 403)
+        other = c.add_container_request(self.alice.uuid, self.container.uuid)
+        token = c.add_token(self.alice.uuid, [policy.connect_scope(other.uuid, PORT)])
+        self.assertError(self.send(self.host(self.cr.uuid), token=token), 403)
+
+    def test_unknown_targets(self) -> None:
+        """Unknown requests and containers, and UUIDs of other record types, are 404."""
+        for uuid in (
+            "zzzzz-xvhdp-000000000000999",
+            "zzzzz-dz642-000000000000999",
+            self.alice.uuid,
+            "zzzzz-gj3su-000000000000001",
+        ):
+            response = self.send(self.host(uuid), token=self.tokens["alice"])
+            self.assertError(response, 404)
+        self.assertEqual(self.gateways.calls, [])
+
+    def test_container_without_requests(self) -> None:
+        """A container no request uses is invisible to users (404) but open to an admin."""
+        orphan = self.cluster.add_container()
+        self.assertError(self.send(self.host(orphan.uuid), token=self.tokens["alice"]), 404)
+        self.get_ok(orphan.uuid, self.tokens["admin"])
+
+    def test_shared_container(self) -> None:
+        """A container two users' requests share: its URL refuses each user, not an admin."""
+        c = self.cluster
+        shared = c.add_container(gateway_address=GATEWAY)
+        mine = c.add_container_request(self.alice.uuid, shared.uuid)
+        theirs = c.add_container_request(self.bob.uuid, shared.uuid)
+        self.assertError(self.send(self.host(shared.uuid), token=self.tokens["alice"]), 403)
+        self.assertError(self.send(self.host(shared.uuid), token=self.tokens["bob"]), 403)
+        self.get_ok(shared.uuid, self.tokens["admin"])
+        # Through their own request's URL, each connects (only that request is checked).
+        self.get_ok(mine.uuid, self.tokens["alice"])
+        self.get_ok(theirs.uuid, self.tokens["bob"])
+        # With write on both, the container URL works too.
+        c.grant(self.alice.uuid, theirs.uuid, CAN_MANAGE)
+        self.get_ok(shared.uuid, self.tokens["alice"])
+
+
+class ContainerStateTests(ControllerTestCase):
+    def test_not_running_yet(self) -> None:
+        """Not running or no gateway yet: 503, Retry-After and a page that refreshes itself."""
+        c = self.cluster
+        queued = c.add_container(state=QUEUED, gateway_address="")
+        locked = c.add_container(state=LOCKED, gateway_address="")
+        starting = c.add_container(gateway_address="")
+        uuids = [
+            c.add_container_request(self.alice.uuid, container.uuid).uuid
+            for container in (queued, locked, starting)
+        ]
+        uuids.append(c.add_container_request(self.alice.uuid, None).uuid)
+        for uuid in uuids:
+            response = self.send(self.host(uuid), token=self.tokens["alice"], headers=NAVIGATE)
+            self.assertError(response, 503)
+            self.assertEqual(response.header(b"retry-after"), b"5")
+            self.assertIn(b'http-equiv="refresh"', response.body)
+        self.assertEqual(self.gateways.calls, [])
+
+    def test_finished(self) -> None:
+        """A Complete or Cancelled container is 410."""
+        for state in (COMPLETE, CANCELLED):
+            container = self.cluster.add_container(state=state, gateway_address=GATEWAY)
+            cr = self.cluster.add_container_request(self.alice.uuid, container.uuid)
+            response = self.send(self.host(cr.uuid), token=self.tokens["alice"])
+            self.assertError(response, 410)
+            self.assertIsNone(response.header(b"retry-after"))
+        self.assertEqual(self.gateways.calls, [])
+
+    def test_permission_before_state(self) -> None:
+        """Someone who may not connect learns nothing about the container's state."""
+        container = self.cluster.add_container(state=QUEUED, gateway_address="")
+        cr = self.cluster.add_container_request(self.alice.uuid, container.uuid)
+        self.assertError(self.send(self.host(cr.uuid), token=self.tokens["dave"]), 404)
+
+
+class ForwardingTests(ControllerTestCase):
+    def test_headers_to_gateway(self) -> None:
+        """Exactly the expected headers reach the gateway (no token cookie, hop-by-hop, forged)."""
+        headers = [
+            (
+                b"Cookie",
+                b"a=1; arvados_api_token="
+                + policy.encode_token_cookie(self.tokens["alice"].encode())
+                + b"; b=2",
+            ),
+            (b"Cookie", b"c=3"),
+            (b"Authorization", b"Bearer service-own-credential"),
+            (b"X-Arvados-Target-Uuid", b"zzzzz-dz642-forged000000000"),
+            (b"X-Arvados-Authorization", b"forged"),
+            (b"X-Arvados-Request-Host", b"evil.example"),
+            (b"X-Forwarded-For", b"6.6.6.6"),
+            (b"X-Forwarded-Proto", b"gopher"),
+            (b"X-Forwarded-Host", b"evil.example"),
+            (b"Connection", b"keep-alive, x-drop-me"),
+            (b"X-Drop-Me", b"1"),
+            (b"Keep-Alive", b"timeout=5"),
+            (b"TE", b"trailers"),
+            (b"Proxy-Authorization", b"Basic eA=="),
+            (b"Accept", b"text/html"),
+            (b"X-Multi", b"1"),
+            (b"X-Multi", b"2"),
+        ]
+        host = self.host(self.cr.uuid)
+        response = self.send(
+            host, b"/some/path?q=1&r=2", headers=headers, method=b"POST", body=b"data"
+        )
+        self.assertEqual(response.status, 200)
+        [call] = self.gateways.calls
+        self.assertEqual(
+            (call.container_uuid, call.address, call.method, call.path),
+            (self.container.uuid, GATEWAY, b"POST", b"/some/path?q=1&r=2"),
+        )
+        secret = policy.gateway_secret(ROOT_TOKEN, self.container.uuid)
+        self.assertEqual(call.secret, secret)
+        self.assertEqual(call.received.data, b"data")
+        sent = {name.lower(): values for name, values in call.headers.getAllRawHeaders()}
+        signature = sent.pop(policy.AUTHORIZATION)
+        policy.verify(list(signature), secret, self.clock.seconds(), policy.NonceCache(300))
+        self.assertEqual(
+            sent,
+            {
+                b"cookie": [b"a=1; b=2", b"c=3"],
+                b"authorization": [b"Bearer service-own-credential"],
+                b"accept": [b"text/html"],
+                b"x-multi": [b"1", b"2"],
+                b"content-length": [b"4"],
+                b"x-forwarded-for": [b"127.0.0.1"],
+                b"x-forwarded-proto": [b"https"],
+                b"x-forwarded-host": [host],
+                b"x-arvados-target-uuid": [self.container.uuid.encode()],
+                b"x-arvados-target-port": [b"%d" % PORT],
+                b"x-arvados-request-host": [host],
+            },
+        )
+
+    def test_fresh_signatures(self) -> None:
+        """Each forwarded request carries its own signature (no nonce reused)."""
+        first = self.get_ok(self.cr.uuid, self.tokens["alice"])
+        second = self.get_ok(self.cr.uuid, self.tokens["alice"])
+        values = [c.headers.getRawHeaders(policy.AUTHORIZATION) for c in (first, second)]
+        self.assertNotEqual(values[0], values[1])
+        nonces = policy.NonceCache(300)
+        secret = policy.gateway_secret(ROOT_TOKEN, self.container.uuid)
+        for value in values:
+            policy.verify(list(value or []), secret, self.clock.seconds(), nonces)
+
+    def test_trusted_proxy(self) -> None:
+        """A trusted proxy's X-Forwarded-* are kept and extended; an untrusted peer's replaced."""
+        forwarded = [
+            (b"X-Forwarded-For", b"198.51.100.7"),
+            (b"X-Forwarded-Proto", b"http"),
+            (b"X-Forwarded-Host", b"front.example"),
+        ]
+        host = self.host(self.cr.uuid)
+        expected = {
+            "10.1.2.3": ([b"198.51.100.7, 10.1.2.3"], [b"http"], [b"front.example"]),
+            "192.0.2.9": ([b"192.0.2.9"], [b"https"], [host]),
+        }
+        for peer, (xff, proto, xhost) in expected.items():
+            self.send(host, token=self.tokens["alice"], headers=forwarded, peer=peer)
+            sent = self.gateways.calls[-1].headers
+            self.assertEqual(
+                (
+                    sent.getRawHeaders(b"x-forwarded-for"),
+                    sent.getRawHeaders(b"x-forwarded-proto"),
+                    sent.getRawHeaders(b"x-forwarded-host"),
+                ),
+                (xff, proto, xhost),
+                peer,
+            )
+
+    def test_target_uuid_is_container(self) -> None:
+        """Whether the URL names the request or the container, the gateway is told the container."""
+        for uuid in (self.cr.uuid, self.container.uuid):
+            call = self.get_ok(uuid, self.tokens["alice"], port=8001)
+            self.assertEqual(
+                call.headers.getRawHeaders(policy.TARGET_UUID), [self.container.uuid.encode()]
+            )
+            self.assertEqual(call.headers.getRawHeaders(policy.TARGET_PORT), [b"8001"])
+
+    def test_gateway_refusal(self) -> None:
+        """A gateway's own refusal becomes a 502 for the client, without the gateway's marker."""
+        self.gateways.responder = lambda call: FakeResponse(
+            401, b"Unauthorized", [(policy.GATEWAY_ERROR, b"bad signature")], b"gateway page"
+        )
+        response = self.send(self.host(self.cr.uuid), token=self.tokens["alice"], headers=FETCH)
+        self.assertError(response, 502)
+        self.assertNotIn(policy.GATEWAY_ERROR, response.names())
+        self.assertNotIn(b"gateway page", response.body)
+
+    def test_service_errors_pass(self) -> None:
+        """The service's own error responses reach the client as they are."""
+        self.gateways.responder = lambda call: FakeResponse(
+            401, b"Who Are You", [(b"WWW-Authenticate", b"Basic")], b"service says no"
+        )
+        response = self.send(self.host(self.cr.uuid), token=self.tokens["alice"])
+        self.assertEqual((response.status, response.reason), (401, b"Who Are You"))
+        self.assertEqual(response.body, b"service says no")
+
+    def test_connector_errors(self) -> None:
+        """A gateway that cannot be reached or does not answer gives a 502 or 504 page."""
+        for error, status in [
+            (BadGateway("The container's gateway cannot be reached."), 502),
+            (GatewayTimeout("The container's gateway did not answer in time."), 504),
+        ]:
+            self.gateways.error = error
+            response = self.send(
+                self.host(self.cr.uuid), token=self.tokens["alice"], headers=NAVIGATE
+            )
+            self.assertError(response, status)
+            self.assertIn(error.message.replace("'", "&#x27;").encode(), response.body)
+
+    def test_body_not_read_when_refused(self) -> None:
+        """A refused upload is answered before its body is read, and the connection closes."""
+        client = MemoryClient(self.site)
+        client.send(
+            request_bytes(
+                b"PUT",
+                b"/",
+                [cookie(self.tokens["bob"]), (b"Content-Length", b"100000")],
+                b"partial",
+                host=self.host(self.cr.uuid),
+            )
+        )
+        response = client.response(b"PUT")
+        self.assertEqual(response.status, 403)
+        self.assertEqual(response.header(b"connection"), b"close")
+        self.assertTrue(client.closed)
+        self.assertEqual(self.gateways.calls, [])
+
+    def test_cluster_lookups(self) -> None:
+        """A container request's URL costs four lookups: token, request, container, one level."""
+        self.get_ok(self.cr.uuid, self.tokens["carol"])
+        names: list[Any] = [name for name, _ in self.cluster.calls]
+        self.assertEqual(
+            names, ["authenticate", "get_container_request", "get_container", "permission_level"]
+        )
+
+
+class FakeClusterTests(SynchronousTestCase):
+    def test_contract(self) -> None:
+        """The fake provides ICluster and keeps the registry's rules for updates and levels."""
+        from zope.interface.verify import verifyObject
+
+        from arvproxy.backends import RUNNING, ICluster
+
+        cluster = FakeCluster(clock=lambda: T0)
+        verifyObject(ICluster, cluster)
+        user = cluster.add_user("U")
+        container = cluster.add_container(state=QUEUED, gateway_address="")
+        cr = cluster.add_container_request(user.uuid, container.uuid)
+        running = self.successResultOf(cluster.update_container(container.uuid, state=RUNNING))
+        self.assertIsNotNone(running.started_at)
+        self.successResultOf(cluster.update_container(container.uuid, state=COMPLETE))
+        self.assertEqual(cluster.container_requests[cr.uuid].state, "Final")
+        self.failureResultOf(cluster.update_container(container.uuid, state=RUNNING), ValueError)
+        self.failureResultOf(cluster.update_container("zzzzz-dz642-000000000000999"), NotFound)
+        self.assertEqual(
+            self.successResultOf(cluster.permission_level(user.uuid, cr.uuid)), CAN_MANAGE
+        )
+        self.assertIsNone(self.successResultOf(cluster.permission_level(user.uuid, container.uuid)))
+        self.failureResultOf(cluster.authenticate("v2/nonsense"), Unauthorized)
