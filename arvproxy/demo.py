@@ -30,6 +30,7 @@ from typing import IO, Any
 
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IReactorProcess, IReactorTCP
+from twisted.protocols import policies
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 
@@ -413,18 +414,48 @@ class RunningContainer:
 def start_host_container(reactor: IReactorTCP) -> RunningContainer:
     """
     The demo page on a free loopback port of this machine, served by this process: the "host"
-    runtime's idea of a container.
+    runtime's idea of a container.  Stopping it closes its port and its open connections.
     """
     service = DemoService()
     site = server.Site(DemoResource(service), reactor=reactor)
     site.displayTracebacks = False
-    port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[arg-type]
+    connections = _Connections(site)
+    port = reactor.listenTCP(0, connections, interface="127.0.0.1")  # type: ignore[arg-type]
+
+    async def stop() -> None:
+        await defer.maybeDeferred(port.stopListening)
+        await connections.close_all()
+
     return RunningContainer(
         port=port.getHost().port,  # type: ignore[attr-defined]
         gateway_arguments=["--runtime", "host"],
         service=service,
-        stop=port.stopListening,
+        stop=lambda: defer.ensureDeferred(stop()),
     )
+
+
+class _Connections(policies.WrappingFactory):
+    """Keeps the open connections, so that they can all be closed and waited for."""
+
+    def __init__(self, wrapped: Any) -> None:
+        super().__init__(wrapped)
+        self._closed: dict[Any, defer.Deferred[None]] = {}
+
+    def registerProtocol(self, p: Any) -> None:
+        super().registerProtocol(p)
+        self._closed[p] = defer.Deferred()
+
+    def unregisterProtocol(self, p: Any) -> None:
+        super().unregisterProtocol(p)
+        closed = self._closed.pop(p, None)
+        if closed is not None:
+            closed.callback(None)
+
+    async def close_all(self) -> None:
+        waiting = list(self._closed.values())
+        for p in list(self.protocols):
+            p.transport.loseConnection()
+        await defer.gatherResults(waiting)
 
 
 # --- The demo itself ------------------------------------------------------------------------
