@@ -1,11 +1,18 @@
 # The two commands of the README: `make run` and `make test`.  Both build what they need.
+#
+#   make run         the demo: controller, gateway and a web page, until Ctrl-C (arvproxy/demo.py)
+#   make test        every test; as root on a fresh Debian machine it installs what they need
+#   make check       lint, types and tests
+#   make test TESTS=tests.test_policy     one module (or tests.test_policy.PolicyTests.test_x)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TESTS  ?= tests
+# Parallel workers for trial; every test uses free loopback ports and its own temp directory.
+JOBS   ?= 2
 
-.PHONY: run test check lint typecheck bench clean
+.PHONY: run test check lint typecheck bench clean system-packages
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +28,14 @@ export PYTHONPATH := $(CURDIR)
 run: $(STAMP)
 	$(BIN)/python -m arvproxy.demo
 
-test: $(STAMP)
-	$(BIN)/trial --jobs=2 $(TESTS)
+# What the tests need from the system: headless Chromium for the browser tests, a Docker
+# engine for the container runtime tests.  Each script does nothing when all is there.
+system-packages:
+	scripts/ensure-packages chromium chromium-driver
+	scripts/ensure-docker
+
+test: $(STAMP) system-packages
+	$(BIN)/trial --jobs=$(JOBS) $(TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check arvproxy tests twisted
@@ -37,4 +50,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) _trial_temp* build *.egg-info
+	rm -rf $(VENV) _trial_temp* build *.egg-info test-artifacts
