@@ -1,0 +1,700 @@
+"""
+The Arvados cluster backend: L{ICluster} over the Arvados REST API (C{/arvados/v1/...}), with
+treq, for clusters whose state lives in the Arvados API server.
+
+Which token asks what:
+
+  - L{ArvadosCluster.authenticate}: C{GET api_client_authorizations/current} with the user's
+    token (validity, expiry, scopes; the API server answers it whatever the token's scopes),
+    then C{GET users/current} with the same token (who, C{is_admin}, C{is_active}) -- or, for a
+    token whose scopes do not allow that call, C{GET users/<owner_uuid>} with the service token.
+  - Container requests and containers by UUID, and the container requests that use a container
+    (C{container_requests} listed with C{filters=[["container_uuid","=",...]]}, every page):
+    the service token (the SystemRootToken in the controller).
+  - L{ArvadosCluster.permission_level}, two rules:
+      1. I{The user's own view} -- when the call carries the user's L{Credentials} and their
+         token's scopes allow reading the container request: the request must be readable with
+         the user's token (else C{None}); the owner of the request gets C{can_manage}; anyone
+         else gets what C{groups/<owner>} or C{users/<owner>}, read with the user's token, says
+         in C{can_manage}/C{can_write}, or C{can_read} when the owner is not writable or not
+         visible.
+      2. I{The record's word} -- for scope-limited tokens (say, only
+         C{CONNECT /arvados/v1/container/<uuid>/<port>}), which cannot read the request or its
+         owner, and for calls without credentials: the request is read with the service token;
+         its owner (C{owner_uuid}) gets C{can_manage}, its submitter (C{modified_by_user_uuid})
+         C{can_write}, anyone else C{None}.  This is the rule Arvados itself ships for
+         container web services; sharing (permission links, projects) does not count here.
+    Admins are decided by the caller from L{Credentials.is_admin}.
+
+Answers are kept for C{cache_ttl} seconds (L{arvproxy.backends.cache}): tokens, permission
+levels, container requests, container-request lists, and containers that are running with a
+gateway (others are asked again every time, so a page waiting for its container to start sees
+it start).  Concurrent identical lookups share one API call.  When the API server is down,
+slow (C{timeout}) or answers 5xx, calls fail with L{Unavailable} (503 with C{Retry-After}), while
+fresh cached answers keep working; nothing failed is kept, so recovery is immediate.  API answers
+401, 403, 404 and 422 become L{Unauthorized}, L{Forbidden}, L{NotFound} and L{BadRequest}, and a
+401/403 to the service token (a wrong SystemRootToken) becomes L{Unavailable}, logged.  Tokens
+never appear in logs or messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import treq
+from OpenSSL import SSL
+from treq.client import HTTPClient
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.internet.ssl import Certificate, CertificateOptions
+from twisted.logger import Logger
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+from arvproxy.backends import (
+    CAN_MANAGE,
+    CAN_READ,
+    CAN_WRITE,
+    CONTAINER_REQUEST_INFIX,
+    RUNNING,
+    USER_INFIX,
+    UUID_RE,
+    Container,
+    ContainerRequest,
+    Credentials,
+    ICluster,
+    uuid_infix,
+)
+from arvproxy.backends.cache import AnswerCache
+from arvproxy.config import ClusterConfig
+from arvproxy.errors import BadRequest, Forbidden, NotFound, ProxyError, Unauthorized, Unavailable
+
+log = Logger()
+
+GROUP_INFIX = "j7d0g"
+UPDATABLE_CONTAINER_FIELDS = frozenset(
+    {"state", "gateway_address", "exit_code", "listening_ports", "runtime_status"}
+)
+"""What L{ArvadosCluster.update_container} accepts (as every L{ICluster})."""
+
+UNSTORED_CONTAINER_FIELDS = frozenset({"listening_ports"})
+"""Accepted but not sent: an Arvados container record has no field that can carry them."""
+
+PAGE_SIZE = 1000
+MAX_PAGES = 1000
+DEFAULT_CACHE_TTL = 10.0
+DEFAULT_FAILURE_TTL = 1.0
+DEFAULT_TIMEOUT = 10.0
+_TOKEN_RE = re.compile(r"[\x21-\x7e]{1,4096}")
+_TRUE = ("1", "true", "yes", "on")
+
+
+def scope_permits(scopes: Iterable[str], method: str, path: str) -> bool:
+    """
+    Whether a token with C{scopes} may call C{method path}, by the API server's rule: scope
+    C{all}, an exact C{"METHOD /path"} (C{GET} also allows C{HEAD}), or a C{"METHOD /prefix/"}.
+    """
+    for scope in scopes:
+        if scope == "all":
+            return True
+        scope_method, _, scope_path = scope.partition(" ")
+        if method != scope_method and not (method == "HEAD" and scope_method == "GET"):
+            continue
+        if path == scope_path or (scope_path.endswith("/") and path.startswith(scope_path)):
+            return True
+    return False
+
+
+def parse_api_time(value: object) -> datetime | None:
+    """
+    An Arvados timestamp (C{2025-01-02T03:04:05.123456789Z}) as an aware datetime.
+
+    @raise ValueError: not a timestamp (C{None} and C{""} give C{None}).
+    """
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError(value)
+    match = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:?\d\d)", value)
+    if match is None:
+        raise ValueError(value)
+    whole, fraction, zone = match.groups()
+    text = whole + "." + (fraction or "0")[:6].ljust(6, "0") + ("+00:00" if zone == "Z" else zone)
+    return datetime.fromisoformat(text).astimezone(UTC)
+
+
+def api_base_url(host_or_url: str) -> str:
+    """
+    The API's base URL, ending in C{/}, from C{Services.Controller.ExternalURL}
+    (C{https://zzzzz.example.com}) or C{ARVADOS_API_HOST} (C{zzzzz.example.com:443}; https).
+
+    @raise ValueError: neither.
+    """
+    text = host_or_url.strip()
+    if "://" not in text:
+        text = "https://" + text
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise ValueError(f"not an API server address: {host_or_url!r}")
+    return f"{parts.scheme}://{parts.netloc}/"
+
+
+def _digest(token: str) -> str:
+    """What the caches key a token by: never the token itself."""
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _UnverifiedCreator:
+    def __init__(self, context: SSL.Context, hostname: bytes) -> None:
+        self._context = context
+        self._hostname = hostname
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)
+        if not re.fullmatch(rb"[0-9.]+|.*:.*", self._hostname):
+            connection.set_tlsext_host_name(self._hostname)
+        return connection
+
+
+@implementer(IPolicyForHTTPS)
+class InsecureTLSPolicy:
+    """C{TLS.Insecure: true}: TLS without checking the server's certificate (test clusters)."""
+
+    def __init__(self) -> None:
+        self._context = CertificateOptions(verify=False).getContext()
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
+        return _UnverifiedCreator(self._context, hostname)
+
+
+class _Rejected(BadRequest):
+    """A 422 from the API: what arvproxy sent was refused.  C{api_message} says why."""
+
+    def __init__(self, api_message: str) -> None:
+        super().__init__("The cluster's API server refused a request arvproxy made for you.")
+        self.api_message = api_message
+
+
+@implementer(ICluster)
+class ArvadosCluster(Service):
+    """
+    L{ICluster} over an Arvados API server.  Start it (or its service parent) before use; stopping
+    it closes its connections.
+
+    @param service_token: the token for lookups made for the cluster rather than for a user:
+        the SystemRootToken in the controller, the dispatcher's C{ARVADOS_API_TOKEN} in a
+        gateway.
+    @param service_token_is_root: whether C{service_token} is the SystemRootToken, so
+        L{authenticate} may accept it as the system user without asking the API.
+    @param clock: the time source for cache lifetimes, token expiry and call timeouts
+        (default: C{reactor}).
+    @param trust_root: a CA certificate to trust instead of the system's (tests).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        api_url: str,
+        service_token: str,
+        *,
+        cluster_id: str,
+        service_token_is_root: bool = True,
+        insecure: bool = False,
+        trust_root: Certificate | None = None,
+        cache_ttl: float = DEFAULT_CACHE_TTL,
+        failure_ttl: float = DEFAULT_FAILURE_TTL,
+        timeout: float = DEFAULT_TIMEOUT,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        self._base = api_base_url(api_url)
+        self._service_token = service_token
+        self._service_is_root = service_token_is_root
+        self.cluster_id = cluster_id
+        self._clock: IReactorTime = clock if clock is not None else reactor
+        self._timeout = timeout
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = 16
+        self.pool.retryAutomatically = False
+        policy: IPolicyForHTTPS = (
+            InsecureTLSPolicy() if insecure else BrowserLikePolicyForHTTPS(trustRoot=trust_root)
+        )
+        agent = Agent(reactor, contextFactory=policy, pool=self.pool, connectTimeout=timeout)
+        self._http = HTTPClient(agent)
+        self._credentials: AnswerCache[Credentials] = AnswerCache(
+            self._clock, cache_ttl, failure_ttl
+        )
+        self._levels: AnswerCache[str | None] = AnswerCache(self._clock, cache_ttl, failure_ttl)
+        self._requests: AnswerCache[ContainerRequest] = AnswerCache(
+            self._clock, cache_ttl, failure_ttl
+        )
+        self._request_lists: AnswerCache[list[ContainerRequest]] = AnswerCache(
+            self._clock, cache_ttl
+        )
+        self._containers: AnswerCache[Container] = AnswerCache(self._clock, cache_ttl, failure_ttl)
+
+    @classmethod
+    def from_config(cls, reactor: Any, config: ClusterConfig, **kwargs: Any) -> ArvadosCluster:
+        """The controller's backend: C{Services.Controller.ExternalURL} and the SystemRootToken."""
+        return cls(
+            reactor,
+            config.api_url,
+            config.system_root_token,
+            cluster_id=config.cluster_id,
+            insecure=config.tls_insecure,
+            cache_ttl=config.cache_ttl,
+            **kwargs,
+        )
+
+    @classmethod
+    def from_dispatch_env(
+        cls, reactor: Any, config: ClusterConfig, env: Mapping[str, Any], **kwargs: Any
+    ) -> ArvadosCluster:
+        """
+        A gateway's backend, from the dispatcher's C{Env}: C{ARVADOS_API_HOST},
+        C{ARVADOS_API_TOKEN} and C{ARVADOS_API_HOST_INSECURE}.
+        """
+        insecure = str(env.get("ARVADOS_API_HOST_INSECURE", "")).lower() in _TRUE
+        return cls(
+            reactor,
+            str(env["ARVADOS_API_HOST"]),
+            str(env["ARVADOS_API_TOKEN"]),
+            cluster_id=config.cluster_id,
+            service_token_is_root=False,
+            insecure=insecure or config.tls_insecure,
+            cache_ttl=config.cache_ttl,
+            **kwargs,
+        )
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.pool.closeCachedConnections()
+
+    # -- talking to the API --------------------------------------------------------------------
+
+    async def _api(
+        self,
+        method: str,
+        path: str,
+        token: str,
+        *,
+        as_user: bool,
+        what: str = "",
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+    ) -> dict[str, Any]:
+        """
+        One API call: C{method /arvados/v1/<path>} with C{token}, returning the JSON object.
+
+        @param as_user: C{token} is the user's (a 401/403 is their problem) rather than the
+            service token (a 401/403 is a configuration problem, shown as L{Unavailable}).
+        @param what: the record asked for, for a L{NotFound} message.
+        """
+        d = defer.ensureDeferred(self._exchange(method, path, token, params, body))
+        d.addTimeout(self._timeout, self._clock)
+        try:
+            status, answer = await d
+        except defer.TimeoutError:
+            log.warn(
+                "Arvados API {method} {path}: no answer within {timeout}s",
+                method=method,
+                path=path,
+                timeout=self._timeout,
+            )
+            raise Unavailable(
+                "The cluster's API server is not answering right now. "
+                "This page will retry by itself."
+            ) from None
+        except ProxyError:
+            raise
+        except Exception as e:
+            log.warn(
+                "Arvados API {method} {path} failed: {error}",
+                method=method,
+                path=path,
+                error=type(e).__name__,
+            )
+            raise Unavailable(
+                "The cluster's API server cannot be reached right now. "
+                "This page will retry by itself."
+            ) from None
+        if status == 200:
+            if not isinstance(answer, dict):
+                raise self._malformed(method, path)
+            return answer
+        raise self._error(method, path, status, answer, as_user, what)
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        token: str,
+        params: Mapping[str, str] | None,
+        body: Any,
+    ) -> tuple[int, Any]:
+        headers = Headers(
+            {
+                b"Authorization": [b"Bearer " + token.encode("ascii")],
+                b"Accept": [b"application/json"],
+            }
+        )
+        response = await self._http.request(
+            method,
+            self._base + "arvados/v1/" + path,
+            headers=headers,
+            params=dict(params or {}),
+            json=body,
+        )
+        raw = await treq.content(response)
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            if response.code == 200:
+                raise self._malformed(method, path) from None
+            answer = None
+        return response.code, answer
+
+    def _malformed(self, method: str, path: str) -> Unavailable:
+        log.error(
+            "Arvados API {method} {path}: the answer is not what the API documents",
+            method=method,
+            path=path,
+        )
+        return Unavailable("The cluster's API server gave an answer arvproxy cannot read.")
+
+    def _error(
+        self, method: str, path: str, status: int, answer: Any, as_user: bool, what: str
+    ) -> ProxyError:
+        errors = answer.get("errors") if isinstance(answer, dict) else None
+        message = "; ".join(str(e) for e in errors)[:500] if isinstance(errors, list) else ""
+        error_token = answer.get("error_token", "") if isinstance(answer, dict) else ""
+        log.info(
+            "Arvados API {method} {path} answered {status}: {message} (error token {error_token})",
+            method=method,
+            path=path,
+            status=status,
+            message=message,
+            error_token=error_token,
+        )
+        if status in (401, 403) and not as_user:
+            log.error(
+                "The Arvados API server refused arvproxy's own token ({status}); "
+                "check SystemRootToken (or the dispatcher's ARVADOS_API_TOKEN)",
+                status=status,
+            )
+            return Unavailable(
+                "The cluster's API server refused the proxy's credentials.",
+                hint="Tell the cluster's administrator; the proxy's configuration needs fixing.",
+            )
+        if status == 401:
+            return Unauthorized(
+                "Your token is not valid: it is unknown, has expired, or has been revoked.",
+                hint="Get a new token, and open the link with it again.",
+            )
+        if status == 403:
+            return Forbidden("The cluster's API server does not allow your token to do this.")
+        if status == 404:
+            return NotFound(f"There is no {what or 'such record'} that you can see.")
+        if status == 422:
+            return _Rejected(message)
+        return Unavailable(
+            "The cluster's API server is having trouble right now. This page will retry by itself."
+        )
+
+    # -- ICluster -------------------------------------------------------------------------------
+
+    def authenticate(self, token: str) -> defer.Deferred[Credentials]:
+        if self._service_is_root and hmac.compare_digest(
+            token.encode("utf-8", "surrogateescape"),
+            self._service_token.encode("utf-8", "surrogateescape"),
+        ):
+            return defer.succeed(
+                Credentials(
+                    token_uuid=None,
+                    user_uuid=f"{self.cluster_id}-{USER_INFIX}-000000000000000",
+                    is_admin=True,
+                    scopes=("all",),
+                    token=token,
+                )
+            )
+        if not _TOKEN_RE.fullmatch(token):
+            return defer.fail(Unauthorized("Your token is not valid."))
+        d = self._credentials.get(
+            ("token", _digest(token)), lambda: defer.ensureDeferred(self._authenticate(token))
+        )
+        return d.addCallback(self._unexpired)
+
+    def _unexpired(self, credentials: Credentials) -> Credentials:
+        expires = credentials.expires_at
+        if expires is not None and expires.timestamp() <= self._clock.seconds():
+            raise Unauthorized("Your token has expired.", hint="Get a new token.")
+        return credentials
+
+    async def _authenticate(self, token: str) -> Credentials:
+        auth = await self._api("GET", "api_client_authorizations/current", token, as_user=True)
+        try:
+            scopes = tuple(str(s) for s in auth.get("scopes") or ("all",))
+            expires_at = parse_api_time(auth.get("expires_at"))
+            owner = str(auth["owner_uuid"])
+            token_uuid = str(auth["uuid"])
+        except (KeyError, ValueError, TypeError):
+            raise self._malformed("GET", "api_client_authorizations/current") from None
+        self._unexpired(Credentials(token_uuid, owner, False, scopes, expires_at))
+        if scope_permits(scopes, "GET", "/arvados/v1/users/current"):
+            user = await self._api("GET", "users/current", token, as_user=True, what="user")
+        else:
+            user = await self._api(
+                "GET", f"users/{owner}", self._service_token, as_user=False, what="user"
+            )
+        if not user.get("is_active", False):
+            raise Unauthorized(
+                "The account this token belongs to is not active.",
+                hint="Ask the cluster administrator to activate it.",
+            )
+        return Credentials(
+            token_uuid=token_uuid,
+            user_uuid=str(user.get("uuid", owner)),
+            is_admin=bool(user.get("is_admin", False)),
+            scopes=scopes,
+            expires_at=expires_at,
+            token=token,
+        )
+
+    def get_container_request(self, uuid: str) -> defer.Deferred[ContainerRequest]:
+        return self._requests.get(uuid, lambda: defer.ensureDeferred(self._get_request(uuid)))
+
+    async def _get_request(self, uuid: str) -> ContainerRequest:
+        if not UUID_RE.match(uuid):
+            raise NotFound(f"There is no container request {uuid}.")
+        record = await self._api(
+            "GET",
+            f"container_requests/{uuid}",
+            self._service_token,
+            as_user=False,
+            what=f"container request {uuid}",
+        )
+        return self._container_request(record)
+
+    def get_container(self, uuid: str) -> defer.Deferred[Container]:
+        d = self._containers.get(uuid, lambda: defer.ensureDeferred(self._get_container(uuid)))
+        return d.addCallback(self._keep_if_serving)
+
+    def _keep_if_serving(self, container: Container) -> Container:
+        # Only a serving container is worth keeping: a page waiting for one to start must see
+        # it start, and one that stops must be seen to stop within the cache's lifetime.
+        if container.state != RUNNING or not container.gateway_address:
+            self._containers.forget(container.uuid)
+        return container
+
+    async def _get_container(self, uuid: str) -> Container:
+        if not UUID_RE.match(uuid):
+            raise NotFound(f"There is no container {uuid}.")
+        record = await self._api(
+            "GET",
+            f"containers/{uuid}",
+            self._service_token,
+            as_user=False,
+            what=f"container {uuid}",
+        )
+        return self._container(record)
+
+    def container_requests_for(self, container_uuid: str) -> defer.Deferred[list[ContainerRequest]]:
+        d = self._request_lists.get(
+            container_uuid, lambda: defer.ensureDeferred(self._requests_for(container_uuid))
+        )
+        return d.addCallback(list)
+
+    async def _requests_for(self, container_uuid: str) -> list[ContainerRequest]:
+        found: dict[str, ContainerRequest] = {}
+        available = 0
+        offset = 0
+        for _ in range(MAX_PAGES):
+            page = await self._api(
+                "GET",
+                "container_requests",
+                self._service_token,
+                as_user=False,
+                params={
+                    "filters": json.dumps([["container_uuid", "=", container_uuid]]),
+                    "order": json.dumps(["created_at asc", "uuid asc"]),
+                    "limit": str(PAGE_SIZE),
+                    "offset": str(offset),
+                    "count": "exact",
+                },
+            )
+            items, total = page.get("items"), page.get("items_available")
+            if not isinstance(items, list) or not isinstance(total, int):
+                raise self._malformed("GET", "container_requests")
+            available = total
+            for item in items:
+                cr = self._container_request(item)
+                found[cr.uuid] = cr
+            offset += len(items)
+            if offset >= available or not items:
+                break
+        if len(found) != available:
+            # Requests came or went while we read the pages: a partial list must not decide
+            # who may connect.
+            log.warn(
+                "Arvados API: container requests for {uuid} changed while listed "
+                "({found} of {available})",
+                uuid=container_uuid,
+                found=len(found),
+                available=available,
+            )
+            raise Unavailable(
+                "The cluster's API server gave an incomplete answer. "
+                "This page will retry by itself."
+            )
+        return sorted(
+            found.values(),
+            key=lambda cr: (cr.created_at or datetime.min.replace(tzinfo=UTC), cr.uuid),
+        )
+
+    def permission_level(
+        self, user_uuid: str, target_uuid: str, credentials: Credentials | None = None
+    ) -> defer.Deferred[str | None]:
+        """
+        See L{ICluster.permission_level}; only container requests are answered (anything else:
+        C{None}).  Which of the two rules in this module's docstring applies: I{the user's own
+        view} when C{credentials} are the user's, with a token whose scopes allow
+        C{GET /arvados/v1/container_requests/<uuid>}; I{the record's word} otherwise.
+        """
+        if not UUID_RE.match(target_uuid) or uuid_infix(target_uuid) != CONTAINER_REQUEST_INFIX:
+            return defer.succeed(None)
+        if (
+            credentials is not None
+            and credentials.token
+            and credentials.user_uuid == user_uuid
+            and scope_permits(
+                credentials.scopes, "GET", f"/arvados/v1/container_requests/{target_uuid}"
+            )
+        ):
+            creds = credentials
+            return self._levels.get(
+                ("user", _digest(creds.token), target_uuid),
+                lambda: defer.ensureDeferred(self._level_as_user(creds, target_uuid)),
+            )
+        return self._levels.get(
+            ("record", user_uuid, target_uuid),
+            lambda: defer.ensureDeferred(self._level_by_record(user_uuid, target_uuid)),
+        )
+
+    async def _level_as_user(self, credentials: Credentials, target_uuid: str) -> str | None:
+        token = credentials.token
+        try:
+            record = await self._api(
+                "GET", f"container_requests/{target_uuid}", token, as_user=True
+            )
+        except (NotFound, Forbidden):
+            return None
+        cr = self._container_request(record)
+        if cr.owner_uuid == credentials.user_uuid:
+            return CAN_MANAGE
+        kind = {GROUP_INFIX: "groups", USER_INFIX: "users"}.get(
+            uuid_infix(cr.owner_uuid) if UUID_RE.match(cr.owner_uuid) else ""
+        )
+        if kind is None:
+            return CAN_READ
+        if not scope_permits(credentials.scopes, "GET", f"/arvados/v1/{kind}/{cr.owner_uuid}"):
+            return await self._level_by_record(credentials.user_uuid, target_uuid)
+        try:
+            owner = await self._api("GET", f"{kind}/{cr.owner_uuid}", token, as_user=True)
+        except (NotFound, Forbidden):
+            return CAN_READ
+        if owner.get("can_manage") is True:
+            return CAN_MANAGE
+        if owner.get("can_write") is True:
+            return CAN_WRITE
+        return CAN_READ
+
+    async def _level_by_record(self, user_uuid: str, target_uuid: str) -> str | None:
+        try:
+            cr = await self.get_container_request(target_uuid)
+        except NotFound:
+            return None
+        if cr.owner_uuid == user_uuid:
+            return CAN_MANAGE
+        if cr.modified_by_user_uuid == user_uuid:
+            return CAN_WRITE
+        return None
+
+    def update_container(self, uuid: str, **changes: Any) -> defer.Deferred[Container]:
+        return defer.ensureDeferred(self._update_container(uuid, changes))
+
+    async def _update_container(self, uuid: str, changes: dict[str, Any]) -> Container:
+        unknown = set(changes) - UPDATABLE_CONTAINER_FIELDS
+        if unknown:
+            raise ValueError(f"cannot change container field(s): {', '.join(sorted(unknown))}")
+        body = {k: v for k, v in changes.items() if k not in UNSTORED_CONTAINER_FIELDS}
+        self._containers.forget(uuid)
+        if not body:
+            return await self._get_container(uuid)
+        try:
+            record = await self._api(
+                "PUT",
+                f"containers/{uuid}",
+                self._service_token,
+                as_user=False,
+                what=f"container {uuid}",
+                body={"container": body},
+            )
+        except _Rejected as e:
+            raise ValueError(
+                f"the API server refused to update container {uuid}: {e.api_message}"
+            ) from None
+        finally:
+            self._containers.forget(uuid)
+        return self._container(record)
+
+    # -- records --------------------------------------------------------------------------------
+
+    def _container_request(self, record: Mapping[str, Any]) -> ContainerRequest:
+        try:
+            return ContainerRequest(
+                uuid=str(record["uuid"]),
+                owner_uuid=str(record["owner_uuid"]),
+                modified_by_user_uuid=str(record.get("modified_by_user_uuid") or ""),
+                name=str(record.get("name") or ""),
+                state=str(record.get("state") or ""),
+                container_uuid=record.get("container_uuid") or None,
+                container_image=str(record.get("container_image") or ""),
+                command=tuple(record.get("command") or ()),
+                environment=dict(record.get("environment") or {}),
+                cwd=str(record.get("cwd") or ""),
+                published_ports=dict(record.get("published_ports") or {}),
+                created_at=parse_api_time(record.get("created_at")),
+            )
+        except (KeyError, ValueError, TypeError):
+            raise self._malformed("GET", "container_requests") from None
+
+    def _container(self, record: Mapping[str, Any]) -> Container:
+        try:
+            exit_code = record.get("exit_code")
+            return Container(
+                uuid=str(record["uuid"]),
+                state=str(record["state"]),
+                gateway_address=str(record.get("gateway_address") or ""),
+                exit_code=None if exit_code is None else int(exit_code),
+                started_at=parse_api_time(record.get("started_at")),
+                finished_at=parse_api_time(record.get("finished_at")),
+                container_image=str(record.get("container_image") or ""),
+                command=tuple(record.get("command") or ()),
+                environment=dict(record.get("environment") or {}),
+                cwd=str(record.get("cwd") or ""),
+                published_ports=dict(record.get("published_ports") or {}),
+                runtime_status=dict(record.get("runtime_status") or {}),
+            )
+        except (KeyError, ValueError, TypeError):
+            raise self._malformed("GET", "containers") from None
