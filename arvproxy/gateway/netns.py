@@ -40,6 +40,10 @@ class NamespaceError(Exception):
     """A network namespace cannot be opened or entered; the message says what to do."""
 
 
+class ProcessGone(NamespaceError):
+    """The process whose namespace was asked for does not exist (any more)."""
+
+
 def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
     """Move the calling thread into the namespace open at C{fd} (C{os.setns} is Python 3.12+)."""
     if _libc.setns(fd, nstype) != 0:
@@ -84,6 +88,8 @@ class NetworkNamespace:
         except OSError as e:
             if e.errno in (errno.EPERM, errno.EACCES):
                 raise NamespaceError(f"cannot open {path}: {PERMISSION_HINT}") from e
+            if e.errno in (errno.ENOENT, errno.ESRCH):
+                raise ProcessGone(f"cannot open {path}: the process has exited") from e
             raise NamespaceError(f"cannot open the network namespace {path}: {e.strerror}") from e
 
     @classmethod
@@ -153,23 +159,26 @@ def connect_inside(hosts: tuple[str, ...], port: int, timeout: float) -> socket.
     has entered the namespace).
 
     @return: a connected, non-blocking socket.
-    @raise OSError: the last host's failure (C{ConnectionRefusedError} when all refused).
+    @raise OSError: C{ConnectionRefusedError} when some host refused and none accepted (an
+        address missing from the namespace, like ::1 without IPv6, does not count), else the
+        failure.
     """
-    last: OSError = ConnectionRefusedError(errno.ECONNREFUSED, "connection refused")
+    refused: OSError | None = None
+    unusable: OSError | None = None
     for host in hosts:
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
         except ConnectionRefusedError as e:
-            last = e
+            refused = e
             continue
         except OSError as e:
             if e.errno in (errno.EADDRNOTAVAIL, errno.ENETUNREACH, errno.EAFNOSUPPORT):
-                last = e  # e.g. no ::1 in this namespace
+                unusable = e  # e.g. no ::1 in a namespace without IPv6
                 continue
             raise
         sock.setblocking(False)
         return sock
-    raise last
+    raise refused or unusable or ConnectionRefusedError(errno.ECONNREFUSED, "no address to try")
 
 
 class _Capture(Factory):
