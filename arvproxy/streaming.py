@@ -107,12 +107,13 @@ class RequestBody:
             return defer.fail(self._gone)
         self._consumer = consumer
         self._request.sendContinue()
-        self._done = defer.Deferred()
+        # Kept here: _maybe_done may fire and forget self._done before this returns.
+        done = self._done = defer.Deferred()
         self._flush()
         if not self._paused:
             self._resume_client()
         self._maybe_done()
-        return self._done
+        return done
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -213,8 +214,9 @@ class StreamingRequest(http.Request):
                 transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def client_transport(self) -> Any:
-        """The client's transport, or C{None} once the client has gone."""
-        channel = self.channel
+        """The client's transport, or C{None} once the client has gone or the response is done."""
+        # http.Request sets channel to None when the client goes, and deletes it once finished.
+        channel = getattr(self, "channel", None)
         return None if channel is None else channel.transport
 
     @property
@@ -311,11 +313,10 @@ class ProxyChannel(http.HTTPChannel):
         """Answer a request that never got as far as its handler, and close."""
         self._cancel_header_timer()
         self.dataReceived = self.lineReceived = lambda *args: None  # type: ignore[method-assign]
-        if self.requests:
-            # A previous response is still being written: closing is all that is left.
-            self.transport.loseConnection()
-            return
-        self.transport.write(response)
+        if len(self.requests) <= 1:
+            # No earlier response is still being written (the one request, if any, is the one
+            # whose headers are arriving): this answer is next on the wire.
+            self.transport.write(response)
         self.transport.loseConnection()
 
     def _send100Continue(self) -> None:

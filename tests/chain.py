@@ -11,16 +11,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.internet.testing import waitUntilAllDisconnected
 from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from arvproxy import backends, policy
 from arvproxy.backends.registry import EmbeddedRegistry
-from arvproxy.config import ClusterConfig, ExternalURL
+from arvproxy.config import ClusterConfig, ExternalURL, Limits
 from arvproxy.controller.proxy import Controller, GatewayConnector
 from arvproxy.gateway.runtime import HostRuntime
-from arvproxy.gateway.server import Gateway
+from arvproxy.gateway.server import Gateway, tls_ports
 from arvproxy.streaming import ProxySite
 from arvproxy.tlsidentity import server_context_factory
 
@@ -52,6 +53,15 @@ class Chain:
     request_uuid: str
     token: str
     service_port: int
+    controller: Controller
+
+    async def wait_idle(self) -> None:
+        """Wait (a few reactor turns at most) until no request or tunnel holds a slot."""
+        for _ in range(200):
+            if not self.controller._slots.open(self.container_uuid):
+                return
+            await deferLater(reactor, 0.01)
+        raise AssertionError("requests or tunnels are still open")
 
     @property
     def host(self) -> bytes:
@@ -67,16 +77,26 @@ class Chain:
         return policy.TOKEN_COOKIE + b"=" + policy.encode_token_cookie(self.token.encode())
 
 
-async def start_chain(testcase: Any, service_port: int) -> Chain:
+async def start_chain(
+    testcase: Any,
+    service_port: int,
+    limits: Limits | None = None,
+    published: dict[int, dict[str, Any]] | None = None,
+) -> Chain:
     """
     Start a controller and a gateway on loopback for a container whose service listens on
     C{127.0.0.1:service_port}, owned by a user with a fresh token; all of it is torn down by the
     test case's cleanups.
+
+    @param limits: the limits both hops apply (the defaults when C{None}).
+    @param published: the container request's C{published_ports} (C{service_port}, private,
+        when C{None}).
     """
+    limits = limits or Limits()
     directory = testcase.mktemp()
     os.makedirs(directory)
     # The controller listens first: its port is part of the ExternalURL.
-    controller_site = ProxySite(None, reactor)  # type: ignore[arg-type]
+    controller_site = ProxySite(None, reactor, limits)  # type: ignore[arg-type]
     controller_factory = _TrackingFactory(controller_site)
     controller_port = reactor.listenTCP(0, controller_factory, interface="127.0.0.1")
     config = ClusterConfig(
@@ -88,18 +108,29 @@ async def start_chain(testcase: Any, service_port: int) -> Chain:
         ),
         controller_listen="tcp:0:interface=127.0.0.1",
         registry_path=os.path.join(directory, "registry.sqlite"),
+        limits=limits,
     )
     registry = EmbeddedRegistry.from_config(reactor, config)
     registry.start()
     testcase.addCleanup(registry.stop)
     user = await registry.create_user("chain user")
     token, _ = await registry.create_token(user.uuid)
-    request = await registry.create_container_request(user.uuid, published_ports={service_port: {}})
+    request = await registry.create_container_request(
+        user.uuid, published_ports=published if published is not None else {service_port: {}}
+    )
     container_uuid = request.container_uuid
 
     secret = policy.gateway_secret(ROOT_TOKEN, container_uuid)
-    gateway = Gateway(reactor, container_uuid, secret, HostRuntime(reactor))
-    gateway_site = ProxySite(gateway, reactor)
+    gateway = Gateway(
+        reactor,
+        container_uuid,
+        secret,
+        HostRuntime(reactor),
+        max_connections=limits.max_connections_per_container,
+    )
+    container = await registry.get_container(container_uuid)
+    gateway.connector.use_tls(tls_ports(container.published_ports))
+    gateway_site = ProxySite(gateway, reactor, limits)
     gateway_factory = _TrackingFactory(
         TLSMemoryBIOFactory(server_context_factory(secret, ["127.0.0.1"]), False, gateway_site)
     )
@@ -133,4 +164,5 @@ async def start_chain(testcase: Any, service_port: int) -> Chain:
         request_uuid=request.uuid,
         token=token,
         service_port=service_port,
+        controller=controller_site.handler,
     )

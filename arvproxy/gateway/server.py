@@ -5,11 +5,14 @@ container, then proxy them to the target port inside the container.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet import error as net_error
+from twisted.internet.endpoints import wrapClientTLS
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
 from twisted.web import iweb
 from twisted.web.client import (
@@ -60,13 +63,32 @@ class ContainerConnector:
         self.pool.maxPersistentPerHost = 64
         self.pool.cachedConnectionTimeout = idle_timeout
         self._endpoints: dict[int, Any] = {}
+        self.tls_ports: frozenset[int] = frozenset()
         self._agent = Agent.usingEndpointFactory(reactor, self, pool=self.pool)
 
     def endpointForURI(self, uri: URI) -> Any:
-        endpoint = self._endpoints.get(uri.port)
+        return self.endpoint(uri.port)
+
+    def endpoint(self, port: int) -> Any:
+        """
+        The endpoint for C{port} in the container: TLS when the port is one of L{tls_ports}.
+
+        The service's certificate is not verified: the connection never leaves the node (it is
+        made inside the container's own network namespace or on loopback), and services that
+        speak TLS there use self-signed certificates.
+        """
+        endpoint = self._endpoints.get(port)
         if endpoint is None:
-            endpoint = self._endpoints[uri.port] = self._runtime.endpoint(uri.port)
+            endpoint = self._runtime.endpoint(port)
+            if port in self.tls_ports:
+                endpoint = wrapClientTLS(_UnverifiedTLS(), endpoint)
+            self._endpoints[port] = endpoint
         return endpoint
+
+    def use_tls(self, ports: Iterable[int]) -> None:
+        """Speak TLS to these ports (declared C{"protocol": "https"} in C{published_ports})."""
+        self.tls_ports = frozenset(ports)
+        self._endpoints.clear()
 
     async def request(
         self, port: int, method: bytes, path: bytes, headers: Any, body: Any
@@ -83,8 +105,29 @@ class ContainerConnector:
     async def upgrade(self, port: int, method: bytes, path: bytes, headers: Any) -> UpgradeResponse:
         """Send an upgrade request to C{port} on a connection of its own."""
         with translate_container_errors(port):
-            return await open_upgrade(self._runtime.endpoint(port), method, path, headers)
+            return await open_upgrade(self.endpoint(port), method, path, headers)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _UnverifiedTLS:
+    """TLS to a service inside the container, whatever its (usually self-signed) certificate."""
+
+    def __init__(self) -> None:
+        self._context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        self._context.set_verify(SSL.VERIFY_NONE)
+        self._context.set_alpn_protos([b"http/1.1"])
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)
+        connection.set_connect_state()
+        return connection
+
+
+def tls_ports(published_ports: dict[str, dict[str, Any]]) -> list[int]:
+    """The ports declared with C{"protocol": "https"} in a container's C{published_ports}."""
+    return [int(port) for port, spec in published_ports.items() if spec.get("protocol") == "https"]
 
 
 @contextmanager

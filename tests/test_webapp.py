@@ -1,0 +1,278 @@
+"""
+What web apps need from the chain (controller → TLS gateway → service, on loopback): streamed
+responses as they are written, Expect: 100-continue, bodiless answers, HTTPS services, and the
+limits that protect a container.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from twisted.internet import defer, reactor, ssl
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.threads import deferToThread
+from twisted.trial import unittest
+from twisted.web import resource, server
+
+from arvproxy.config import Limits
+from arvproxy.tlsidentity import make_server_certificate
+from tests.chain import Chain, start_chain
+from tests.wsservice import Client, EchoFactory
+
+
+class _Events(resource.Resource):
+    """Server-Sent Events: the first event at once, the second only when the test says so."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release: defer.Deferred[None] = defer.Deferred()
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.write(b"data: first\n\n")
+        self.release.addCallback(lambda _: (request.write(b"data: second\n\n"), request.finish()))
+        return server.NOT_DONE_YET
+
+
+class _App(resource.Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.uploads: list[bytes] = []
+
+    def render_GET(self, request):
+        if request.path == b"/empty":
+            request.setResponseCode(204)
+            return b""
+        if request.path == b"/cached":
+            request.setResponseCode(304)
+            request.setHeader(b"etag", b'"v1"')
+            return b""
+        request.setHeader(b"content-type", b"text/plain")
+        return b"hello from the app\n"
+
+    def render_POST(self, request):
+        body = request.content.read()
+        self.uploads.append(body)
+        return b"got %d bytes" % (len(body),)
+
+
+def _raw(port: int, data: bytes, until: bytes, half_close: bool = False) -> defer.Deferred[bytes]:
+    """Send C{data} on a fresh socket and read until C{until} arrives or the server closes."""
+
+    def work() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            sock.sendall(data)
+            received = b""
+            while until not in received:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+            return received
+
+    return deferToThread(work)
+
+
+class WebAppTests(unittest.TestCase):
+    timeout = 60
+
+    async def _chain(self, site_resource, limits=None, published=None, tls=False) -> Chain:
+        site = site_resource if isinstance(site_resource, EchoFactory) else server.Site(site_resource)
+        if tls:
+            certificate = make_server_certificate(os.urandom(32).hex(), ["127.0.0.1"])
+            port = reactor.listenSSL(0, site, certificate.options(), interface="127.0.0.1")
+        else:
+            port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        number = port.getHost().port
+        if published is not None:
+            published = {number: published}
+        return await start_chain(self, number, limits=limits, published=published)
+
+    def _request(self, chain: Chain, head: bytes, body: bytes = b"", cookie: bool = True) -> bytes:
+        lines = [head, b"Host: " + chain.host]
+        if cookie:
+            lines.append(b"Cookie: " + chain.cookie)
+        return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+    def test_server_sent_events_arrive_as_written(self):
+        """An event reaches the client while the service has not yet written the next one."""
+
+        async def go():
+            events = _Events()
+            chain = await self._chain(events)
+            sock = socket.create_connection(("127.0.0.1", chain.controller_port), timeout=20)
+            self.addCleanup(sock.close)
+
+            def read_until(marker: bytes) -> bytes:
+                received = b""
+                while marker not in received:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    received += chunk
+                return received
+
+            sock.sendall(self._request(chain, b"GET /events HTTP/1.1"))
+            # The service writes "second" only after the client has seen "first".
+            first = await deferToThread(read_until, b"data: first")
+            self.assertIn(b"data: first", first)
+            self.assertNotIn(b"data: second", first)
+            self.assertIn(b"text/event-stream", first)
+            events.release.callback(None)
+            rest = await deferToThread(read_until, b"0\r\n\r\n")
+            self.assertIn(b"data: second", rest)
+
+        return defer.ensureDeferred(go())
+
+    def test_expect_continue_refused_before_the_body(self):
+        """Without a token, Expect: 100-continue gets 401 at once and no 100 Continue."""
+
+        async def go():
+            app = _App()
+            chain = await self._chain(app)
+            head = self._request(
+                chain,
+                b"POST /upload HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue",
+                cookie=False,
+            )
+            reply = await _raw(chain.controller_port, head, b"\r\n\r\n")
+            self.assertTrue(reply.startswith(b"HTTP/1.1 401 "), reply)
+            self.assertNotIn(b"100 Continue", reply)
+            self.assertEqual(app.uploads, [])
+
+        return defer.ensureDeferred(go())
+
+    def test_expect_continue_accepted_then_body_sent(self):
+        """With a token, the client is told to continue, and its body reaches the service."""
+
+        async def go():
+            app = _App()
+            chain = await self._chain(app)
+            head = self._request(
+                chain, b"POST /upload HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue"
+            )
+
+            def work() -> bytes:
+                with socket.create_connection(("127.0.0.1", chain.controller_port), 20) as sock:
+                    sock.sendall(head)
+                    interim = sock.recv(65536)
+                    assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
+                    sock.sendall(b"hello")
+                    received = b""
+                    while b"got 5 bytes" not in received:
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            break
+                        received += chunk
+                    return received
+
+            reply = await deferToThread(work)
+            self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
+            self.assertEqual(app.uploads, [b"hello"])
+
+        return defer.ensureDeferred(go())
+
+    def test_bodiless_answers(self):
+        """HEAD keeps Content-Length without a body; 204 and 304 carry no body nor chunking."""
+
+        async def go():
+            chain = await self._chain(_App())
+            for head, status in [
+                (b"HEAD /text HTTP/1.1", b"200"),
+                (b"GET /empty HTTP/1.1", b"204"),
+                (b"GET /cached HTTP/1.1", b"304"),
+            ]:
+                reply = await _raw(
+                    chain.controller_port,
+                    self._request(chain, head + b"\r\nConnection: close"),
+                    b"\x00",  # read until the server closes
+                )
+                headers, _, body = reply.partition(b"\r\n\r\n")
+                self.assertTrue(headers.startswith(b"HTTP/1.1 " + status), reply)
+                self.assertEqual(body, b"", reply)
+                self.assertNotIn(b"transfer-encoding", headers.lower())
+                if status == b"200":
+                    self.assertIn(b"content-length: 19", headers.lower())
+
+        return defer.ensureDeferred(go())
+
+    def test_https_service_port(self):
+        """A port declared "protocol": "https" is reached over TLS (self-signed)."""
+
+        async def go():
+            chain = await self._chain(_App(), published={"protocol": "https"}, tls=True)
+            reply = await _raw(
+                chain.controller_port, self._request(chain, b"GET / HTTP/1.1"), b"from the app"
+            )
+            self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
+
+        return defer.ensureDeferred(go())
+
+    def test_headers_too_large(self):
+        """Request headers over the limit get 431 and the connection closes."""
+
+        async def go():
+            chain = await self._chain(_App(), limits=Limits(max_header_bytes=4096))
+            big = b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 5000
+            reply = await _raw(chain.controller_port, self._request(chain, big), b"\x00")
+            self.assertTrue(reply.startswith(b"HTTP/1.1 431 "), reply)
+            many = b"GET / HTTP/1.1" + b"\r\nX-Many: abcdefghij" * 400
+            reply = await _raw(chain.controller_port, self._request(chain, many), b"\x00")
+            self.assertTrue(reply.startswith(b"HTTP/1.1 431 "), reply)
+
+        return defer.ensureDeferred(go())
+
+    def test_slow_headers_time_out(self):
+        """A client that trickles its headers past the deadline gets 408 and is closed."""
+
+        async def go():
+            chain = await self._chain(_App(), limits=Limits(request_headers=0.5))
+            reply = await _raw(chain.controller_port, b"GET / HTTP/1.1\r\nHost: x", b"\x00")
+            self.assertTrue(reply.startswith(b"HTTP/1.1 408 "), reply)
+
+        return defer.ensureDeferred(go())
+
+    def test_connections_per_container_are_capped(self):
+        """Past the cap a request gets 503 with Retry-After; a slot frees when a tunnel closes."""
+
+        async def go():
+            echo = EchoFactory()
+            chain = await self._chain(echo, limits=Limits(max_connections_per_container=1))
+            client = Client(chain.host.decode(), "/ws", headers=[(b"cookie", chain.cookie)])
+            endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", chain.controller_port)
+            await connectProtocol(endpoint, client)
+            await client.accepted
+            request = self._request(chain, b"GET / HTTP/1.1\r\nConnection: close")
+            reply = await _raw(chain.controller_port, request, b"\x00")
+            self.assertTrue(reply.startswith(b"HTTP/1.1 503 "), reply)
+            self.assertIn(b"retry-after", reply.lower())
+            client.transport.loseConnection()
+            await client.closed
+            await chain.wait_idle()
+            reply = await _raw(chain.controller_port, request, b"\x00")
+            self.assertFalse(reply.startswith(b"HTTP/1.1 503 "), reply)
+
+        return defer.ensureDeferred(go())
+
+    def test_idle_tunnel_is_closed(self):
+        """A WebSocket that carries nothing for the tunnel idle timeout is closed."""
+
+        async def go():
+            echo = EchoFactory()
+            chain = await self._chain(echo, limits=Limits(tunnel_idle=0.5))
+            client = Client(chain.host.decode(), "/ws", headers=[(b"cookie", chain.cookie)])
+            endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", chain.controller_port)
+            await connectProtocol(endpoint, client)
+            await client.accepted
+            self.assertIsNone(await client.closed)
+
+        return defer.ensureDeferred(go())
+
+
+del ssl
