@@ -287,6 +287,17 @@ def is_trusted(address: str | None, trusted: Iterable[ipaddress._BaseNetwork]) -
     return any(ip in network for network in trusted)
 
 
+def scrub_referer(value: bytes) -> bytes:
+    """
+    A C{Referer} value without any C{arvados_api_token} in its query (the page a browser came
+    from may have had the token in its address), other parameters kept as written.  A value
+    with a token also loses its fragment (browsers never send one anyway).
+    """
+    url = value.partition(b"#")[0]
+    scrubbed, token = split_query_token(url)
+    return value if token is None else scrubbed
+
+
 def gateway_request_headers(
     client: Headers,
     *,
@@ -302,15 +313,24 @@ def gateway_request_headers(
     The headers the controller sends to a gateway for a client's request.
 
     Hop-by-hop headers, the headers named in C{Connection}, every client-supplied C{x-arvados-*}
-    header, C{Host} and the C{arvados_api_token} cookie are removed; C{Authorization} passes
-    unchanged.  C{X-Forwarded-*} are set from what the controller knows; when the peer is a
-    trusted proxy its C{X-Forwarded-For} is extended and its C{-Proto}/C{-Host} are kept.
+    header, C{Host}, the C{arvados_api_token} cookie and any C{arvados_api_token} in a
+    C{Referer}'s query are removed (and C{Forwarded} unless the peer is trusted);
+    C{Authorization} passes unchanged.  C{X-Forwarded-*} are set from what the controller knows;
+    when the peer is a trusted proxy its C{X-Forwarded-For} is extended and its C{-Proto}/C{-Host}
+    are kept.
     """
-    drop = {b"host", b"cookie", *FORWARDED_HEADERS}
+    # Content-Length frames this hop only: the next hop's is set from the streaming body (a
+    # copy would make two, which the gateway rightly refuses with 400).
+    drop = {b"host", b"cookie", b"content-length", *FORWARDED_HEADERS}
+    if not trusted_peer:
+        drop.add(b"forwarded")  # RFC 7239: a client could claim another address through it.
     headers = forwardable(client, drop=drop)
     cookies = strip_token_cookie(client.getRawHeaders(b"cookie", []))
-    if cookies:
+    if cookies and b"cookie" not in connection_listed(client):
         headers.setRawHeaders(b"cookie", cookies)
+    referers = headers.getRawHeaders(b"referer")
+    if referers:
+        headers.setRawHeaders(b"referer", [scrub_referer(value) for value in referers])
 
     prior_for = client.getRawHeaders(b"x-forwarded-for", []) if trusted_peer else []
     chain = [v.strip() for v in b", ".join(prior_for).split(b",") if v.strip()]
@@ -337,16 +357,43 @@ def container_request_headers(gateway: Headers, request_host: bytes) -> Headers:
     The headers the gateway sends to the service in the container: the controller's, without
     hop-by-hop and C{x-arvados-*} headers, with C{Host} set to the original request's host.
     """
-    headers = forwardable(gateway, drop={b"host"})
+    headers = forwardable(gateway, drop={b"host", b"content-length"})
     headers.setRawHeaders(b"host", [request_host])
     return headers
 
 
+# Cookies that only the proxy may set: a service must never plant them (cookie tossing).
+PROXY_COOKIES = frozenset({TOKEN_COOKIE, b"arvados_container_uuid"})
+
+
+def scrub_set_cookie(value: bytes) -> bytes | None:
+    """
+    A service's C{Set-Cookie} made safe for a shared domain: C{None} for a cookie only the
+    proxy may set; otherwise the same cookie without any C{Domain} attribute, so it stays on
+    the service's own vhost and cannot reach other containers' services (or be tossed at them).
+    """
+    name = value.split(b"=", 1)[0].strip()
+    if name in PROXY_COOKIES or name.lower().startswith(b"__host-arvados"):
+        return None
+    parts = value.split(b";")
+    kept = [parts[0]] + [p for p in parts[1:] if p.strip().lower().split(b"=")[0] != b"domain"]
+    return b";".join(kept)
+
+
 def response_headers(upstream: Headers) -> Headers:
     """
-    The headers of an upstream response that may cross a hop back towards the client.
+    The headers of an upstream response that may cross a hop back towards the client:
+    end-to-end headers only, and the service's cookies scrubbed (L{scrub_set_cookie}).
     """
-    return forwardable(upstream, drop={b"content-length"})
+    headers = forwardable(upstream, drop={b"content-length"})
+    cookies = headers.getRawHeaders(b"set-cookie")
+    if cookies:
+        kept = [c for c in (scrub_set_cookie(value) for value in cookies) if c is not None]
+        if kept:
+            headers.setRawHeaders(b"set-cookie", kept)
+        else:
+            headers.removeHeader(b"set-cookie")
+    return headers
 
 
 def parse_target_port(values: list[bytes] | None) -> int:

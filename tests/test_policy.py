@@ -1088,3 +1088,35 @@ class VerifyTests(TableMixin, SynchronousTestCase):
             SignatureError, policy.verify, [good()], CTR_SECRET, NOW, NonceCache(WINDOW)
         )
         self.assertIn("bad signature", str(error))
+
+
+class ServiceCookieTests(SynchronousTestCase):
+    """A service's Set-Cookie can neither plant the proxy's cookies nor reach other vhosts."""
+
+    def test_scrub_set_cookie_table(self) -> None:
+        """Proxy cookies are dropped; Domain attributes are removed; the rest is kept as sent."""
+        rows = [
+            (b"sid=1; Path=/; HttpOnly", b"sid=1; Path=/; HttpOnly"),
+            (b"sid=1; Domain=containers.example.com; Path=/", b"sid=1; Path=/"),
+            (b"sid=1; domain=.example.com", b"sid=1"),
+            (b"sid=1;DOMAIN=x;Secure", b"sid=1;Secure"),
+            (b"arvados_api_token=djI; Domain=containers.example.com", None),
+            (b"arvados_api_token=djI", None),
+            (b" arvados_container_uuid=zzzzz-dz642-x; Path=/", None),
+            (b"arvados_api_token_x=1", b"arvados_api_token_x=1"),
+        ]
+        for value, expected in rows:
+            self.assertEqual(policy.scrub_set_cookie(value), expected, value)
+
+    def test_response_headers_scrub_cookies(self) -> None:
+        """Relayed responses keep the service's own cookies, host-only, and none of the proxy's."""
+        upstream = Headers()
+        upstream.setRawHeaders(
+            b"set-cookie",
+            [b"arvados_api_token=evil; Domain=containers.example.com", b"a=1; Domain=example.com"],
+        )
+        self.assertEqual(
+            policy.response_headers(upstream).getRawHeaders(b"set-cookie"), [b"a=1"]
+        )
+        only_proxy = Headers({b"set-cookie": [b"arvados_api_token=evil"]})
+        self.assertFalse(policy.response_headers(only_proxy).hasHeader(b"set-cookie"))
