@@ -1,0 +1,342 @@
+"""
+C{twistd arv-local-dispatcher}: runs the embedded registry's queued containers on this machine.
+
+Like Arvados' dispatchers, it takes C{Queued} containers, locks them, and starts one
+C{crunch-run-gateway} per container with the Arvados-style JSON on standard input
+(C{{"Env": {"GatewayAddress": "127.0.0.1:0", "GatewayAuthSecret": "..."}}}); the gateway creates
+the container, marks it C{Running} and records how it ended.  The dispatcher watches its
+gateways: one that exits while its container is not final (it crashed, was killed, or never got
+the container running in time) has its container marked C{Cancelled} with the reason in
+C{runtime_status}, so no container stays C{Locked} or C{Running} forever.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer, error, protocol, task
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from twisted.python import usage
+
+from arvproxy import backends, policy
+from arvproxy.service import open_cluster, read_config
+
+log = Logger()
+
+GATEWAY_ADDRESS = "127.0.0.1:0"
+"""Where gateways listen: loopback, a random port (the controller runs on this machine)."""
+
+
+def gateway_argv(config_path: str, uuid: str, runtime: str) -> list[str]:
+    """The command that runs the gateway of container C{uuid}."""
+    return [
+        sys.executable,
+        "-m",
+        "twisted",
+        "--log-format=text",
+        "crunch-run-gateway",
+        "--config",
+        config_path,
+        "--container-uuid",
+        uuid,
+        "--runtime",
+        runtime,
+    ]
+
+
+def dispatch_document(secret: str) -> bytes:
+    """The JSON a gateway reads on standard input."""
+    env = {"GatewayAddress": GATEWAY_ADDRESS, "GatewayAuthSecret": secret}
+    return json.dumps({"Env": env}).encode("ascii") + b"\n"
+
+
+def describe_exit(reason: Any) -> str:
+    """C{"exit status 1"} or C{"signal 9"}, from a C{processEnded} reason."""
+    value = reason.value
+    if getattr(value, "signal", None):
+        return f"signal {value.signal}"
+    return f"exit status {getattr(value, 'exitCode', '?')}"
+
+
+class GatewayProcess(protocol.ProcessProtocol):
+    """One gateway: feeds it the dispatch JSON, logs its output, reports its end."""
+
+    def __init__(self, uuid: str, document: bytes, ended: Callable[[str, Any], Any]) -> None:
+        self.uuid = uuid
+        self._document = document
+        self._ended = ended
+        self._partial = {1: b"", 2: b""}
+        self.done: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self._document)
+        self.transport.closeStdin()
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        lines = (self._partial.get(fd, b"") + data).split(b"\n")
+        self._partial[fd] = lines.pop()
+        for line in lines:
+            log.info("gateway {uuid}: {line}", uuid=self.uuid, line=line.decode("utf-8", "replace"))
+
+    def signal(self, name: str) -> None:
+        try:
+            assert self.transport is not None
+            self.transport.signalProcess(name)
+        except error.ProcessExitedAlready:
+            pass
+
+    def processEnded(self, reason: Any) -> None:
+        d = defer.maybeDeferred(self._ended, self.uuid, reason)
+        d.addErrback(lambda f: log.failure("after gateway {uuid} ended", f, uuid=self.uuid))
+        d.addBoth(lambda _: self.done.callback(None))
+
+
+class LocalDispatcher(Service):
+    """
+    Polls the registry every C{poll_interval} seconds and runs each queued container.
+
+    @param cluster: the embedded registry (it has C{list_containers} and C{lock_container}).
+    @param spawn: C{reactor.spawnProcess}'s signature, for tests.
+    @param cleanup: called in a thread with a container UUID after its gateway died, to remove
+        what the gateway left behind (its Docker container); C{None} for nothing.
+    @ivar gateways: the running gateway processes by container UUID.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        cluster: Any,
+        config_path: str,
+        system_root_token: str,
+        runtime: str = "docker",
+        poll_interval: float = 2.0,
+        start_timeout: float = 600.0,
+        stop_timeout: float = 30.0,
+        spawn: Callable[..., Any] | None = None,
+        argv: Callable[[str, str, str], list[str]] = gateway_argv,
+        cleanup: Callable[[str], Any] | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._cluster = cluster
+        self._config_path = config_path
+        self._root_token = system_root_token
+        self._runtime = runtime
+        self._poll_interval = poll_interval
+        self._start_timeout = start_timeout
+        self._stop_timeout = stop_timeout
+        self._spawn = spawn or reactor.spawnProcess
+        self._argv = argv
+        self._cleanup = cleanup
+        self._loop = task.LoopingCall(lambda: defer.ensureDeferred(self.poll()))
+        self._loop.clock = reactor
+        self._looping: defer.Deferred[Any] | None = None
+        self.gateways: dict[str, GatewayProcess] = {}
+        self._stopping = False
+
+    def startService(self) -> None:
+        super().startService()
+        d = defer.ensureDeferred(self.recover())
+        d.addCallback(lambda _: self._start_loop())
+
+    def _start_loop(self) -> None:
+        if not self._stopping:
+            self._looping = self._loop.start(self._poll_interval, now=True)
+
+    async def recover(self) -> None:
+        """
+        Cancel containers a previous dispatcher locked but whose gateway never marked them
+        Running: nobody will ever run them.
+        """
+        try:
+            locked = await self._cluster.list_containers(backends.LOCKED)
+        except Exception:
+            log.failure("Cannot list Locked containers")
+            return
+        for container in locked:
+            if container.uuid not in self.gateways:
+                await self._cancel(
+                    container.uuid, "the dispatcher restarted before its gateway started it"
+                )
+
+    async def poll(self) -> None:
+        """Lock and start every queued container (never fails)."""
+        try:
+            queued = await self._cluster.list_containers(backends.QUEUED)
+            for container in queued:
+                if self._stopping:
+                    return
+                if await self._cluster.lock_container(container.uuid):
+                    self.start_gateway(container.uuid)
+        except Exception:
+            log.failure("Cannot dispatch queued containers")
+
+    def start_gateway(self, uuid: str) -> None:
+        """Start the gateway of a container this dispatcher has locked."""
+        secret = policy.gateway_secret(self._root_token, uuid)
+        process = GatewayProcess(uuid, dispatch_document(secret), self._gateway_ended)
+        argv = self._argv(self._config_path, uuid, self._runtime)
+        try:
+            self._spawn(process, argv[0], argv, env=dict(os.environ))
+        except Exception as e:
+            log.failure("Cannot start the gateway of {uuid}", uuid=uuid)
+            defer.ensureDeferred(self._cancel(uuid, f"the gateway could not be started: {e}"))
+            return
+        log.info("Started the gateway of {uuid}", uuid=uuid)
+        self.gateways[uuid] = process
+        self._reactor.callLater(self._start_timeout, self._check_started, uuid, process)
+
+    def _check_started(self, uuid: str, process: GatewayProcess) -> Any:
+        """Kill a gateway that has not got its container Running in time."""
+        if self.gateways.get(uuid) is not process:
+            return None
+
+        def check(container: backends.Container) -> None:
+            if container.state == backends.LOCKED and self.gateways.get(uuid) is process:
+                log.warn(
+                    "The gateway of {uuid} did not start it within {t}s: stopping it",
+                    uuid=uuid,
+                    t=self._start_timeout,
+                )
+                process.signal("KILL")
+
+        d = self._cluster.get_container(uuid)
+        d.addCallback(check)
+        d.addErrback(lambda f: log.failure("Cannot check container {uuid}", f, uuid=uuid))
+        return d
+
+    async def _gateway_ended(self, uuid: str, reason: Any) -> None:
+        self.gateways.pop(uuid, None)
+        how = describe_exit(reason)
+        container = await self._cluster.get_container(uuid)
+        if container.state in backends.FINAL_STATES:
+            log.info("The gateway of {uuid} ended ({how})", uuid=uuid, how=how)
+            return
+        log.warn(
+            "The gateway of {uuid} ended ({how}) while the container was {state}",
+            uuid=uuid,
+            how=how,
+            state=container.state,
+        )
+        await self._cancel(uuid, f"its gateway ended ({how}) before the container finished")
+        if self._cleanup is not None:
+            try:
+                await deferToThread(self._cleanup, uuid)
+            except Exception:
+                log.failure("Cannot clean up after the gateway of {uuid}", uuid=uuid)
+
+    async def _cancel(self, uuid: str, reason: str) -> None:
+        try:
+            await self._cluster.update_container(
+                uuid, state=backends.CANCELLED, runtime_status={"error": reason}
+            )
+        except Exception:
+            log.failure("Cannot cancel container {uuid}", uuid=uuid)
+        else:
+            log.info("Cancelled container {uuid}: {reason}", uuid=uuid, reason=reason)
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        """Stop polling; stop every gateway (they stop their containers), killing stragglers."""
+        super().stopService()
+        self._stopping = True
+        if self._loop.running:
+            self._loop.stop()
+        if self._looping is not None:
+            yield self._looping
+        processes = list(self.gateways.values())
+        for process in processes:
+            process.signal("TERM")
+
+        def kill_all() -> None:
+            for process in processes:
+                process.signal("KILL")
+
+        kill = self._reactor.callLater(self._stop_timeout, kill_all)
+        yield defer.DeferredList([p.done for p in processes])
+        if kill.active():
+            kill.cancel()
+
+
+def remove_docker_leftover(uuid: str) -> None:
+    """Remove the Docker container a dead gateway of C{uuid} left (blocking; best effort)."""
+    import docker.errors
+
+    from arvproxy.gateway.docker_runtime import default_client, docker_name
+
+    try:
+        default_client().containers.get(docker_name(uuid)).remove(force=True)
+    except docker.errors.NotFound:
+        pass
+
+
+class Options(usage.Options):
+    synopsis = "--config FILE [--runtime docker|host] [--poll-interval SECONDS]"
+    longdesc = (
+        "Run the embedded registry's queued containers on this machine: lock each one and "
+        "start a crunch-run-gateway for it."
+    )
+    optParameters = [
+        ["config", "c", None, "The cluster configuration file (YAML)."],
+        ["runtime", None, "docker", 'The gateways\' runtime: "docker" or "host".'],
+        ["poll-interval", None, 2.0, "Seconds between two looks at the queue.", float],
+        [
+            "start-timeout",
+            None,
+            600.0,
+            "Seconds a gateway may take to get its container Running (image pulls included).",
+            float,
+        ],
+    ]
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            raise usage.UsageError("--config FILE is required (see conf/local.yml)")
+        self["cluster"] = read_config(self["config"])
+        self["config"] = os.path.abspath(self["config"])
+        if self["cluster"].backend != "embedded":
+            raise usage.UsageError(
+                "the local dispatcher runs the embedded registry's containers; with the "
+                f"{self['cluster'].backend} backend, Arvados' own dispatcher starts gateways"
+            )
+        if self["runtime"] not in ("docker", "host"):
+            raise usage.UsageError(f'--runtime must be "docker" or "host", got {self["runtime"]!r}')
+        if self["runtime"] == "docker":
+            from arvproxy.gateway.docker_runtime import engine_status
+            from arvproxy.gateway.netns import PERMISSION_HINT, has_cap_sys_admin
+
+            if not has_cap_sys_admin():
+                raise usage.UsageError(f"--runtime docker: {PERMISSION_HINT}")
+            problem = engine_status()
+            if problem is not None:
+                raise usage.UsageError(problem)
+        if not self["poll-interval"] > 0 or not self["start-timeout"] > 0:
+            raise usage.UsageError("--poll-interval and --start-timeout must be positive")
+
+
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    config = options["cluster"]
+    top = MultiService()
+    cluster = open_cluster(reactor, config)
+    cluster.setServiceParent(top)
+    LocalDispatcher(
+        reactor,
+        cluster,
+        options["config"],
+        config.system_root_token,
+        runtime=options["runtime"],
+        poll_interval=options["poll-interval"],
+        start_timeout=options["start-timeout"],
+        cleanup=remove_docker_leftover if options["runtime"] == "docker" else None,
+    ).setServiceParent(top)
+    return top
