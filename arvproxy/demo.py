@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -519,6 +520,7 @@ async def run_demo(reactor: Any, config_path: str) -> None:
                 _say(f"arvproxy demo: while stopping: {e}")
 
     reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(stop_all()))
+    reactor.callWhenRunning(_stop_on_signals, reactor)
 
     registry = EmbeddedRegistry.from_config(reactor, config)
     registry.start()
@@ -555,9 +557,11 @@ async def run_demo(reactor: Any, config_path: str) -> None:
         stoppers.append(lambda: gateway.stop(reactor))
         await gateway.ready
     except ChildFailed as e:
+        if stopping:  # Ctrl-C while starting
+            return
         _say(f"\narvproxy demo: the {e.name} failed to start: {e}\n--- last lines of {e.log_path}:")
         _say(e.tail.rstrip())
-        if e.name == "controller":
+        if "Address already in use" in e.tail:
             _say("--- (is another program, maybe another `make run`, already listening there?)")
         raise SystemExit(1) from None
 
@@ -592,6 +596,25 @@ Without a token the page answers 401:   curl -i '{plain}'
         status = first.exit_code
         _say(f"arvproxy demo: the {first.name} stopped (status {status}); see {first.log_path}")
         raise SystemExit(1)
+
+
+def _stop_on_signals(reactor: Any) -> None:
+    """
+    Stop the reactor on Ctrl-C or SIGTERM, once: a second Ctrl-C while the children are stopping
+    (or the copy of it that reaches us through a wrapper like C{timeout}) changes nothing.
+    """
+
+    def stop() -> None:
+        try:
+            reactor.stop()
+        except error.ReactorNotRunning:
+            pass
+
+    def handler(signum: int, frame: Any) -> None:
+        reactor.callFromThread(stop)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
