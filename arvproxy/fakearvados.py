@@ -101,6 +101,7 @@ class FakeArvadosAPI(Resource):
     A fake Arvados API server for one cluster.  Serve it with C{Site(FakeArvadosAPI(...))}.
 
     @ivar outage: C{None}, or an HTTP status (like 503) that every call gets.
+    @ivar garbage: while true, every call gets a 200 whose body is not JSON.
     @ivar stall: while true, calls are held unanswered until L{release} (or the client gives up).
     @ivar max_page: the most items one list response holds, whatever C{limit} asks.
     @ivar calls: every call received, in order.
@@ -118,6 +119,7 @@ class FakeArvadosAPI(Resource):
         self.cluster_id = cluster_id
         self.clock = clock
         self.outage: int | None = None
+        self.garbage = False
         self.stall = False
         self.max_page = 1000
         self.calls: list[Call] = []
@@ -378,6 +380,10 @@ class FakeArvadosAPI(Resource):
         return None
 
     def _answer(self, request: IRequest, call: Call) -> None:
+        if self.garbage:
+            request.write(b"<html>Welcome to nginx!</html>")
+            request.finish()
+            return
         try:
             if self.outage is not None:
                 raise APIError(self.outage, "Service unavailable (simulated outage)")
@@ -493,9 +499,10 @@ class FakeArvadosAPI(Resource):
         self, user_uuid: str, token_uuid: str, uuid: str, request: IRequest
     ) -> dict[str, Any]:
         record = self.containers.get(uuid)
-        if record is None or not self._container_readable(user_uuid, uuid):
+        own_token = record is not None and record["auth_uuid"] == token_uuid
+        if record is None or not (own_token or self._container_readable(user_uuid, uuid)):
             raise APIError(404, f"Path not found: containers {uuid} not found")
-        if not self.users[user_uuid]["is_admin"] and record["auth_uuid"] != token_uuid:
+        if not self.users[user_uuid]["is_admin"] and not own_token:
             raise APIError(403, "Forbidden: only the dispatcher may update a container")
         try:
             raw = request.content.read() if request.content is not None else b""
@@ -557,17 +564,26 @@ def _matches(record: dict[str, Any], filters: Any) -> bool:
 # --- Serving it on loopback ----------------------------------------------------------------------
 
 
-class _TrackingSite(server.Site):
-    """A Site that knows its open connections, so a test can wait for them all to close."""
+class OpenConnections:
+    """
+    Keeps track of a Site's open connections, so a test can close them and wait until every one
+    has gone (a clean reactor: no idle-timeout timers left behind).
+    """
 
-    def __init__(self, resource: Resource, reactor: Any) -> None:
-        super().__init__(resource, reactor=reactor)
+    def __init__(self, site: server.Site) -> None:
         self.open: set[Any] = set()
         self._all_closed: list[defer.Deferred[None]] = []
+        build = site.buildProtocol
 
-    def buildProtocol(self, addr: Any) -> Any:
-        protocol = super().buildProtocol(addr)
-        assert protocol is not None
+        def build_protocol(addr: Any) -> Any:
+            protocol = build(addr)
+            if protocol is not None:
+                self._watch(protocol)
+            return protocol
+
+        site.buildProtocol = build_protocol  # type: ignore[method-assign]
+
+    def _watch(self, protocol: Any) -> None:
         self.open.add(protocol)
         lost = protocol.connectionLost
 
@@ -580,7 +596,6 @@ class _TrackingSite(server.Site):
                     d.callback(None)
 
         protocol.connectionLost = connection_lost
-        return protocol
 
     def close_all(self) -> defer.Deferred[None]:
         """Close every connection; the Deferred fires once each has gone."""
@@ -606,7 +621,8 @@ class FakeAPIServer:
         self._reactor = reactor
         self.api = api
         self._tls = tls
-        self.site = _TrackingSite(api, reactor)
+        self.site = server.Site(api, reactor=reactor)
+        self.connections = OpenConnections(self.site)
         self._port: Any = None
         self.url = ""
 
@@ -629,7 +645,7 @@ class FakeAPIServer:
         if self._port is not None:
             yield self._port.stopListening()
             self._port = None
-        yield self.site.close_all()
+        yield self.connections.close_all()
 
 
 def self_signed(hostnames: Iterable[str] = ("127.0.0.1", "localhost")) -> tuple[Any, Any]:
