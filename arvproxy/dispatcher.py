@@ -173,12 +173,17 @@ class LocalDispatcher(Service):
                 if self._stopping:
                     return
                 if await self._cluster.lock_container(container.uuid):
-                    self.start_gateway(container.uuid)
+                    await self.start_gateway(container.uuid)
         except Exception:
             log.failure("Cannot dispatch queued containers")
 
-    def start_gateway(self, uuid: str) -> None:
-        """Start the gateway of a container this dispatcher has locked."""
+    def start_gateway(self, uuid: str) -> defer.Deferred[None]:
+        """
+        Start the gateway of a container this dispatcher has locked.
+
+        @return: a Deferred that fires when it has started, or when the container has been
+            cancelled because it could not be.
+        """
         secret = policy.gateway_secret(self._root_token, uuid)
         process = GatewayProcess(uuid, dispatch_document(secret), self._gateway_ended)
         argv = self._argv(self._config_path, uuid, self._runtime)
@@ -186,11 +191,13 @@ class LocalDispatcher(Service):
             self._spawn(process, argv[0], argv, env=dict(os.environ))
         except Exception as e:
             log.failure("Cannot start the gateway of {uuid}", uuid=uuid)
-            defer.ensureDeferred(self._cancel(uuid, f"the gateway could not be started: {e}"))
-            return
+            return defer.ensureDeferred(
+                self._cancel(uuid, f"the gateway could not be started: {e}")
+            )
         log.info("Started the gateway of {uuid}", uuid=uuid)
         self.gateways[uuid] = process
         self._reactor.callLater(self._start_timeout, self._check_started, uuid, process)
+        return defer.succeed(None)
 
     def _check_started(self, uuid: str, process: GatewayProcess) -> Any:
         """Kill a gateway that has not got its container Running in time."""

@@ -53,7 +53,11 @@ class DispatcherTests(unittest.TestCase):
 
     def setUp(self) -> None:
         self.registry = EmbeddedRegistry(
-            reactor, self.mktemp(), cluster_id="zzzzz", system_root_token=ROOT_TOKEN
+            reactor,
+            self.mktemp(),
+            cluster_id="zzzzz",
+            system_root_token=ROOT_TOKEN,
+            max_threads=1,  # calls run in order: awaiting one awaits those queued before it
         )
         self.registry.start()
         self.addCleanup(self.registry.stop)
@@ -167,7 +171,6 @@ class DispatcherTests(unittest.TestCase):
         uuid = self.queue()
         self.spawn_error = OSError("no such program")
         yield defer.ensureDeferred(self.dispatcher.poll())
-        yield self.registry.get_container(uuid)  # the cancellation was queued before this
         container = self.state(uuid)
         self.assertEqual(container.state, backends.CANCELLED)
         self.assertIn("no such program", container.runtime_status["error"])
@@ -181,8 +184,7 @@ class DispatcherTests(unittest.TestCase):
         self.registry.store.update_container(started, state=backends.RUNNING)
         (stuck_process, _), (started_process, _) = self.spawned
         self.clock.advance(60.0)
-        yield self.registry.get_container(stuck)  # let both checks finish
-        yield self.registry.get_container(stuck)
+        yield self.registry.get_container(stuck)  # both checks were queued before this
         self.assertEqual(stuck_process.signals, ["KILL"])
         self.assertEqual(started_process.signals, [])
         yield stuck_process.end(signal=9)
