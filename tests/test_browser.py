@@ -42,8 +42,9 @@ class BrowserTests(unittest.TestCase):
         await browser.screenshot("browser-service-page")
 
         cookies = await browser.cookies()
-        self.assertEqual([c["name"] for c in cookies], ["arvados_api_token"])
-        cookie: dict[str, Any] = cookies[0]
+        tokens = [c for c in cookies if c["name"] == "arvados_api_token"]
+        self.assertEqual(len(tokens), 1, cookies)
+        cookie: dict[str, Any] = tokens[0]
         self.assertTrue(cookie["httpOnly"])
         self.assertEqual(cookie["domain"], chain.host.rsplit(":", 1)[0])  # host-only
         self.assertEqual(cookie["sameSite"], "Lax")
@@ -56,7 +57,7 @@ class BrowserTests(unittest.TestCase):
         secret = chain.token.rsplit("/", 1)[1]
         for request in seen:
             self.assertNotIn(secret, repr(request))
-            self.assertEqual(request.header("cookie"), [])
+            self.assertNotIn("arvados_api_token", " ".join(request.header("cookie")))
             self.assertEqual(request.header("x-forwarded-host"), [chain.host])
 
     def test_no_token(self) -> defer.Deferred[None]:
