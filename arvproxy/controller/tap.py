@@ -10,6 +10,7 @@ from twisted.application.service import MultiService
 from twisted.python import usage
 
 from arvproxy.controller.proxy import Controller, GatewayConnector
+from arvproxy.controller.workers import WorkerPool, watch_parent
 from arvproxy.service import ListeningService, open_cluster, read_config
 from arvproxy.streaming import ProxySite
 
@@ -30,10 +31,32 @@ class Options(usage.Options):
             'e.g. "tcp:8900:interface=127.0.0.1").',
         ],
     ]
-    optFlags = [["access-log", None, "Log every request (paths only, never query strings)."]]
+    optFlags = [
+        ["access-log", None, "Log every request (paths only, never query strings)."],
+        ["worker", None, "Run as an extra process started by --workers (internal)."],
+    ]
+
+    def opt_workers(self, value: str) -> None:
+        """
+        Run this many controller processes sharing the listening port (SO_REUSEPORT), e.g.
+        one per core.  Needs a "tcp:" listening endpoint.  [default: 1]
+        """
+        try:
+            self["workers"] = int(value)
+        except ValueError:
+            raise usage.UsageError(f"--workers must be a whole number, got {value!r}") from None
+        if self["workers"] < 1:
+            raise usage.UsageError(f"--workers must be at least 1, got {value!r}")
 
     def postOptions(self) -> None:
+        self.setdefault("workers", 1)
         self["cluster"] = read_config(self["config"])
+        self["listen_on"] = self["listen"] or self["cluster"].controller_listen
+        shared = self["workers"] > 1 or self["worker"]
+        if shared and not self["listen_on"].startswith("tcp:"):
+            raise usage.UsageError(
+                f"--workers needs a tcp: endpoint to share, not {self['listen_on']!r}"
+            )
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
@@ -48,10 +71,31 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     gateways = GatewayConnector(reactor)
     site = ProxySite(Controller(reactor, config, cluster, gateways), reactor, config.limits)
     site.access_log = bool(options["access-log"])
+    on_listening = None
+    if options["worker"]:
+        watch_parent(reactor)
+    elif options["workers"] > 1:
+        workers = WorkerPool(reactor, options["workers"] - 1, worker_arguments(options))
+        workers.setServiceParent(top)
+
+        def on_listening(port: Any) -> None:
+            address = port.getHost()
+            workers.start_workers(f"tcp:{address.port}:interface={address.host}")
+
     ListeningService(
         reactor,
-        options["listen"] or config.controller_listen,
+        options["listen_on"],
         site,
+        on_listening=on_listening,
         on_stopping=gateways.pool.closeCachedConnections,
+        reuse_port=options["workers"] > 1 or options["worker"],
     ).setServiceParent(top)
     return top
+
+
+def worker_arguments(options: Options) -> list[str]:
+    """The plugin options every worker gets (all but where to listen and how many)."""
+    argv = ["--config", options["config"]]
+    if options["access-log"]:
+        argv.append("--access-log")
+    return argv
