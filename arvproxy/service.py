@@ -5,11 +5,13 @@ backend, and a listening service that says where it listens.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer, endpoints
+from twisted.internet.tcp import makeBinding
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -31,8 +33,23 @@ def read_config(path: str | None) -> ClusterConfig:
         raise usage.UsageError(str(e)) from None
 
 
-def open_cluster(reactor: Any, config: ClusterConfig) -> Any:
-    """The cluster backend the configuration names, as a service that must be started."""
+def open_cluster(
+    reactor: Any, config: ClusterConfig, dispatch_env: Mapping[str, Any] | None = None
+) -> Any:
+    """
+    The cluster backend, as a service that must be started: the Arvados API when the
+    dispatcher's C{Env} (a gateway's stdin) names one with C{ARVADOS_API_HOST} and
+    C{ARVADOS_API_TOKEN}, else the one C{ArvProxy.Backend} names (C{embedded} by default).
+    """
+    env = dispatch_env or {}
+    if env.get("ARVADOS_API_HOST") and env.get("ARVADOS_API_TOKEN"):
+        from arvproxy.backends.arvados import ArvadosCluster
+
+        return ArvadosCluster.from_dispatch_env(reactor, config, env)
+    if config.backend == "arvados":
+        from arvproxy.backends.arvados import ArvadosCluster
+
+        return ArvadosCluster.from_config(reactor, config)
     from arvproxy.backends.registry import EmbeddedRegistry
 
     return EmbeddedRegistry.from_config(reactor, config)
@@ -53,8 +70,14 @@ class ListeningService(Service):
         factory: Any,
         on_listening: Callable[[Any], Any] | None = None,
         on_stopping: Callable[[], Any] | None = None,
+        reuse_port: bool = False,
     ) -> None:
+        """
+        @param reuse_port: share the port with other processes (C{SO_REUSEPORT}); needs a
+            C{tcp:PORT[:interface=ADDRESS]} description.
+        """
         self._reactor = reactor
+        self._reuse_port = reuse_port
         self._description = description
         self._factory = factory
         self._on_listening = on_listening
@@ -64,10 +87,20 @@ class ListeningService(Service):
 
     def startService(self) -> None:
         super().startService()
-        endpoint = endpoints.serverFromString(self._reactor, self._description)
-        d = endpoint.listen(self._factory)
+        if self._reuse_port:
+            d = defer.maybeDeferred(self._listen_shared)
+        else:
+            d = endpoints.serverFromString(self._reactor, self._description).listen(self._factory)
         d.addCallback(self._listening)
         d.addErrback(self._failed)
+
+    def _listen_shared(self) -> Any:
+        match = re.match(r"^tcp:(\d+)(?::interface=(.*))?$", self._description)
+        if match is None:
+            raise ValueError(f"cannot share {self._description!r}: use tcp:PORT:interface=ADDR")
+        interface = (match.group(2) or "").replace("\\:", ":")
+        binding = makeBinding(interface, int(match.group(1)), reuseAddress=True, reusePort=True)
+        return self._reactor.listenTCP(binding, self._factory)
 
     def _listening(self, port: Any) -> Any:
         self.port = port
