@@ -1,0 +1,253 @@
+"""
+The person-facing subcommands of C{arvproxy}: start a container and get its URLs, list one's
+containers, cancel one.
+
+  - C{arvproxy run [--port P]... IMAGE [-- COMMAND...]} commits a container request, waits until
+    the local dispatcher has the container Running, and prints each port's URL with a token for
+    the browser's first visit (scoped to that container's ports, valid for a day).
+  - C{arvproxy ls} lists the caller's containers: state, image, listening ports, URLs.
+  - C{arvproxy cancel UUID} cancels a container (by its UUID or its request's); its gateway
+    notices within seconds, stops it and exits.
+
+The caller is C{--user UUID}, or else the machine's local user (created on first use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from arvproxy import backends, policy
+from arvproxy.backends.registry import RegistryStore, to_json
+from arvproxy.config import ClusterConfig, load_config
+
+LOCAL_USER_NAME = "Local user (arvproxy run)"
+TOKEN_TTL = 24 * 3600.0
+DISPATCH_PATIENCE = 15.0
+"""Seconds a container may stay Queued before C{run} says no dispatcher seems to be running."""
+
+NO_DISPATCHER = (
+    "no dispatcher has picked up container {uuid} after {t:.0f}s: is `make run` (or "
+    "`twistd -n arv-local-dispatcher --config FILE`) running?  The request stays queued"
+)
+
+
+class CommandFailed(Exception):
+    """The action could not be done: exit status 1, with this message."""
+
+
+def add_commands(
+    commands: Any,
+    port_type: Callable[[str], int],
+    env_type: Callable[[str], tuple[str, str]],
+    uuid_type: Callable[..., Callable[[str], str]],
+) -> None:
+    """Add C{run}, C{ls} and C{cancel} to the C{arvproxy} subcommands."""
+    p = commands.add_parser(
+        "run",
+        help="start a container and print the URLs of its web services",
+        usage="%(prog)s [--port P]... IMAGE [-- COMMAND...]",
+    )
+    p.add_argument("--port", type=port_type, action="append", default=[], help="publish a port")
+    p.add_argument(
+        "--env", type=env_type, action="append", default=[], metavar="NAME=VALUE", help="env"
+    )
+    p.add_argument("--cwd", default="", help="the working directory in the container")
+    p.add_argument("--name", default="", help="a name for the request")
+    p.add_argument("--user", type=uuid_type(backends.USER_INFIX), help="owner (default: you)")
+    p.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for Running (default 300)"
+    )
+    p.add_argument("image", metavar="IMAGE", help="the Docker image")
+    p.add_argument("command", nargs="*", metavar="COMMAND", help="the command (after --)")
+    p.set_defaults(run=run_container)
+
+    p = commands.add_parser("ls", help="list your containers, their ports and URLs")
+    p.add_argument("--user", type=uuid_type(backends.USER_INFIX), help="whose (default: you)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=list_containers)
+
+    p = commands.add_parser("cancel", help="stop a container")
+    p.add_argument(
+        "uuid",
+        type=uuid_type(backends.CONTAINER_REQUEST_INFIX, backends.CONTAINER_INFIX),
+        metavar="UUID",
+        help="the container or its request",
+    )
+    p.set_defaults(run=cancel_container)
+
+
+def local_user(store: RegistryStore, uuid: str | None) -> str:
+    """C{uuid}, or the local user's UUID (created the first time)."""
+    if uuid:
+        return store.get_user(uuid).uuid
+    for user in store.list_users():
+        if user.full_name == LOCAL_USER_NAME:
+            return user.uuid
+    return store.create_user(LOCAL_USER_NAME).uuid
+
+
+def load_cli_config(args: argparse.Namespace) -> ClusterConfig:
+    """The configuration the command line names (as L{arvproxy.cli.resolve_registry} finds it)."""
+    from arvproxy.cli import CONFIG_ENV, DEFAULT_CONFIG
+
+    path = args.config or os.environ.get(CONFIG_ENV)
+    if not path and os.path.exists(DEFAULT_CONFIG):
+        path = DEFAULT_CONFIG
+    if not path:
+        raise CommandFailed(
+            f"this command needs the cluster configuration: pass --config FILE or set {CONFIG_ENV}"
+        )
+    return load_config(path, args.cluster_id)
+
+
+def service_urls(config: ClusterConfig, request: backends.ContainerRequest) -> dict[int, str]:
+    """Each published port's base URL."""
+    return {
+        int(port): config.external_url.url_for(f"{request.uuid}-{port}")
+        for port in sorted(request.published_ports, key=int)
+    }
+
+
+def engine_problem() -> str | None:
+    from arvproxy.gateway.docker_runtime import engine_status
+
+    return engine_status()
+
+
+def run_container(
+    store: RegistryStore,
+    args: argparse.Namespace,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> Any:
+    from arvproxy.cli import _Plain
+
+    problem = engine_problem()
+    if problem is not None:
+        raise CommandFailed(f"cannot run containers here: {problem}")
+    config = load_cli_config(args)
+    user = local_user(store, args.user)
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    request = store.create_container_request(
+        user,
+        name=args.name,
+        container_image=args.image,
+        command=command,
+        environment=dict(args.env),
+        cwd=args.cwd,
+        published_ports={str(port): {"access": "private"} for port in args.port},
+    )
+    assert request.container_uuid is not None
+    container = wait_running(store, request.container_uuid, args.timeout, sleep, clock)
+    lines = [f"{request.uuid}: container {container.uuid} is Running ({args.image})"]
+    urls = service_urls(config, request)
+    if urls:
+        scopes = [policy.connect_scope(request.uuid, port) for port in urls]
+        token, _ = store.create_token(user, scopes, TOKEN_TTL)
+        for port, url in urls.items():
+            lines.append(f"  port {port}: {url}?arvados_api_token={token}")
+        lines.append("  (the token in these links works for a day, for these ports only)")
+    else:
+        lines.append("  no ports published (use --port P)")
+    lines.append(f"Stop it with: arvproxy cancel {request.uuid}")
+    return _Plain("\n".join(lines))
+
+
+def wait_running(
+    store: RegistryStore,
+    uuid: str,
+    timeout: float,
+    sleep: Callable[[float], None],
+    clock: Callable[[], float],
+) -> backends.Container:
+    """
+    Poll the container until it is Running with a gateway.
+
+    @raise CommandFailed: it ended first (with its reason), or C{timeout} passed.
+    """
+    started = clock()
+    warned = False
+    while True:
+        container = store.get_container(uuid)
+        if container.state == backends.RUNNING and container.gateway_address:
+            return container
+        if container.state in backends.FINAL_STATES:
+            why = container.runtime_status.get("error") or f"exit code {container.exit_code}"
+            raise CommandFailed(f"container {uuid} is {container.state}: {why}")
+        waited = clock() - started
+        if container.state == backends.QUEUED and waited >= DISPATCH_PATIENCE and not warned:
+            import sys
+
+            sys.stderr.write(f"arvproxy: {NO_DISPATCHER.format(uuid=uuid, t=waited)}\n")
+            warned = True
+        if waited >= timeout:
+            hint = NO_DISPATCHER if container.state == backends.QUEUED else "still {state}"
+            raise CommandFailed(
+                f"gave up waiting after {timeout:.0f}s: "
+                + hint.format(uuid=uuid, t=waited, state=container.state)
+            )
+        sleep(0.5)
+
+
+def list_containers(store: RegistryStore, args: argparse.Namespace) -> Any:
+    from arvproxy.cli import _Plain
+
+    config = load_cli_config(args)
+    user = local_user(store, args.user)
+    rows: list[dict[str, Any]] = []
+    for request in store.list_container_requests(user):
+        if request.container_uuid is None:
+            continue
+        container = store.get_container(request.container_uuid)
+        rows.append(
+            {
+                "uuid": request.uuid,
+                "container_uuid": container.uuid,
+                "state": container.state,
+                "image": container.container_image,
+                "exit_code": container.exit_code,
+                "listening_ports": list(container.listening_ports),
+                "urls": {str(p): u for p, u in service_urls(config, request).items()},
+                "runtime_status": container.runtime_status,
+            }
+        )
+    if args.json:
+        return rows
+    if not rows:
+        return _Plain("No containers.  Start one with: arvproxy run --port 8080 IMAGE -- COMMAND")
+    lines = []
+    for row in rows:
+        state = row["state"]
+        if row["exit_code"] is not None:
+            state += f" (exit {row['exit_code']})"
+        listening = ",".join(map(str, row["listening_ports"])) or "-"
+        lines.append(f"{row['uuid']}  {state:<16} {row['image']}  listening: {listening}")
+        for port, url in row["urls"].items():
+            lines.append(f"    {port}: {url}")
+        if row["runtime_status"].get("error"):
+            lines.append(f"    {row['runtime_status']['error']}")
+    return _Plain("\n".join(lines))
+
+
+def cancel_container(store: RegistryStore, args: argparse.Namespace) -> Any:
+    uuid = args.uuid
+    if backends.uuid_infix(uuid) == backends.CONTAINER_REQUEST_INFIX:
+        request = store.get_container_request(uuid)
+        if request.container_uuid is None:
+            raise CommandFailed(f"container request {uuid} has no container")
+        uuid = request.container_uuid
+    container = store.get_container(uuid)
+    if container.state in backends.FINAL_STATES:
+        raise CommandFailed(f"container {uuid} has already finished ({container.state})")
+    container = store.update_container(
+        uuid,
+        state=backends.CANCELLED,
+        runtime_status={**container.runtime_status, "cancelled": "by arvproxy cancel"},
+    )
+    return to_json(container)
