@@ -19,6 +19,15 @@ touches nothing but the path arithmetic for C{Registry}.  The keys we read::
           TrustedProxies: ["127.0.0.1/32"]
           Gateway:
             MaxClockSkew: 300s                # Arvados duration: "300s", "5m", "1h30m", 300
+          CacheTTL: 10s                       # arvados backend: how long API answers are kept
+
+    With C{Backend: arvados}, two more Arvados keys are read::
+
+        Services:
+          Controller:
+            ExternalURL: "https://zzzzz.example.com"   # required: the Arvados API server
+        TLS:
+          Insecure: false                     # true: do not check the API server's certificate
 
 Every other key, anywhere, is Arvados' business and is ignored, so a real Arvados C{config.yml}
 loads.  Under C{ArvProxy} an unknown key is an error, to catch typos.  Every problem raises one
@@ -97,6 +106,10 @@ class ClusterConfig:
     @ivar registry_path: the embedded registry's SQLite file (absolute).
     @ivar max_clock_skew: seconds a signed request's timestamp may differ from the gateway's clock.
     @ivar limits: timeouts and size limits that protect the proxies and the services.
+    @ivar api_url: the Arvados API server (C{Services.Controller.ExternalURL}), or C{""} when
+        the backend is not C{arvados}.
+    @ivar tls_insecure: C{TLS.Insecure}: do not verify the API server's certificate.
+    @ivar cache_ttl: seconds the arvados backend keeps API answers (0: not at all).
     """
 
     source: str
@@ -111,6 +124,9 @@ class ClusterConfig:
     registry_path: str = ""
     max_clock_skew: float = 300.0
     limits: Limits = field(default_factory=lambda: Limits())
+    api_url: str = ""
+    tls_insecure: bool = False
+    cache_ttl: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -139,10 +155,18 @@ class Limits:
     max_connections_per_container: int = 1000
 
 
-BACKENDS = ("embedded",)
+BACKENDS = ("embedded", "arvados")
 """The values C{ArvProxy.Backend} may take."""
 
-ARVPROXY_KEYS = ("Backend", "Registry", "TrustedProxies", "Gateway", "Timeouts", "Limits")
+ARVPROXY_KEYS = (
+    "Backend",
+    "Registry",
+    "TrustedProxies",
+    "Gateway",
+    "Timeouts",
+    "Limits",
+    "CacheTTL",
+)
 TIMEOUT_KEYS = ("ClientIdle", "RequestHeaders", "TunnelIdle")
 LIMIT_KEYS = ("MaxRequestHeaderBytes", "MaxConnectionsPerContainer")
 GATEWAY_KEYS = ("MaxClockSkew",)
@@ -169,6 +193,7 @@ _DURATION_UNITS = {
 }
 _WILDCARD_EXAMPLE = '"https://*.containers.example.com"'
 _WILDCARD_EXPECTED = f"a wildcard URL like {_WILDCARD_EXAMPLE}"
+_API_URL_EXPECTED = 'the API server\'s URL, like "https://zzzzz.example.com"'
 _TOKEN_EXPECTED = f"a secret of at least {MIN_TOKEN_LENGTH} characters"
 
 
@@ -236,6 +261,23 @@ def parse_config(document: object, source: str, cluster_id: str | None = None) -
     p.known_keys(gateway, f"{at_ap}.Gateway", GATEWAY_KEYS)
     skew = p.duration(gateway.get("MaxClockSkew", 300), f"{at_ap}.Gateway.MaxClockSkew")
     limits = p.limits(own, at_ap)
+    cache_ttl = p.duration(own.get("CacheTTL", 10), f"{at_ap}.CacheTTL", zero_ok=True)
+    tls = p.mapping(cluster.get("TLS"), f"{at}.TLS", optional=True)
+    insecure = tls.get("Insecure", False)
+    if not isinstance(insecure, bool):
+        p.fail(f"{at}.TLS.Insecure", f"expected true or false, got {_show(insecure)}")
+    api_url = ""
+    if backend == "arvados":
+        at_ctl = f"{at}.Services.Controller"
+        controller = p.mapping(
+            p.require(
+                services, f"{at}.Services", "Controller", "a mapping (the backend is arvados)"
+            ),
+            at_ctl,
+        )
+        api_url = p.api_url(
+            p.require(controller, at_ctl, "ExternalURL", _API_URL_EXPECTED), f"{at_ctl}.ExternalURL"
+        )
 
     return ClusterConfig(
         source=source,
@@ -248,6 +290,9 @@ def parse_config(document: object, source: str, cluster_id: str | None = None) -
         registry_path=registry,
         max_clock_skew=skew,
         limits=limits,
+        api_url=api_url,
+        tls_insecure=insecure,
+        cache_ttl=cache_ttl,
     )
 
 
@@ -469,8 +514,7 @@ class _Parser:
 
     def backend(self, value: object, key: str) -> str:
         if value not in BACKENDS:
-            later = " (the arvados backend is not available yet)" if value == "arvados" else ""
-            self.fail(key, f"expected one of {', '.join(BACKENDS)}, got {_show(value)}{later}")
+            self.fail(key, f"expected one of {', '.join(BACKENDS)}, got {_show(value)}")
         return value
 
     def registry(self, value: object, key: str) -> str:
@@ -536,7 +580,24 @@ class _Parser:
             ),
         )
 
-    def duration(self, value: object, key: str) -> float:
+    def api_url(self, value: object, key: str) -> str:
+        if isinstance(value, str):
+            try:
+                parts = urlsplit(value)
+                parts.port  # noqa: B018 - raises ValueError for a malformed port
+            except ValueError:
+                parts = urlsplit("")
+            if (
+                parts.scheme in ("http", "https")
+                and parts.hostname
+                and parts.path in ("", "/")
+                and not parts.query
+                and "*" not in value
+            ):
+                return f"{parts.scheme}://{parts.netloc}/"
+        self.fail(key, f"expected {_API_URL_EXPECTED}, got {_show(value)}")
+
+    def duration(self, value: object, key: str, zero_ok: bool = False) -> float:
         try:
             seconds = parse_duration(value)
         except ValueError:
@@ -545,6 +606,8 @@ class _Parser:
                 'expected a duration like "300s", "5m", "1h30m", "250ms" or a number of '
                 f"seconds, got {_show(value)}",
             )
+        if zero_ok and seconds == 0:
+            return seconds
         if not math.isfinite(seconds) or seconds <= 0:
             self.fail(key, f"expected a duration greater than zero, got {_show(value)}")
         return seconds

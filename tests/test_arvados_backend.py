@@ -721,7 +721,14 @@ class ConfigTests(unittest.SynchronousTestCase):
             with self.assertRaises(ConfigError) as caught:
                 make(*args, **kwargs)
             self.assertIn(key, str(caught.exception))
-        for bad in ["zzzzz.example.com", "https://*.example.com", "https://x/path", 42]:
+        for bad in [
+            "zzzzz.example.com",
+            "https://*.example.com",
+            "https://x/path",
+            "http://[::1",
+            "https://x:99999",
+            42,
+        ]:
             document = {
                 "Clusters": {
                     "zzzzz": {

@@ -199,7 +199,11 @@ ERRORS: list[tuple[str, str, object]] = [
     ),
     (f"{AP}.Listen", "Backend, Registry, TrustedProxies, Gateway", with_value(f"{AP}.Listen", "x")),
     (f"{AP}.Backend", "expected one of embedded", with_value(f"{AP}.Backend", "postgres")),
-    (f"{AP}.Backend", "not available yet", with_value(f"{AP}.Backend", "arvados")),
+    (
+        "Clusters.zzzzz.Services.Controller",
+        "the backend is arvados",
+        with_value(f"{AP}.Backend", "arvados"),
+    ),
     (f"{AP}.Backend", "expected one of embedded", with_value(f"{AP}.Backend", None)),
     (f"{AP}.Registry", "path of a SQLite file", with_value(f"{AP}.Registry", "")),
     (f"{AP}.Registry", "path of a SQLite file", with_value(f"{AP}.Registry", ["a.sqlite"])),
