@@ -14,7 +14,7 @@ JOBS   ?= 2
 
 .PHONY: run test check lint typecheck bench clean system-packages
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml twisted/plugins/arvproxy_services.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# Not editable: twistd does not find plugins through PEP 660 import hooks.

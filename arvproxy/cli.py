@@ -30,6 +30,8 @@ from arvproxy.backends import (
     UUID_RE,
 )
 from arvproxy.backends.registry import STATES, RegistryError, RegistryStore, to_json
+from arvproxy.clirun import CommandFailed
+from arvproxy.clirun import add_commands as add_run_commands
 from arvproxy.config import ConfigError, load_config
 from arvproxy.errors import ProxyError
 
@@ -66,6 +68,14 @@ def _port(text: str) -> int:
     if not re.fullmatch(r"[0-9]{1,5}", text) or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number between 1 and 65535")
     return int(text)
+
+
+def _port_setting(text: str) -> tuple[int, str]:
+    """C{PORT=VALUE}, as in C{--port-label 8888=Jupyter} or C{--initial-path 8888=/lab}."""
+    port, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r} is not PORT=VALUE")
+    return _port(port), value
 
 
 def _seconds(text: str) -> float:
@@ -155,6 +165,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="publish a port anyone may reach without a token",
     )
     p.add_argument(
+        "--port-label",
+        type=_port_setting,
+        action="append",
+        default=[],
+        metavar="PORT=LABEL",
+        help="a label for a published port (shown on the container services page)",
+    )
+    p.add_argument(
+        "--initial-path",
+        type=_port_setting,
+        action="append",
+        default=[],
+        metavar="PORT=PATH",
+        help="where a published port's link opens, e.g. 8888=/lab",
+    )
+    p.add_argument(
         "--env", type=_env_pair, action="append", default=[], metavar="NAME=VALUE", help="env"
     )
     p.add_argument("--cwd", default="", help="the working directory in the container")
@@ -187,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("get", help="show any record by UUID")
     p.add_argument("uuid", type=_uuid_of(), metavar="UUID")
     p.set_defaults(run=lambda store, args: store.get(args.uuid))
+
+    add_run_commands(commands, _port, _env_pair, _uuid_of)
     return parser
 
 
@@ -207,6 +235,14 @@ def _container_request_create(store: RegistryStore, args: argparse.Namespace) ->
         command = command[1:]
     ports: dict[str, dict[str, Any]] = {str(port): {"access": "private"} for port in args.port}
     ports.update({str(port): {"access": "public"} for port in args.public_port})
+    for option, key, settings in (
+        ("--port-label", "label", args.port_label),
+        ("--initial-path", "initial_path", args.initial_path),
+    ):
+        for port, value in settings:
+            if str(port) not in ports:
+                raise UsageError(f"{option} {port}=...: publish port {port} with --port first")
+            ports[str(port)][key] = value
     request = store.create_container_request(
         args.user,
         name=args.name,
@@ -280,9 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(e.message, 1)
     except ConfigError as e:
         return _fail(str(e), 1)
+    except CommandFailed as e:
+        return _fail(str(e), 1)
     except (RegistryError, sqlite3.Error, OSError) as e:
         return _fail(f"registry {path}: {e}", 1)
-    if isinstance(result, _Plain):
+    if isinstance(result, str):  # _Plain (also from modules that import it)
         sys.stdout.write(result + "\n")
     else:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")

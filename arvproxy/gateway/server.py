@@ -177,6 +177,10 @@ class Gateway:
         self.accepting = True
         self._slots = ConnectionSlots(max_connections)
 
+    def open_requests(self) -> int:
+        """How many requests (and tunnels) to the container are open now."""
+        return self._slots.open(self._uuid.decode("ascii"))
+
     def check(self, headers: Any) -> tuple[int, bytes]:
         """
         Check a forwarded request's signature and target.

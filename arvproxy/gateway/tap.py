@@ -5,6 +5,9 @@ It reads the dispatcher's JSON on standard input (Arvados' shape:
 C{{"Env": {"GatewayAddress": "host:0", "GatewayAuthSecret": "..."}}}), listens with TLS on a
 random port of that host using a certificate for the key derived from the secret, marks the
 container Running with its C{gateway_address}, and serves until the container stops.
+When C{Env} also holds C{ARVADOS_API_HOST} and C{ARVADOS_API_TOKEN} (as Arvados' dispatcher
+passes them), the container record is updated through that Arvados API server instead of the
+configured backend.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from twisted.python import usage
 
 from arvproxy import backends, policy
 from arvproxy.gateway.runtime import HostRuntime, IRuntime
-from arvproxy.gateway.server import Gateway
+from arvproxy.gateway.server import Gateway, tls_ports
+from arvproxy.gateway.watch import ContainerWatch, drain
 from arvproxy.service import ListeningService, fatal, open_cluster, read_config
 from arvproxy.streaming import ProxySite
 from arvproxy.tlsidentity import server_context_factory
@@ -102,7 +106,20 @@ class Options(usage.Options):
             "Listen here (a Twisted TCP endpoint) instead of a random port on the "
             "GatewayAddress host; TLS is added by the gateway.",
         ],
-        ["runtime", None, "host", 'The container runtime: "host" (ports on this node\'s loopback).'],
+        [
+            "runtime",
+            None,
+            "host",
+            'The container runtime: "host" (ports on this node\'s loopback) or "docker" (create '
+            "the record's container; its ports are reached inside its network namespace).",
+        ],
+        [
+            "docker-container",
+            None,
+            None,
+            "With --runtime docker: attach to this running Docker container instead of creating "
+            "one (it is left running when the gateway stops).",
+        ],
     ]
 
     stdin: IO[str] = sys.stdin
@@ -111,8 +128,15 @@ class Options(usage.Options):
         uuid = self["container-uuid"]
         if not uuid or not backends.UUID_RE.match(uuid) or backends.uuid_infix(uuid) != backends.CONTAINER_INFIX:
             raise usage.UsageError("--container-uuid must be a container UUID (xxxxx-dz642-...)")
-        if self["runtime"] != "host":
-            raise usage.UsageError(f'--runtime must be "host", got {self["runtime"]!r}')
+        if self["runtime"] not in ("host", "docker"):
+            raise usage.UsageError(f'--runtime must be "host" or "docker", got {self["runtime"]!r}')
+        if self["docker-container"] and self["runtime"] != "docker":
+            raise usage.UsageError("--docker-container needs --runtime docker")
+        if self["runtime"] == "docker":
+            from arvproxy.gateway.netns import PERMISSION_HINT, has_cap_sys_admin
+
+            if not has_cap_sys_admin():
+                raise usage.UsageError(f"--runtime docker: {PERMISSION_HINT}")
         self["cluster"] = read_config(self["config"])
         self["dispatch"] = read_dispatch(self.stdin)
         self["host"], self["port"], self["secret"] = parse_gateway_env(self["dispatch"]["Env"])
@@ -133,29 +157,57 @@ class ContainerSupervisor(Service):
         self._runtime = runtime
         self._gateway = gateway
         self.finished: defer.Deferred[None] | None = None
+        self.watch = ContainerWatch(reactor, cluster, uuid, runtime)
+        # The listening service, so that a finished container stops new connections.
+        self.listener: ListeningService | None = None
 
     def serving(self, address: str) -> defer.Deferred[None]:
         """Called once the gateway listens at C{address}."""
         d = defer.ensureDeferred(self._serve(address))
-        d.addErrback(fatal, self._reactor, f"cannot serve container {self._uuid}")
+        d.addErrback(self._failed)
         return d
+
+    @defer.inlineCallbacks
+    def _failed(self, failure: Any) -> Any:
+        """The container cannot be served: cancel it with the reason, then exit with status 1."""
+        try:
+            yield self._cluster.update_container(
+                self._uuid,
+                state=backends.CANCELLED,
+                runtime_status={"error": f"the gateway could not start it: {failure.value}"},
+            )
+        except Exception as e:
+            log.warn("Cannot mark container {uuid} Cancelled: {e}", uuid=self._uuid, e=e)
+        fatal(failure, self._reactor, f"cannot serve container {self._uuid}")
 
     async def _serve(self, address: str) -> None:
         container = await self._cluster.get_container(self._uuid)
         if container.state in backends.FINAL_STATES:
             raise RuntimeError(f"container {self._uuid} is {container.state}: nothing to serve")
+        self._gateway.connector.use_tls(tls_ports(container.published_ports))
         await self._runtime.start()
         await self._cluster.update_container(
             self._uuid, state=backends.RUNNING, gateway_address=address
         )
         log.info("Container {uuid} is Running; gateway at {address}", uuid=self._uuid, address=address)
         self.finished = self._runtime.exited().addCallback(self._exited)
+        self.watch.start()
 
     @defer.inlineCallbacks
     def _exited(self, exit_code: int | None) -> Any:
         self._gateway.accepting = False
+        # Record the final state first: at shutdown (SIGTERM) the registry service is stopped
+        # alongside this one, and a call made after a later yield would find it stopped.
         state = backends.COMPLETE if exit_code is not None else backends.CANCELLED
-        yield self._cluster.update_container(self._uuid, state=state, exit_code=exit_code)
+        update = self._cluster.update_container(
+            self._uuid, state=state, exit_code=exit_code, listening_ports=[]
+        )
+        if self.listener is not None and self.listener.port is not None:
+            port, self.listener.port = self.listener.port, None
+            yield port.stopListening()
+        yield self.watch.stop()
+        yield update
+        yield defer.ensureDeferred(drain(self._reactor, self._gateway.open_requests))
         log.info("Container {uuid} is {state} (exit code {code})", uuid=self._uuid, state=state, code=exit_code)
         if self.running and self._reactor.running:
             self._reactor.stop()
@@ -176,7 +228,19 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     config = options["cluster"]
     uuid = options["container-uuid"]
     host, port, secret = options["host"], options["port"], options["secret"]
-    runtime = HostRuntime(reactor)
+    cluster = open_cluster(reactor, config, options["dispatch"]["Env"])
+    runtime: IRuntime
+    if options["runtime"] == "docker":
+        from arvproxy.gateway.docker_runtime import DockerRuntime, spec_from_record
+
+        if options["docker-container"]:
+            runtime = DockerRuntime(reactor, container_id=options["docker-container"])
+        else:
+            runtime = DockerRuntime(
+                reactor, spec=lambda: spec_from_record(cluster, uuid, config.external_url)
+            )
+    else:
+        runtime = HostRuntime(reactor)
     gateway = Gateway(
         reactor,
         uuid,
@@ -187,7 +251,6 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     )
 
     top = MultiService()
-    cluster = open_cluster(reactor, config)
     cluster.setServiceParent(top)
     supervisor = ContainerSupervisor(reactor, cluster, uuid, runtime, gateway)
     supervisor.setServiceParent(top)
@@ -196,13 +259,14 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     tls = TLSMemoryBIOFactory(server_context_factory(secret, [host]), False, site)
     description = options["listen"] or f"tcp:{port}:interface={_escape(host)}"
     address_host = f"[{host}]" if ":" in host else host
-    ListeningService(
+    supervisor.listener = ListeningService(
         reactor,
         description,
         tls,
         on_listening=lambda p: supervisor.serving(f"{address_host}:{p.getHost().port}"),
         on_stopping=gateway.connector.pool.closeCachedConnections,
-    ).setServiceParent(top)
+    )
+    supervisor.listener.setServiceParent(top)
     return top
 
 

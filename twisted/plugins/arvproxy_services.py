@@ -12,3 +12,9 @@ gateway = ServiceMaker(
     "The node gateway beside one container: verify signed requests and proxy them in",
     "crunch-run-gateway",
 )
+dispatcher = ServiceMaker(
+    "arv-local-dispatcher",
+    "arvproxy.dispatcher",
+    "Run the embedded registry's queued containers here, one crunch-run-gateway each",
+    "arv-local-dispatcher",
+)
