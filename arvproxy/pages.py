@@ -79,7 +79,9 @@ def render_error(request: Any, error: ProxyError) -> None:
             refresh=refresh,
         ).encode("utf-8")
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        request.setHeader(b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'")
+        request.setHeader(
+            b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'"
+        )
     else:
         document: dict[str, Any] = {"errors": [error.message], "status": error.status}
         if error.hint:

@@ -67,10 +67,7 @@ def check_access(
         return
     readable = [cr for cr in requests if levels.get(cr.uuid) is not None]
     if not readable:
-        raise NotFound(
-            f"There is no container or container request {named_uuid} that you can see.",
-            hint="Check the address, or sign in as the user who started the container.",
-        )
+        raise not_found(named_uuid)
     if len(readable) < len(requests) or any(
         levels.get(cr.uuid) not in WRITE_LEVELS for cr in requests
     ):
@@ -85,11 +82,28 @@ def check_access(
         )
 
 
-def check_running(container: Container) -> None:
+def not_found(named_uuid: str) -> NotFound:
     """
+    The one answer for a UUID that does not exist and one the user may not see, so that the two
+    cannot be told apart.
+    """
+    return NotFound(
+        f"There is no container or container request {named_uuid} that you can see.",
+        hint="Check the address, or sign in as the user who started the container.",
+    )
+
+
+def check_running(container: Container | None, named_uuid: str = "") -> None:
+    """
+    @param container: the container, or C{None} when the request named by C{named_uuid} has
+        none yet.
     @raise Unavailable: the container is not running yet, or has no gateway yet.
     @raise Gone: the container has finished.
     """
+    if container is None:
+        raise Unavailable(
+            f"Container request {named_uuid} has no container yet. This page will retry by itself."
+        )
     if container.state in FINAL_STATES:
         raise Gone(
             f"Container {container.uuid} has finished ({container.state}); "
@@ -106,3 +120,23 @@ def check_running(container: Container) -> None:
             f"Container {container.uuid} is starting: its gateway is not ready yet. "
             "This page will retry by itself.",
         )
+
+
+def is_public(
+    named_uuid: str,
+    port: int,
+    container: Container | None,
+    requests: Sequence[ContainerRequest],
+) -> bool:
+    """
+    Whether anyone with the URL may reach C{port}, with no token: its C{published_ports} entry
+    says C{"access": "public"}.  As in Arvados, the entry comes from the container request when
+    the URL names one, and from the container when the URL names the container.  Undeclared
+    ports are private.
+    """
+    if container is not None and named_uuid == container.uuid:
+        ports = container.published_ports
+    else:
+        ports = next((cr.published_ports for cr in requests if cr.uuid == named_uuid), {})
+    entry = ports.get(str(port))
+    return isinstance(entry, Mapping) and entry.get("access") == "public"

@@ -16,7 +16,7 @@ import hmac
 import ipaddress
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
@@ -214,7 +214,7 @@ def token_from_cookies(headers: Headers) -> bytes | None:
     return None
 
 
-def strip_token_cookie(cookies: list[bytes]) -> list[bytes]:
+def strip_token_cookie(cookies: Sequence[bytes]) -> list[bytes]:
     """
     Remove every C{arvados_api_token} cookie from C{Cookie} header values, keeping the other
     cookies as written and in order, and dropping headers left empty.
@@ -343,7 +343,9 @@ def gateway_request_headers(
         b"x-forwarded-proto", [forwarded_proto[-1] if forwarded_proto else proto.encode("ascii")]
     )
     forwarded_host = client.getRawHeaders(b"x-forwarded-host") if trusted_peer else None
-    headers.setRawHeaders(b"x-forwarded-host", [forwarded_host[-1] if forwarded_host else request_host])
+    headers.setRawHeaders(
+        b"x-forwarded-host", [forwarded_host[-1] if forwarded_host else request_host]
+    )
 
     headers.setRawHeaders(TARGET_UUID, [target_uuid.encode("ascii")])
     headers.setRawHeaders(TARGET_PORT, [b"%d" % (target_port,)])
@@ -433,7 +435,8 @@ def _mac(secret: str, message: str) -> str:
 
 def sign(secret: str, now: float, nonce: bytes | None = None) -> str:
     """
-    An C{x-arvados-authorization} value: C{<nonce>+<timestamp> <hex HMAC-SHA256(secret, nonce+timestamp)>}.
+    An C{x-arvados-authorization} value:
+    C{<nonce>+<timestamp> <hex HMAC-SHA256(secret, nonce+timestamp)>}.
 
     @param nonce: random bytes (at least 16); fresh ones from L{os.urandom} when C{None}.
     """

@@ -199,7 +199,8 @@ class StreamingRequest(http.Request):
             self._handle()
 
     def _handle(self) -> None:
-        handler = self.channel.site.handler
+        channel: Any = self.channel
+        handler = channel.site.handler
         defer.Deferred.fromCoroutine(handler(self)).addErrback(self._failed)
 
     def sendContinue(self) -> None:
@@ -244,8 +245,12 @@ class StreamingRequest(http.Request):
             return
         error = failure.value
         if not isinstance(error, ProxyError):
-            log.failure("Unexpected error while serving {method} {path}", failure,
-                        method=self.method, path=policy.split_query_token(self.path)[0])
+            log.failure(
+                "Unexpected error while serving {method} {path}",
+                failure,
+                method=self.method,
+                path=policy.split_query_token(self.path)[0],
+            )
             error = ProxyError("Something went wrong in the proxy. The error has been logged.")
         pages.render_error(self, error)
 
@@ -259,6 +264,10 @@ _HEADERS_TOO_LARGE = (
     b"Content-Type: text/plain\r\nContent-Length: 64\r\n\r\n"
     b"The request's headers are too large (large cookies?); try again.\r\n"
 )
+
+
+def _ignore(*args: Any) -> None:
+    """Swallow whatever arrives on a connection that is being closed."""
 
 
 class ProxyChannel(http.HTTPChannel):
@@ -294,7 +303,7 @@ class ProxyChannel(http.HTTPChannel):
         self._awaiting_headers = True
         super().requestDone(request)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_header_timer()
         super().connectionLost(reason)
 
@@ -312,12 +321,13 @@ class ProxyChannel(http.HTTPChannel):
     def _refuse(self, response: bytes) -> None:
         """Answer a request that never got as far as its handler, and close."""
         self._cancel_header_timer()
-        self.dataReceived = self.lineReceived = lambda *args: None  # type: ignore[method-assign]
+        self.dataReceived = self.lineReceived = _ignore  # type: ignore[method-assign,assignment]
+        transport: Any = self.transport
         if len(self.requests) <= 1:
             # No earlier response is still being written (the one request, if any, is the one
             # whose headers are arriving): this answer is next on the wire.
-            self.transport.write(response)
-        self.transport.loseConnection()
+            transport.write(response)
+        transport.loseConnection()
 
     def _send100Continue(self) -> None:
         # StreamingRequest.sendContinue decides when (and whether) to send it.
@@ -354,7 +364,7 @@ class ProxySite(server.Site):
             timeout=limits.client_idle if timeout is None else timeout,
         )
         self.handler = handler
-        self.requestFactory = StreamingRequest
+        self.requestFactory = StreamingRequest  # type: ignore[assignment]
         self.access_log = False
 
     def buildProtocol(self, addr: Any) -> Any:
@@ -385,6 +395,8 @@ class Relay(Protocol):
 
     A body that ends early is never made to look complete: the client's connection is aborted.
     """
+
+    transport: Any  # the upstream response's producer (a TransportProxyProducer)
 
     def __init__(self, request: StreamingRequest) -> None:
         self.request = request
@@ -424,7 +436,9 @@ async def relay_response(request: StreamingRequest, response: iweb.IResponse) ->
     request.setResponseCode(response.code, response.phrase)
     headers = policy.response_headers(response.headers)
     for name, values in headers.getAllRawHeaders():
-        request.responseHeaders.setRawHeaders(name, values)
+        # Added, not set: a cookie the proxy set before relaying (its own) is kept.
+        for value in values:
+            request.responseHeaders.addRawHeader(name, value)
     if request.method == b"HEAD":
         length = response.headers.getRawHeaders(b"content-length")
         if length:

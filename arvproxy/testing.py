@@ -249,7 +249,10 @@ class FakeCluster:
             ],
         )
 
-    def permission_level(self, user_uuid: str, target_uuid: str) -> Any:
+    def permission_level(
+        self, user_uuid: str, target_uuid: str, credentials: Credentials | None = None
+    ) -> Any:
+        # Like the embedded registry, the fake decides from its records: credentials are unused.
         return self._answer(
             "permission_level",
             (user_uuid, target_uuid),

@@ -58,11 +58,15 @@ class _UpgradeClient(Protocol):
     until a sink is attached with L{attach}.
     """
 
+    transport: Any
+
     def __init__(self, method: bytes, target: bytes, headers: Headers) -> None:
         self._request = h11.Request(
             method=method,
             target=target,
-            headers=[(name, value) for name, values in headers.getAllRawHeaders() for value in values],
+            headers=[
+                (name, value) for name, values in headers.getAllRawHeaders() for value in values
+            ],
         )
         self._h11 = h11.Connection(h11.CLIENT)
         self.answered: defer.Deferred[UpgradeResponse] = defer.Deferred()
@@ -143,7 +147,9 @@ class _UpgradeClient(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = reason
         if not self.answered.called:
-            self.answered.errback(BadGateway("The next hop closed the connection without answering."))
+            self.answered.errback(
+                BadGateway("The next hop closed the connection without answering.")
+            )
         elif self._sink is not None:
             self._sink.peerLost(reason)
 
@@ -271,7 +277,9 @@ def relay_upgrade(request: StreamingRequest, response: UpgradeResponse) -> defer
     if response.code != 101:
         request.setResponseCode(response.code, response.reason)
         for name, values in policy.response_headers(response.headers).getAllRawHeaders():
-            request.responseHeaders.setRawHeaders(name, values)
+            # Added, not set: a cookie the proxy set before relaying (its own) is kept.
+            for value in values:
+                request.responseHeaders.addRawHeader(name, value)
         length = response.headers.getRawHeaders(b"content-length")
         if length and request.method != b"HEAD":
             request.setHeader(b"content-length", length[-1])
@@ -284,8 +292,8 @@ def relay_upgrade(request: StreamingRequest, response: UpgradeResponse) -> defer
         head.extend(name + b": " + value for value in values)
     head.append(b"Connection: Upgrade")
     head.extend(b"Upgrade: " + value for value in response.headers.getRawHeaders(b"upgrade", []))
-    channel = request.channel
-    transport = channel.transport
+    channel: Any = request.channel
+    transport: Any = channel.transport
     transport.write(b"\r\n".join(head) + b"\r\n\r\n")
 
     # Take the connection over from the HTTP channel, as Twisted's own WebSockets do.

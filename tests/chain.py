@@ -103,9 +103,7 @@ async def start_chain(
         source="<chain>",
         cluster_id="zzzzz",
         system_root_token=ROOT_TOKEN,
-        external_url=ExternalURL(
-            "http", "containers.localhost", controller_port.getHost().port
-        ),
+        external_url=ExternalURL("http", "containers.localhost", controller_port.getHost().port),
         controller_listen="tcp:0:interface=127.0.0.1",
         registry_path=os.path.join(directory, "registry.sqlite"),
         limits=limits,
@@ -136,9 +134,7 @@ async def start_chain(
     )
     gateway_port = reactor.listenTCP(0, gateway_factory, interface="127.0.0.1")
     address = f"127.0.0.1:{gateway_port.getHost().port}"
-    await registry.update_container(
-        container_uuid, state=backends.RUNNING, gateway_address=address
-    )
+    await registry.update_container(container_uuid, state=backends.RUNNING, gateway_address=address)
 
     connector = GatewayConnector(reactor)
     controller_site.handler = Controller(reactor, config, registry, connector)

@@ -144,7 +144,7 @@ class ControllerTestCase(SynchronousTestCase):
 
 class HostTests(ControllerTestCase):
     def test_hosts_that_name_no_target(self) -> None:
-        """Hosts outside the suffix or malformed under it are 400; the bare suffix is 404."""
+        """Hosts outside the suffix or malformed under it are 400; the bare suffix is the page."""
         cases = [
             (b"example.org", 400),
             (b"containers.example.com.evil.org", 400),
@@ -154,8 +154,8 @@ class HostTests(ControllerTestCase):
             (self.host(self.cr.uuid, 70000), 400),
             (self.host(self.cr.uuid) + b":8443", 400),
             (b"bad host!", 400),
-            (SUFFIX.encode(), 404),
-            (SUFFIX.encode() + b":443", 404),
+            (SUFFIX.encode(), 200),
+            (SUFFIX.encode() + b":443", 200),
         ]
         for host, status in cases:
             response = self.send(host, token=self.tokens["alice"])
@@ -228,7 +228,8 @@ class PlainQueryTokenTests(ControllerTestCase):
 
 class AuthenticationTests(ControllerTestCase):
     def test_no_token(self) -> None:
-        """No token: 401 (HTML for a navigation, JSON for fetch), never a redirect, no lookups."""
+        """No token: 401 (HTML for a navigation, JSON for fetch), never a redirect; only the
+        lookups that tell whether the port is public."""
         page = self.send(self.host(self.cr.uuid), headers=NAVIGATE)
         self.assertError(page, 401)
         self.assertTrue((page.header(b"content-type") or b"").startswith(b"text/html"))
@@ -237,7 +238,9 @@ class AuthenticationTests(ControllerTestCase):
         self.assertError(document, 401)
         self.assertEqual(document.header(b"content-type"), b"application/json")
         self.assertEqual(json.loads(document.body)["status"], 401)
-        self.assertEqual(self.cluster.calls, [])
+        self.assertEqual(
+            {name for name, _ in self.cluster.calls}, {"get_container_request", "get_container"}
+        )
         self.assertEqual(self.gateways.calls, [])
 
     def test_bad_tokens(self) -> None:
@@ -377,6 +380,20 @@ class ContainerStateTests(ControllerTestCase):
         container = self.cluster.add_container(state=QUEUED, gateway_address="")
         cr = self.cluster.add_container_request(self.alice.uuid, container.uuid)
         self.assertError(self.send(self.host(cr.uuid), token=self.tokens["dave"]), 404)
+        # Not even that a request has no container yet.
+        pending = self.cluster.add_container_request(self.alice.uuid, None)
+        self.assertError(self.send(self.host(pending.uuid), token=self.tokens["dave"]), 404)
+
+    def test_unknown_and_unreadable_look_alike(self) -> None:
+        """An unknown UUID and one the user may not see get the very same answer."""
+        hidden = self.cluster.add_container_request(self.alice.uuid, None).uuid
+        unknown = hidden[:-3] + ("zzz" if not hidden.endswith("zzz") else "yyy")
+        answers = []
+        for uuid in (hidden, unknown):
+            response = self.send(self.host(uuid), token=self.tokens["dave"])
+            self.assertError(response, 404)
+            answers.append(response.body.replace(uuid.encode(), b"UUID"))
+        self.assertEqual(answers[0], answers[1])
 
 
 class ForwardingTests(ControllerTestCase):
@@ -429,7 +446,7 @@ class ForwardingTests(ControllerTestCase):
                 b"authorization": [b"Bearer service-own-credential"],
                 b"accept": [b"text/html"],
                 b"x-multi": [b"1", b"2"],
-                b"content-length": [b"4"],
+                # No content-length: the next hop's framing comes from the streaming body.
                 b"x-forwarded-for": [b"127.0.0.1"],
                 b"x-forwarded-proto": [b"https"],
                 b"x-forwarded-host": [host],

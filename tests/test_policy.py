@@ -1115,8 +1115,6 @@ class ServiceCookieTests(SynchronousTestCase):
             b"set-cookie",
             [b"arvados_api_token=evil; Domain=containers.example.com", b"a=1; Domain=example.com"],
         )
-        self.assertEqual(
-            policy.response_headers(upstream).getRawHeaders(b"set-cookie"), [b"a=1"]
-        )
+        self.assertEqual(policy.response_headers(upstream).getRawHeaders(b"set-cookie"), [b"a=1"])
         only_proxy = Headers({b"set-cookie": [b"arvados_api_token=evil"]})
         self.assertFalse(policy.response_headers(only_proxy).hasHeader(b"set-cookie"))

@@ -82,7 +82,9 @@ class WebAppTests(unittest.TestCase):
     timeout = 60
 
     async def _chain(self, site_resource, limits=None, published=None, tls=False) -> Chain:
-        site = site_resource if isinstance(site_resource, EchoFactory) else server.Site(site_resource)
+        site = (
+            site_resource if isinstance(site_resource, EchoFactory) else server.Site(site_resource)
+        )
         if tls:
             certificate = make_server_certificate(os.urandom(32).hex(), ["127.0.0.1"])
             port = reactor.listenSSL(0, site, certificate.options(), interface="127.0.0.1")

@@ -67,7 +67,9 @@ class WebSocketChainTests(unittest.TestCase):
             client.send(TextMessage(data="three", message_finished=True))
             kind, (data, parts) = await client.messages.get()
             self.assertEqual((kind, data, parts), ("text", "one two three", 3))
-            self.assertEqual(self.service.frames[-3:], [("TextMessage", 4)] * 2 + [("TextMessage", 5)])
+            self.assertEqual(
+                self.service.frames[-3:], [("TextMessage", 4)] * 2 + [("TextMessage", 5)]
+            )
 
             client.send(Ping(payload=b"are you there"))
             self.assertEqual(await client.messages.get(), ("pong", b"are you there"))

@@ -68,6 +68,9 @@ class Credentials:
     @ivar token_uuid: the API client authorization's UUID, or C{None} for the SystemRootToken.
     @ivar scopes: Arvados scopes: C{"all"}, or C{"METHOD /path"} entries.
     @ivar expires_at: when the token stops working, or C{None} if it never does.
+    @ivar token: the token itself, for backends that ask on the user's behalf (Arvados:
+        L{ICluster.permission_level} reads records with it); C{""} when a backend does not need
+        it.  Left out of C{repr} and comparisons, so it is never logged by accident.
     """
 
     token_uuid: str | None
@@ -75,6 +78,7 @@ class Credentials:
     is_admin: bool
     scopes: tuple[str, ...] = ("all",)
     expires_at: datetime | None = None
+    token: str = field(default="", repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -148,11 +152,16 @@ class ICluster(Interface):
             container (all pages), possibly empty.
         """
 
-    def permission_level(user_uuid: str, target_uuid: str) -> Any:
+    def permission_level(
+        user_uuid: str, target_uuid: str, credentials: Credentials | None = None
+    ) -> Any:
         """
         The strongest permission C{user_uuid} holds on record C{target_uuid}: by ownership
         (C{can_manage}) or by a permission link.
 
+        @param credentials: what L{authenticate} returned for the request being decided, when
+            there is one.  Backends that must ask with the user's own token (Arvados) use it, and
+            fall back to a stricter rule without it; the embedded registry ignores it.
         @return: a Deferred firing with one of L{LEVELS}, or C{None} for no permission.
         """
 

@@ -279,6 +279,9 @@ def system_user_uuid(cluster_id: str) -> str:
     return f"{cluster_id}-{USER_INFIX}-000000000000000"
 
 
+PORT_PROTOCOLS = ("http", "https")
+
+
 def normalize_published_ports(ports: Mapping[Any, Any] | None) -> dict[str, dict[str, Any]]:
     """
     Check and complete C{published_ports} in the Arvados shape
@@ -305,7 +308,13 @@ def normalize_published_ports(ports: Mapping[Any, Any] | None) -> dict[str, dict
         initial_path = entry.get("initial_path", "")
         if not isinstance(label, str) or not isinstance(initial_path, str):
             raise ValueError(f"published port {port}: label and initial_path must be strings")
+        protocol = entry.get("protocol", "http")
+        if protocol not in PORT_PROTOCOLS:
+            raise ValueError(f"published port {port}: protocol must be http or https")
         out[str(port)] = {"access": access, "label": label, "initial_path": initial_path}
+        if protocol != "http":
+            # arvproxy's own addition to Arvados' shape: the service speaks TLS.
+            out[str(port)]["protocol"] = protocol
     return out
 
 
@@ -1149,7 +1158,10 @@ class EmbeddedRegistry(Service):
     def container_requests_for(self, container_uuid: str) -> Deferred[list[ContainerRequest]]:
         return self._call(self.store.container_requests_for, container_uuid)
 
-    def permission_level(self, user_uuid: str, target_uuid: str) -> Deferred[str | None]:
+    def permission_level(
+        self, user_uuid: str, target_uuid: str, credentials: Credentials | None = None
+    ) -> Deferred[str | None]:
+        # The registry decides from its own records: the credentials add nothing.
         return self._call(self.store.permission_level, user_uuid, target_uuid)
 
     def update_container(self, uuid: str, **changes: Any) -> Deferred[Container]:
@@ -1168,6 +1180,11 @@ class EmbeddedRegistry(Service):
         self, user_uuid: str, scopes: Iterable[str] = ("all",), ttl: float | None = None
     ) -> Deferred[tuple[str, Token]]:
         return self._call(self.store.create_token, user_uuid, tuple(scopes), ttl)
+
+    def list_container_requests(
+        self, owner_uuid: str | None = None
+    ) -> Deferred[list[ContainerRequest]]:
+        return self._call(self.store.list_container_requests, owner_uuid)
 
     def revoke_token(self, token_or_uuid: str) -> Deferred[Token]:
         return self._call(self.store.revoke_token, token_or_uuid)

@@ -35,14 +35,16 @@ from zope.interface import implementer
 from arvproxy import pages, permissions, policy
 from arvproxy.backends import CONTAINER_INFIX, CONTAINER_REQUEST_INFIX, ICluster, uuid_infix
 from arvproxy.config import ClusterConfig
+from arvproxy.controller import sitedata
+from arvproxy.controller.portal import Portal
 from arvproxy.errors import (
     BadGateway,
     BadRequest,
     GatewayTimeout,
     Gone,
     NotFound,
+    ProxyError,
     Unauthorized,
-    Unavailable,
 )
 from arvproxy.limits import ConnectionSlots
 from arvproxy.streaming import StreamingRequest, relay_response
@@ -82,7 +84,7 @@ class GatewayConnector:
         self._connect_timeout = connect_timeout
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 64
-        self.pool.cachedConnectionTimeout = idle_timeout
+        self.pool.cachedConnectionTimeout = int(idle_timeout)
         self.pool.retryAutomatically = True
         self._names: dict[tuple[str, str], bytes] = {}
         self._endpoints: dict[bytes, Any] = {}
@@ -192,6 +194,7 @@ class Controller:
         self._cluster = cluster
         self._gateways = gateways
         self._slots = ConnectionSlots(config.limits.max_connections_per_container)
+        self.portal = Portal(reactor, config, cluster)
 
     async def __call__(self, request: StreamingRequest) -> None:
         external = self._config.external_url
@@ -201,65 +204,134 @@ class Controller:
         target = policy.parse_vhost(host, external)
         if target is None:
             if policy.is_service_host(host, external):
-                raise NotFound(
-                    "Container services live at their own addresses, like "
-                    f"{external.url_for('<container-uuid>-<port>')}",
-                    hint="Use the link you were given for your container's service.",
-                )
+                await self.portal(request)
+                return
             raise BadRequest(
                 "This server only serves container web services, at addresses like "
                 f"{external.url_for('<container-uuid>-<port>')}",
             )
 
         uri, query_token = policy.split_query_token(request.uri)
-        if query_token is not None:
-            cookies = [policy.token_set_cookie(query_token, external.secure)] if query_token else []
-            pages.redirect(request, uri, cookies)
-            return
+        seen = sitedata.seen_container(request.requestHeaders)
+        if query_token is not None or seen is not None:
+            # A browser that saw a container here: does the vhost still lead to it?
+            found = await self._try_resolve(target.uuid) if seen is not None else None
+            stale = (
+                found is not None
+                and found[0] is not None
+                and sitedata.is_stale(request.requestHeaders, found[0].uuid)
+            )
+            if query_token is not None or stale:
+                new = found[0].uuid if found is not None and stale else None
+                self._redirect(request, uri, query_token, new)
+                return
 
         token = policy.token_from_cookies(request.requestHeaders)
-        if token is None:
-            raise Unauthorized(
-                "You need to sign in to open this container's service.",
-                hint="Open the link with your token (?arvados_api_token=...) once, "
-                "or ask the container's owner to share the container request with you.",
-            )
-        try:
-            credentials = await self._cluster.authenticate(token.decode("ascii"))
-        except UnicodeDecodeError:
-            raise Unauthorized("Your token is not valid.") from None
+        refusal: ProxyError = Unauthorized(
+            "You need to sign in to open this container's service.",
+            hint="Open the link with your token (?arvados_api_token=...) once, "
+            "or ask the container's owner to share the container request with you.",
+        )
+        credentials = None
+        if token is not None:
+            try:
+                credentials = await self._cluster.authenticate(token.decode("ascii"))
+            except UnicodeDecodeError:
+                refusal = Unauthorized("Your token is not valid.")
+            except Unauthorized as e:
+                refusal = e
 
-        container, requests = await self._resolve(target.uuid)
-        permissions.check_scope(credentials, {target.uuid, container.uuid}, target.port)
-        levels = {}
-        if not credentials.is_admin:
-            for cr in requests:
-                levels[cr.uuid] = await self._cluster.permission_level(
-                    credentials.user_uuid, cr.uuid
-                )
-        permissions.check_access(credentials, target.uuid, requests, levels)
-        permissions.check_running(container)
+        if credentials is None:
+            # Only a public port opens without a valid token; nothing else is revealed.
+            found = await self._try_resolve(target.uuid)
+            if found is None or not permissions.is_public(target.uuid, target.port, *found):
+                raise refusal
+            container, requests = found
+        else:
+            try:
+                container, requests = await self._resolve(target.uuid)
+            except NotFound:
+                # A token scoped to something else learns nothing, not even whether this exists.
+                permissions.check_scope(credentials, {target.uuid}, target.port)
+                raise
+            if not permissions.is_public(target.uuid, target.port, container, requests):
+                named = {target.uuid} | ({container.uuid} if container is not None else set())
+                permissions.check_scope(credentials, named, target.port)
+                levels = {}
+                if not credentials.is_admin:
+                    for cr in requests:
+                        levels[cr.uuid] = await self._cluster.permission_level(
+                            credentials.user_uuid, cr.uuid, credentials=credentials
+                        )
+                permissions.check_access(credentials, target.uuid, requests, levels)
+        permissions.check_running(container, target.uuid)
+        remember = seen != container.uuid.encode("ascii")
         with self._slots.hold(container.uuid):
-            await self._forward(request, target, container.uuid, container.gateway_address, host)
+            await self._forward(
+                request, target, container.uuid, container.gateway_address, host, remember
+            )
+
+    async def _try_resolve(self, uuid: str) -> tuple[Any, list[Any]] | None:
+        """Like L{_resolve}, looked up without the user's rights; C{None} when that fails."""
+        try:
+            return await self._resolve(uuid)
+        except ProxyError:
+            return None
+
+    def _redirect(
+        self,
+        request: StreamingRequest,
+        uri: bytes,
+        query_token: bytes | None,
+        new_container: str | None,
+    ) -> None:
+        """
+        The 303 that moves a query token into a cookie and, when the vhost now leads to
+        C{new_container} (not the container the browser saw), clears the old app's state.
+
+        @raise Gone: state must be cleared but the request is not a GET or HEAD: a form or
+            fetch from the previous container's page must never reach the new one.
+        """
+        secure = self._config.external_url.secure
+        cookies = [policy.token_set_cookie(query_token, secure)] if query_token else []
+        if new_container is not None:
+            cookies += sitedata.clearing_set_cookies(request.requestHeaders)
+            cookies.append(sitedata.container_set_cookie(new_container, secure))
+            request.setHeader(b"clear-site-data", sitedata.CLEAR_SITE_DATA)
+            if request.method not in (b"GET", b"HEAD"):
+                for cookie in cookies:
+                    request.responseHeaders.addRawHeader(b"set-cookie", cookie)
+                raise Gone(
+                    "This address now leads to a different container; the page that sent "
+                    "this request belonged to the previous one.",
+                    hint="Reload the page.",
+                )
+        pages.redirect(request, uri, cookies)
 
     async def _resolve(self, uuid: str) -> tuple[Any, list[Any]]:
-        """The container a URL's UUID leads to, and the container requests that use it."""
+        """
+        The container a URL's UUID leads to (C{None} when the request has none yet), and the
+        container requests that use it.
+
+        @raise NotFound: the same for an unknown UUID as for one the user may not see.
+        """
         try:
             infix = uuid_infix(uuid)
         except ValueError:
             infix = ""
-        if infix == CONTAINER_REQUEST_INFIX:
-            cr = await self._cluster.get_container_request(uuid)
-            if not cr.container_uuid:
-                raise Unavailable(
-                    f"Container request {uuid} has no container yet. "
-                    "This page will retry by itself."
-                )
-            return await self._cluster.get_container(cr.container_uuid), [cr]
-        if infix == CONTAINER_INFIX:
-            container = await self._cluster.get_container(uuid)
-            return container, list(await self._cluster.container_requests_for(uuid))
-        raise NotFound(f"{uuid} is neither a container nor a container request.")
+        try:
+            if infix == CONTAINER_REQUEST_INFIX:
+                cr = await self._cluster.get_container_request(uuid)
+                if not cr.container_uuid:
+                    # Said only after the permission checks (see check_running).
+                    return None, [cr]
+                return await self._cluster.get_container(cr.container_uuid), [cr]
+            if infix == CONTAINER_INFIX:
+                container = await self._cluster.get_container(uuid)
+                return container, list(await self._cluster.container_requests_for(uuid))
+        except NotFound:
+            pass
+        raise permissions.not_found(uuid)
 
     async def _forward(
         self,
@@ -268,7 +340,11 @@ class Controller:
         container_uuid: str,
         gateway_address: str,
         host: bytes,
+        remember: bool = False,
     ) -> None:
+        """
+        @param remember: also set the cookie that remembers which container this browser saw.
+        """
         config = self._config
         secret = policy.gateway_secret(config.system_root_token, container_uuid)
         client_ip = getattr(request.getClientAddress(), "host", None)
@@ -320,6 +396,11 @@ class Controller:
                 f"({reason[0].decode('latin-1')[:200]}).",
                 hint="This is a problem between the proxy and the worker node; "
                 "tell the cluster's administrator.",
+            )
+        if remember:
+            request.responseHeaders.addRawHeader(
+                b"set-cookie",
+                sitedata.container_set_cookie(container_uuid, config.external_url.secure),
             )
         if upgrade is not None:
             await relay_upgrade(request, response)

@@ -61,7 +61,7 @@ class ContainerConnector:
         self._runtime = runtime
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 64
-        self.pool.cachedConnectionTimeout = idle_timeout
+        self.pool.cachedConnectionTimeout = int(idle_timeout)
         self._endpoints: dict[int, Any] = {}
         self.tls_ports: frozenset[int] = frozenset()
         self._agent = Agent.usingEndpointFactory(reactor, self, pool=self.pool)
@@ -152,6 +152,7 @@ def translate_container_errors(port: int) -> Iterator[None]:
         ResponseFailed,
     ) as e:
         raise BadGateway(f"The connection to the service on port {port} failed.") from e
+
 
 class Gateway:
     """

@@ -126,7 +126,11 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         uuid = self["container-uuid"]
-        if not uuid or not backends.UUID_RE.match(uuid) or backends.uuid_infix(uuid) != backends.CONTAINER_INFIX:
+        if (
+            not uuid
+            or not backends.UUID_RE.match(uuid)
+            or backends.uuid_infix(uuid) != backends.CONTAINER_INFIX
+        ):
             raise usage.UsageError("--container-uuid must be a container UUID (xxxxx-dz642-...)")
         if self["runtime"] not in ("host", "docker"):
             raise usage.UsageError(f'--runtime must be "host" or "docker", got {self["runtime"]!r}')
@@ -189,7 +193,9 @@ class ContainerSupervisor(Service):
         await self._cluster.update_container(
             self._uuid, state=backends.RUNNING, gateway_address=address
         )
-        log.info("Container {uuid} is Running; gateway at {address}", uuid=self._uuid, address=address)
+        log.info(
+            "Container {uuid} is Running; gateway at {address}", uuid=self._uuid, address=address
+        )
         self.finished = self._runtime.exited().addCallback(self._exited)
         self.watch.start()
 
@@ -208,7 +214,12 @@ class ContainerSupervisor(Service):
         yield self.watch.stop()
         yield update
         yield defer.ensureDeferred(drain(self._reactor, self._gateway.open_requests))
-        log.info("Container {uuid} is {state} (exit code {code})", uuid=self._uuid, state=state, code=exit_code)
+        log.info(
+            "Container {uuid} is {state} (exit code {code})",
+            uuid=self._uuid,
+            state=state,
+            code=exit_code,
+        )
         if self.running and self._reactor.running:
             self._reactor.stop()
 
