@@ -143,6 +143,9 @@ class Limits:
         first byte (slowloris protection); answered with 408.
     @ivar tunnel_idle: seconds a WebSocket (or other upgraded connection) may carry no bytes in
         either direction before it is closed.
+    @ivar connect_session: seconds a session opened with a short-lived, single-target link
+        (the services page's "Connect") lasts: the link's token is exchanged for one that lasts
+        this long.
     @ivar max_header_bytes: the largest request line plus headers accepted; larger gets 431.
     @ivar max_connections_per_container: requests and tunnels open at once to one container;
         more get 503 with Retry-After.
@@ -151,6 +154,7 @@ class Limits:
     client_idle: float = 300.0
     request_headers: float = 30.0
     tunnel_idle: float = 24 * 3600.0
+    connect_session: float = 12 * 3600.0
     max_header_bytes: int = 32 * 1024
     max_connections_per_container: int = 1000
 
@@ -167,7 +171,7 @@ ARVPROXY_KEYS = (
     "Limits",
     "CacheTTL",
 )
-TIMEOUT_KEYS = ("ClientIdle", "RequestHeaders", "TunnelIdle")
+TIMEOUT_KEYS = ("ClientIdle", "RequestHeaders", "TunnelIdle", "ConnectSession")
 LIMIT_KEYS = ("MaxRequestHeaderBytes", "MaxConnectionsPerContainer")
 GATEWAY_KEYS = ("MaxClockSkew",)
 DEFAULT_LISTEN_PORT = 8900
@@ -574,6 +578,7 @@ class _Parser:
             client_idle=duration("ClientIdle", defaults.client_idle),
             request_headers=duration("RequestHeaders", defaults.request_headers),
             tunnel_idle=duration("TunnelIdle", defaults.tunnel_idle),
+            connect_session=duration("ConnectSession", defaults.connect_session),
             max_header_bytes=count("MaxRequestHeaderBytes", defaults.max_header_bytes, 1024),
             max_connections_per_container=count(
                 "MaxConnectionsPerContainer", defaults.max_connections_per_container, 1

@@ -607,6 +607,27 @@ class RegistryStore:
             conn.execute("DELETE FROM api_client_authorizations WHERE uuid = ?", (uuid,))
         return self._token(row)
 
+    def exchange_token(self, token: str, ttl: float) -> str:
+        """
+        Use up a token and issue another with the same owner and scopes, valid for C{ttl}
+        seconds: how a short-lived link (one minute or so, seen in a URL and so in the browser's
+        history) becomes a session that lasts, while the link itself stops working at once.
+
+        @return: the new token.
+        @raise Unauthorized: C{token} is not valid (or was already used).
+        """
+        credentials = self.authenticate(token)
+        if credentials.token_uuid is None:
+            raise Unauthorized("The SystemRootToken cannot be exchanged.")
+        new_token, _ = self.create_token(credentials.user_uuid, credentials.scopes, ttl)
+        try:
+            self.revoke_token(credentials.token_uuid)
+        except NotFound:
+            # Someone used it at the same moment: only one of the two exchanges may win.
+            self.revoke_token(new_token)
+            raise Unauthorized("This link has already been used.") from None
+        return new_token
+
     def authenticate(self, token: str) -> Credentials:
         """
         Check an API token: a v2 token in this registry, or the SystemRootToken.
@@ -1188,6 +1209,10 @@ class EmbeddedRegistry(Service):
 
     def revoke_token(self, token_or_uuid: str) -> Deferred[Token]:
         return self._call(self.store.revoke_token, token_or_uuid)
+
+    def exchange_token(self, token: str, ttl: float) -> Deferred[str]:
+        """See L{RegistryStore.exchange_token}."""
+        return self._call(self.store.exchange_token, token, ttl)
 
     def create_container_request(
         self, owner_uuid: str, **fields: Any

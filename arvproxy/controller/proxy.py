@@ -223,6 +223,8 @@ class Controller:
             )
             if query_token is not None or stale:
                 new = found[0].uuid if found is not None and stale else None
+                if query_token:
+                    query_token = await self._session_token(query_token)
                 self._redirect(request, uri, query_token, new)
                 return
 
@@ -270,6 +272,35 @@ class Controller:
             await self._forward(
                 request, target, container.uuid, container.gateway_address, host, remember
             )
+
+    async def _session_token(self, query_token: bytes) -> bytes:
+        """
+        The token to keep in the cookie for a token that came in the URL.
+
+        A short-lived token scoped to one target (the services page's "Connect" link) is used
+        up here and replaced by one with the same scope that lasts a session
+        (C{ArvProxy.Timeouts.ConnectSession}), so the link in the browser's history is dead at
+        once while the service keeps working.  Any other token is kept as it is; an invalid one
+        too (the error shows on the request that follows the redirect).
+        """
+        exchange = getattr(self._cluster, "exchange_token", None)
+        if exchange is None:
+            return query_token
+        try:
+            credentials = await self._cluster.authenticate(query_token.decode("ascii"))
+        except (ProxyError, UnicodeDecodeError):
+            return query_token
+        if "all" in credentials.scopes or credentials.expires_at is None:
+            return query_token
+        session = self._config.limits.connect_session
+        lifetime = credentials.expires_at.timestamp() - self._reactor.seconds()
+        if lifetime >= session:
+            return query_token
+        try:
+            new: str = await exchange(query_token.decode("ascii"), session)
+        except Unauthorized:
+            return query_token
+        return new.encode("ascii")
 
     async def _try_resolve(self, uuid: str) -> tuple[Any, list[Any]] | None:
         """Like L{_resolve}, looked up without the user's rights; C{None} when that fails."""
