@@ -5,9 +5,9 @@ and every right one parses into the values the services use.
 
 from __future__ import annotations
 
+import builtins
 import copy
 import ipaddress
-import builtins
 import os
 from typing import Any
 
