@@ -155,31 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", required=True, type=_uuid_of(USER_INFIX), help="owner's UUID")
     p.add_argument("--name", default="", help="a name for the request")
     p.add_argument("--image", default="", help="the container image")
-    p.add_argument("--port", type=_port, action="append", default=[], help="publish a private port")
-    p.add_argument(
-        "--public-port",
-        type=_port,
-        action="append",
-        default=[],
-        metavar="PORT",
-        help="publish a port anyone may reach without a token",
-    )
-    p.add_argument(
-        "--port-label",
-        type=_port_setting,
-        action="append",
-        default=[],
-        metavar="PORT=LABEL",
-        help="a label for a published port (shown on the container services page)",
-    )
-    p.add_argument(
-        "--initial-path",
-        type=_port_setting,
-        action="append",
-        default=[],
-        metavar="PORT=PATH",
-        help="where a published port's link opens, e.g. 8888=/lab",
-    )
+    add_port_options(p)
     p.add_argument(
         "--env", type=_env_pair, action="append", default=[], metavar="NAME=VALUE", help="env"
     )
@@ -214,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("uuid", type=_uuid_of(), metavar="UUID")
     p.set_defaults(run=lambda store, args: store.get(args.uuid))
 
-    add_run_commands(commands, _port, _env_pair, _uuid_of)
+    add_run_commands(commands, add_port_options, _env_pair, _uuid_of)
     return parser
 
 
@@ -229,20 +205,61 @@ def _token_create(store: RegistryStore, args: argparse.Namespace) -> Any:
     return {**to_json(record), "api_token": api_token}
 
 
-def _container_request_create(store: RegistryStore, args: argparse.Namespace) -> Any:
-    command = list(args.command)
-    if command[:1] == ["--"]:
-        command = command[1:]
+def add_port_options(parser: argparse.ArgumentParser) -> None:
+    """The options that publish ports, shared by C{container-request create} and C{run}."""
+    parser.add_argument(
+        "--port", type=_port, action="append", default=[], help="publish a private port"
+    )
+    parser.add_argument(
+        "--public-port",
+        type=_port,
+        action="append",
+        default=[],
+        metavar="PORT",
+        help="publish a port anyone may reach without a token",
+    )
+    parser.add_argument(
+        "--https-port",
+        type=_port,
+        action="append",
+        default=[],
+        metavar="PORT",
+        help="a published port whose service speaks TLS (self-signed is fine)",
+    )
+    for option, metavar, what in (
+        ("--port-label", "PORT=LABEL", "a label for a published port (shown on the services page)"),
+        ("--initial-path", "PORT=PATH", "where a published port's link opens, e.g. 8888=/lab"),
+    ):
+        parser.add_argument(
+            option, type=_port_setting, action="append", default=[], metavar=metavar, help=what
+        )
+
+
+def published_ports(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """
+    C{published_ports} from the options of L{add_port_options}.
+
+    @raise UsageError: a setting for a port that is not published.
+    """
     ports: dict[str, dict[str, Any]] = {str(port): {"access": "private"} for port in args.port}
     ports.update({str(port): {"access": "public"} for port in args.public_port})
     for option, key, settings in (
         ("--port-label", "label", args.port_label),
         ("--initial-path", "initial_path", args.initial_path),
+        ("--https-port", "protocol", [(port, "https") for port in args.https_port]),
     ):
         for port, value in settings:
             if str(port) not in ports:
-                raise UsageError(f"{option} {port}=...: publish port {port} with --port first")
+                raise UsageError(f"{option} {port}: publish port {port} with --port first")
             ports[str(port)][key] = value
+    return ports
+
+
+def _container_request_create(store: RegistryStore, args: argparse.Namespace) -> Any:
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    ports = published_ports(args)
     request = store.create_container_request(
         args.user,
         name=args.name,

@@ -41,7 +41,7 @@ class CommandFailed(Exception):
 
 def add_commands(
     commands: Any,
-    port_type: Callable[[str], int],
+    port_options: Callable[[argparse.ArgumentParser], None],
     env_type: Callable[[str], tuple[str, str]],
     uuid_type: Callable[..., Callable[[str], str]],
 ) -> None:
@@ -51,7 +51,7 @@ def add_commands(
         help="start a container and print the URLs of its web services",
         usage="%(prog)s [--port P]... IMAGE [-- COMMAND...]",
     )
-    p.add_argument("--port", type=port_type, action="append", default=[], help="publish a port")
+    port_options(p)
     p.add_argument(
         "--env", type=env_type, action="append", default=[], metavar="NAME=VALUE", help="env"
     )
@@ -124,7 +124,7 @@ def run_container(
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> Any:
-    from arvproxy.cli import _Plain
+    from arvproxy.cli import _Plain, published_ports
 
     problem = engine_problem()
     if problem is not None:
@@ -141,7 +141,7 @@ def run_container(
         command=command,
         environment=dict(args.env),
         cwd=args.cwd,
-        published_ports={str(port): {"access": "private"} for port in args.port},
+        published_ports=published_ports(args),
     )
     assert request.container_uuid is not None
     container = wait_running(store, request.container_uuid, args.timeout, sleep, clock)
@@ -151,7 +151,12 @@ def run_container(
         scopes = [policy.connect_scope(request.uuid, port) for port in urls]
         token, _ = store.create_token(user, scopes, TOKEN_TTL)
         for port, url in urls.items():
-            lines.append(f"  port {port}: {url}?arvados_api_token={token}")
+            spec = request.published_ports[str(port)]
+            if spec.get("access") == "public":
+                lines.append(f"  port {port} (public): {url}{spec.get('initial_path', '')}")
+                continue
+            path = spec.get("initial_path", "") or ""
+            lines.append(f"  port {port}: {url.rstrip('/')}{path or '/'}?arvados_api_token={token}")
         lines.append("  (the token in these links works for a day, for these ports only)")
     else:
         lines.append("  no ports published (use --port P)")

@@ -16,7 +16,7 @@ from twisted.trial import unittest
 
 from arvproxy import backends, clirun, policy
 from arvproxy.backends.registry import RegistryStore
-from arvproxy.cli import main
+from arvproxy.cli import main, published_ports
 
 CONFIG = """
 Clusters:
@@ -45,12 +45,49 @@ class CliRunTests(unittest.TestCase):
         self.addCleanup(self.store.close)
         self.patch(clirun, "engine_problem", lambda: None)
 
+    def test_run_published_port_options(self) -> None:
+        """run takes the same port options as container-request create: access, label, path."""
+        from arvproxy.cli import build_parser
+
+        args = build_parser().parse_args(
+            [
+                "run",
+                "--port",
+                "8888",
+                "--port-label",
+                "8888=Jupyter",
+                "--initial-path",
+                "8888=/lab",
+                "--public-port",
+                "9000",
+                "--https-port",
+                "8888",
+                "img",
+            ]
+        )
+        self.assertEqual(
+            published_ports(args),
+            {
+                "8888": {
+                    "access": "private",
+                    "label": "Jupyter",
+                    "initial_path": "/lab",
+                    "protocol": "https",
+                },
+                "9000": {"access": "public"},
+            },
+        )
+
     def args(self, **fields: Any) -> argparse.Namespace:
         defaults = {
             "config": self.config,
             "cluster_id": None,
             "user": None,
             "port": [8080],
+            "public_port": [],
+            "https_port": [],
+            "port_label": [],
+            "initial_path": [],
             "env": [],
             "cwd": "",
             "name": "",
