@@ -20,6 +20,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
 
 from arvproxy.backends.registry import RegistryStore
+from arvproxy.errors import NotFound
 from tests.browser import Browser, start_browser_chain
 from tests.wsservice import EchoFactory
 
@@ -228,10 +229,11 @@ class PortalBrowserTests(TestCase):
         for visited in urls:
             # ...but never the user's own: only the short-lived scoped one.
             self.assertNotIn(own, unquote(visited))
+        scope = f"CONNECT /arvados/v1/container/{chain.request_uuid}/{service_port}"
         for visited in connect_urls:
+            # The link's token was used up on the first visit: the history entry is dead...
             scoped = unquote(visited.split("arvados_api_token=")[1].split("&")[0])
-            record = store.get_token(scoped.split("/")[1])
-            self.assertEqual(
-                record.scopes,
-                (f"CONNECT /arvados/v1/container/{chain.request_uuid}/{service_port}",),
-            )
+            self.assertRaises(NotFound, store.get_token, scoped.split("/")[1])
+        # ...and the session it was exchanged for carries the same narrow scope.
+        sessions = [t for t in store.list_tokens() if t.scopes == (scope,)]
+        self.assertEqual(len(sessions), len(set(connect_urls)), store.list_tokens())
