@@ -44,7 +44,7 @@ def check_scope(credentials: Credentials, uuids: Collection[str], port: int) -> 
     if not scope_allows(credentials, uuids, port):
         raise Forbidden(
             "Your token's scope does not allow connecting to this container port.",
-            hint="Use a token with scope \"all\", or one made for exactly this container and port.",
+            hint='Use a token with scope "all", or one made for exactly this container and port.',
         )
 
 
