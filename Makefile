@@ -47,6 +47,7 @@ typecheck: $(STAMP)
 check: lint typecheck test
 
 bench: $(STAMP)
+	scripts/ensure-bench-tools
 	$(BIN)/python -m bench
 
 clean:
