@@ -25,6 +25,7 @@ from twisted.web.client import (
     URI,
     Agent,
     HTTPConnectionPool,
+    RequestNotSent,
     RequestTransmissionFailed,
     ResponseFailed,
     ResponseNeverReceived,
@@ -85,7 +86,9 @@ class GatewayConnector:
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 64
         self.pool.cachedConnectionTimeout = int(idle_timeout)
-        self.pool.retryAutomatically = True
+        # Twisted's own retry would re-send the same signed headers, which a gateway rightly
+        # refuses as a replay: request() retries itself, with a fresh signature.
+        self.pool.retryAutomatically = False
         self._names: dict[tuple[str, str], bytes] = {}
         self._endpoints: dict[bytes, Any] = {}
         self._counter = itertools.count(1)
@@ -130,6 +133,16 @@ class GatewayConnector:
         headers.setRawHeaders(b"host", [address.encode("ascii")])
         uri = b"https://%s:%d%s" % (name, port, path)
         with translate_gateway_errors():
+            try:
+                return await self._agent.request(method, uri, headers, body)
+            except (RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived) as e:
+                # A pooled connection the gateway had just closed: try once more, on a new
+                # connection, when that is safe (an idempotent request without a body).
+                if body is not None or method not in RETRYABLE or _tls_failure(e):
+                    raise
+            headers.setRawHeaders(
+                policy.AUTHORIZATION, [policy.sign(secret, self._reactor.seconds()).encode()]
+            )
             return await self._agent.request(method, uri, headers, body)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -150,6 +163,15 @@ class GatewayConnector:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
+# Methods a proxy may send again when a connection fails before the answer (RFC 9110 9.2.2).
+RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+def _tls_failure(error: Exception) -> bool:
+    """Whether a request failed because the TLS handshake (the gateway's identity) failed."""
+    return any(r.check(SSL.Error) for r in getattr(error, "reasons", []))
+
+
 @contextmanager
 def translate_gateway_errors() -> Iterator[None]:
     """Turn failures to reach or talk to a gateway into the errors the client should see."""
@@ -166,7 +188,7 @@ def translate_gateway_errors() -> Iterator[None]:
             hint="The container may have just stopped, or its node is unreachable.",
         ) from e
     except (ResponseNeverReceived, RequestTransmissionFailed, ResponseFailed) as e:
-        if any(r.check(SSL.Error) for r in e.reasons):
+        if _tls_failure(e):
             raise BadGateway(
                 "The container's gateway failed its identity check (TLS); nothing was sent."
             ) from e
