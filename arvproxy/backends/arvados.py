@@ -39,7 +39,6 @@ never appear in logs or messages.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import re
@@ -76,6 +75,7 @@ from arvproxy.backends import (
     uuid_infix,
 )
 from arvproxy.backends.cache import AnswerCache
+from arvproxy.backends.cache import token_key as _digest
 from arvproxy.config import ClusterConfig
 from arvproxy.errors import BadRequest, Forbidden, NotFound, ProxyError, Unauthorized, Unavailable
 
@@ -147,11 +147,6 @@ def api_base_url(host_or_url: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
         raise ValueError(f"not an API server address: {host_or_url!r}")
     return f"{parts.scheme}://{parts.netloc}/"
-
-
-def _digest(token: str) -> str:
-    """What the caches key a token by: never the token itself."""
-    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 @implementer(IOpenSSLClientConnectionCreator)

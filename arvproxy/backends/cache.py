@@ -13,14 +13,17 @@ the backend recovers as soon as the server does.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Hashable
 from typing import Any, Generic, TypeVar
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from arvproxy.errors import ProxyError, Unavailable
+from arvproxy.backends import Container, ContainerRequest, Credentials, ICluster
+from arvproxy.errors import ProxyError, Unauthorized, Unavailable
 
 _V = TypeVar("_V")
 
@@ -122,3 +125,76 @@ class AnswerCache(Generic[_V]):
     def clear(self) -> None:
         """Forget every kept answer."""
         self._entries.clear()
+
+
+@implementer(ICluster)
+class CachedCluster:
+    """
+    Any L{ICluster}, with its answers about tokens, container requests and permissions kept for
+    C{ttl} seconds, so that a page with a hundred assets does not cost four hundred lookups.
+
+    Containers are never kept: their state (Running, finished) is read fresh for every request,
+    so a finished container is refused at once.  A revoked token may keep working for up to
+    C{ttl} seconds; an expired one never does (its expiry is checked on every use).  Everything
+    else (C{update_container}, the portal's listing and token calls) passes straight through.
+    """
+
+    def __init__(self, clock: IReactorTime, cluster: Any, ttl: float) -> None:
+        self._clock = clock
+        self._cluster = cluster
+        self._credentials: AnswerCache[Credentials] = AnswerCache(clock, ttl)
+        self._requests: AnswerCache[ContainerRequest] = AnswerCache(clock, ttl)
+        self._request_lists: AnswerCache[list[ContainerRequest]] = AnswerCache(clock, ttl)
+        self._levels: AnswerCache[str | None] = AnswerCache(clock, ttl)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cluster, name)
+
+    def authenticate(self, token: str) -> Deferred[Credentials]:
+        key = token_key(token)
+        d = self._credentials.get(key, lambda: self._cluster.authenticate(token))
+        return d.addCallback(self._unexpired, key)
+
+    def _unexpired(self, credentials: Credentials, key: str) -> Credentials:
+        expires = credentials.expires_at
+        if expires is not None and expires.timestamp() <= self._clock.seconds():
+            self._credentials.forget(key)
+            raise Unauthorized("Your token has expired.")
+        return credentials
+
+    def get_container_request(self, uuid: str) -> Deferred[ContainerRequest]:
+        return self._requests.get(uuid, lambda: self._cluster.get_container_request(uuid))
+
+    def get_container(self, uuid: str) -> Deferred[Container]:
+        return self._cluster.get_container(uuid)  # type: ignore[no-any-return]
+
+    def container_requests_for(self, container_uuid: str) -> Deferred[list[ContainerRequest]]:
+        return self._request_lists.get(
+            container_uuid, lambda: self._cluster.container_requests_for(container_uuid)
+        )
+
+    def permission_level(
+        self, user_uuid: str, target_uuid: str, credentials: Credentials | None = None
+    ) -> Deferred[str | None]:
+        return self._levels.get(
+            (user_uuid, target_uuid),
+            lambda: self._cluster.permission_level(user_uuid, target_uuid, credentials=credentials),
+        )
+
+    def update_container(self, uuid: str, **changes: Any) -> Deferred[Container]:
+        return self._cluster.update_container(uuid, **changes)  # type: ignore[no-any-return]
+
+    def exchange_token(self, token: str, ttl: float) -> Deferred[str]:
+        """Exchange, and forget the used-up token at once (see L{RegistryStore.exchange_token})."""
+        self._credentials.forget(token_key(token))
+        d: Deferred[str] = self._cluster.exchange_token(token, ttl)
+        return d.addBoth(self._forgetting, token_key(token))
+
+    def _forgetting(self, result: Any, key: str) -> Any:
+        self._credentials.forget(key)
+        return result
+
+
+def token_key(token: str) -> str:
+    """What a cache keys a token by: never the token itself."""
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()

@@ -9,6 +9,7 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.python import usage
 
+from arvproxy.backends.cache import CachedCluster
 from arvproxy.controller.proxy import Controller, GatewayConnector
 from arvproxy.controller.workers import WorkerPool, watch_parent
 from arvproxy.service import ListeningService, open_cluster, read_config
@@ -68,6 +69,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     top = MultiService()
     cluster = open_cluster(reactor, config)
     cluster.setServiceParent(top)
+    if config.backend == "embedded" and config.cache_ttl > 0:
+        # The Arvados backend keeps its own answers; the registry's cost a thread hop each.
+        cluster = CachedCluster(reactor, cluster, config.cache_ttl)
     gateways = GatewayConnector(reactor)
     site = ProxySite(Controller(reactor, config, cluster, gateways), reactor, config.limits)
     site.access_log = bool(options["access-log"])

@@ -1,0 +1,75 @@
+"""
+The controller's short-lived cache in front of the embedded registry (CachedCluster).
+"""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from arvproxy.backends import ICluster
+from arvproxy.backends.cache import CachedCluster
+from arvproxy.errors import Unauthorized
+from arvproxy.testing import FakeCluster
+
+
+class CachedClusterTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.backend = FakeCluster(clock=self.clock.seconds)
+        self.cluster = CachedCluster(self.clock, self.backend, ttl=10)
+        self.user = self.backend.add_user("alice")
+        self.container = self.backend.add_container()
+        self.request = self.backend.add_container_request(self.user.uuid, self.container.uuid)
+
+    def test_provides_the_interface(self) -> None:
+        """It is an ICluster like the backend it wraps."""
+        verifyObject(ICluster, self.cluster)
+
+    def test_answers_are_kept_for_the_ttl(self) -> None:
+        """Token, request, request list and permission answers cost one lookup per ttl."""
+        token = self.backend.add_token(self.user.uuid)
+        for _ in range(3):
+            self.successResultOf(self.cluster.authenticate(token))
+            self.successResultOf(self.cluster.get_container_request(self.request.uuid))
+            self.successResultOf(self.cluster.container_requests_for(self.container.uuid))
+            self.successResultOf(self.cluster.permission_level(self.user.uuid, self.request.uuid))
+        for name in (
+            "authenticate",
+            "get_container_request",
+            "container_requests_for",
+            "permission_level",
+        ):
+            self.assertEqual(len(self.backend.called(name)), 1, name)
+        self.clock.advance(10)
+        self.successResultOf(self.cluster.authenticate(token))
+        self.assertEqual(len(self.backend.called("authenticate")), 2)
+
+    def test_containers_are_always_read_fresh(self) -> None:
+        """A container's state is never kept: a finished container is seen finished at once."""
+        for _ in range(3):
+            self.successResultOf(self.cluster.get_container(self.container.uuid))
+        self.assertEqual(len(self.backend.called("get_container")), 3)
+
+    def test_expired_token_is_refused_from_the_cache(self) -> None:
+        """A kept answer for a token that has since expired is not used."""
+        token = self.backend.add_token(self.user.uuid, ttl=5)
+        self.successResultOf(self.cluster.authenticate(token))
+        self.clock.advance(6)
+        self.failureResultOf(self.cluster.authenticate(token), Unauthorized)
+
+    def test_revoked_token_stops_within_the_ttl(self) -> None:
+        """A revoked token keeps working from the cache for at most the ttl."""
+        token = self.backend.add_token(self.user.uuid)
+        self.successResultOf(self.cluster.authenticate(token))
+        self.backend.revoke_token(token)
+        self.successResultOf(self.cluster.authenticate(token))
+        self.clock.advance(10)
+        self.failureResultOf(self.cluster.authenticate(token), Unauthorized)
+
+    def test_failures_are_not_kept(self) -> None:
+        """A refused token is asked about again next time (it may have been a typo since fixed)."""
+        self.failureResultOf(self.cluster.authenticate("v2/nope/nope"), Unauthorized)
+        self.failureResultOf(self.cluster.authenticate("v2/nope/nope"), Unauthorized)
+        self.assertEqual(len(self.backend.called("authenticate")), 2)
