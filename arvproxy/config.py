@@ -19,7 +19,7 @@ touches nothing but the path arithmetic for C{Registry}.  The keys we read::
           TrustedProxies: ["127.0.0.1/32"]
           Gateway:
             MaxClockSkew: 300s                # Arvados duration: "300s", "5m", "1h30m", 300
-          CacheTTL: 10s                       # arvados backend: how long API answers are kept
+          CacheTTL: 10s                       # how long the front door keeps answers about tokens
 
     With C{Backend: arvados}, two more Arvados keys are read::
 
@@ -109,7 +109,8 @@ class ClusterConfig:
     @ivar api_url: the Arvados API server (C{Services.Controller.ExternalURL}), or C{""} when
         the backend is not C{arvados}.
     @ivar tls_insecure: C{TLS.Insecure}: do not verify the API server's certificate.
-    @ivar cache_ttl: seconds the arvados backend keeps API answers (0: not at all).
+    @ivar cache_ttl: seconds the front door keeps answers about tokens, container requests and
+        permissions (0: not at all); a revoked token keeps working this long at most.
     """
 
     source: str
