@@ -1,17 +1,25 @@
 """
 C{make run}: the whole chain on one machine, in the foreground, until Ctrl-C.
 
-  1. a "container": a small web page on a free loopback port (L{start_host_container}; the
-     Docker runtime will swap in a real container here);
-  2. the controller, C{twistd arv-controller-proxy}, as configured (conf/local.yml: port 8900);
-  3. a container request for the page's port in the embedded registry, owned by a demo user
-     whose token is kept in C{var/demo.json} and reused from run to run;
-  4. the node gateway, C{twistd crunch-run-gateway}, for that request's container, given the
-     dispatcher's JSON on its standard input, as Arvados' dispatcher does.
+With a Docker engine (and root, to enter the container's network namespace):
 
-Once the gateway has marked the container Running, the URL that opens the page through the
-proxy is printed.  The children's output goes to C{var/log/*.log}.  A child that fails to start
-ends the demo with status 1 and says where to look; Ctrl-C stops everything.
+  1. the controller, C{twistd arv-controller-proxy}, as configured (conf/local.yml: port 8900);
+  2. a container request in the embedded registry for a real Docker container (the image
+     C{scripts/build-test-image} builds; see L{arvproxy.demo_docker}) publishing port 8080,
+     owned by a demo user whose token is kept in C{var/demo.json} and reused from run to run;
+  3. the local dispatcher, C{twistd arv-local-dispatcher}, which locks that container and starts
+     its gateway (C{crunch-run-gateway --runtime docker}); the gateway creates the container
+     with no network, and serves its port from inside the container's network namespace.
+
+Without one, the demo says so (with the fix) and falls back to what it did before real
+containers: the demo page on a free loopback port, served by this process
+(L{start_host_container}), and a gateway with the C{host} runtime that this process starts,
+given the dispatcher's JSON on its standard input as Arvados' dispatcher does.
+
+Once the container is Running, the URL that opens the page through the proxy is printed.  The
+children's output goes to C{var/log/*.log} (the dispatcher's holds its gateways' too).  A child
+that fails to start ends the demo with status 1 and says where to look; Ctrl-C cancels the
+container (its gateway stops and removes it) and stops everything.
 
 L{Child}, L{start_controller} and L{start_gateway} are also what the browser tests use to run
 the real twistd plugins.
@@ -29,16 +37,18 @@ from dataclasses import dataclass, field
 from html import escape
 from typing import IO, Any
 
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, error, protocol, task
 from twisted.internet.interfaces import IReactorProcess, IReactorTCP
+from twisted.internet.threads import deferToThread
 from twisted.protocols import policies
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 
-from arvproxy import policy
+from arvproxy import backends, demo_docker, policy
 from arvproxy.backends.registry import EmbeddedRegistry
 from arvproxy.config import ClusterConfig, ConfigError, load_config
 from arvproxy.errors import ProxyError
+from arvproxy.gateway.docker_runtime import docker_name
 
 DEFAULT_CONFIG = os.path.join("conf", "local.yml")
 STATE_FILE = "demo.json"
@@ -47,6 +57,8 @@ DEMO_USER = "arvproxy demo user"
 # What the plugins log once they are ready (arvproxy.service and arvproxy.gateway.tap).
 LISTENING = b"Listening on "
 RUNNING = b" is Running; gateway at "
+# What twistd logs once it has made the service (its options, engine checks included, passed).
+STARTED = b"reactor class: "
 
 # The source tree holding this package, so the children's twistd finds its plugins there.
 SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,6 +98,7 @@ class Child(protocol.ProcessProtocol):
         self.running = False
         self.has_ended = False
         self._waiters: list[defer.Deferred[Child]] = []
+        self._line_waiters: list[tuple[bytes, defer.Deferred[str]]] = []
         self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - closed in processEnded
         self._partial = b""
         self._tail: list[bytes] = []
@@ -106,6 +119,9 @@ class Child(protocol.ProcessProtocol):
             self._tail = (self._tail + [line])[-20:]
             if not self.ready.called and self.marker in line:
                 self.ready.callback(line.decode("utf-8", "replace"))
+            for waiter in [w for w in self._line_waiters if w[0] in line]:
+                self._line_waiters.remove(waiter)
+                waiter[1].callback(line.decode("utf-8", "replace"))
 
     def processEnded(self, reason: Failure) -> None:
         self.running = False
@@ -130,6 +146,15 @@ class Child(protocol.ProcessProtocol):
             return defer.succeed(self)
         waiter: defer.Deferred[Child] = defer.Deferred()
         self._waiters.append(waiter)
+        return waiter
+
+    def wait_for_line(self, text: bytes) -> defer.Deferred[str]:
+        """
+        A new Deferred that fires with the next line of output containing C{text}; it never
+        fires if the process ends first.
+        """
+        waiter: defer.Deferred[str] = defer.Deferred()
+        self._line_waiters.append((text, waiter))
         return waiter
 
     def stop(self, reactor: Any, grace: float = 10.0) -> defer.Deferred[None]:
@@ -194,6 +219,20 @@ def start_controller(
         arguments += ["--listen", listen]
     return spawn_twistd(
         reactor, Child("controller", log_path, LISTENING), "arv-controller-proxy", arguments
+    )
+
+
+def start_dispatcher(
+    reactor: IReactorProcess, config_path: str, log_path: str, poll_interval: float = 0.5
+) -> Child:
+    """
+    Start C{twistd arv-local-dispatcher} (Docker runtime); it is ready once twistd has made its
+    service, that is once its options and its engine checks have passed.
+    """
+    arguments = ["--config", config_path, "--runtime", "docker"]
+    arguments += ["--poll-interval", str(poll_interval)]
+    return spawn_twistd(
+        reactor, Child("dispatcher", log_path, STARTED), "arv-local-dispatcher", arguments
     )
 
 
@@ -498,7 +537,50 @@ def _say(text: str = "") -> None:
     sys.stdout.flush()
 
 
-async def run_demo(reactor: Any, config_path: str) -> None:
+class DemoFailed(Exception):
+    """The demo's container could not be started; the message says why and where to look."""
+
+
+@dataclass
+class DemoContainer:
+    """What the demo started, for the summary it prints."""
+
+    request_uuid: str
+    container_uuid: str
+    port: int
+    logs: str
+    description: str
+
+
+async def choose_runtime(reactor: Any, wanted: str) -> str:
+    """
+    C{"docker"} when C{wanted} is C{"docker"} or C{"auto"} and this machine can run the demo's
+    Docker container (building its image if needed), else C{"host"}, saying why and how to fix
+    it.
+
+    @raise SystemExit: C{wanted} is C{"docker"} and Docker cannot be used.
+    """
+    if wanted == "host":
+        return "host"
+    problem = await deferToThread(demo_docker.runtime_problem)
+    if problem is None and not await deferToThread(demo_docker.image_exists):
+        _say(f"Building the demo's image {demo_docker.DEMO_IMAGE} (once; scripts/build-test-image)")
+        problem = await deferToThread(demo_docker.build_image)
+    if problem is None:
+        return "docker"
+    if wanted == "docker":
+        raise SystemExit(f"arvproxy demo: cannot run a Docker container here: {problem}")
+    _say(
+        f"""
+arvproxy demo: NO DOCKER CONTAINER this time: {problem}.
+The demo page is served by this process on a loopback port instead (the gateway's "host"
+runtime), and no dispatcher is started.
+"""
+    )
+    return "host"
+
+
+async def run_demo(reactor: Any, config_path: str, runtime: str = "auto") -> None:
     try:
         config = load_config(config_path)
     except ConfigError as e:
@@ -522,40 +604,39 @@ async def run_demo(reactor: Any, config_path: str) -> None:
     reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(stop_all()))
     reactor.callWhenRunning(_stop_on_signals, reactor)
 
+    runtime = await choose_runtime(reactor, runtime)
     registry = EmbeddedRegistry.from_config(reactor, config)
     registry.start()
     stoppers.append(registry.stop)
     user_uuid, token = await demo_credentials(registry, os.path.join(var, STATE_FILE))
 
-    container = start_host_container(reactor)
-    stoppers.append(container.stop)
-    request = await registry.create_container_request(
-        user_uuid,
-        name="arvproxy demo",
-        published_ports={str(container.port): {"access": "private", "label": "demo page"}},
-    )
-    assert request.container_uuid is not None
-
-    controller_log = os.path.join(logs, "controller.log")
-    gateway_log = os.path.join(logs, "gateway.log")
-    _say(f"Starting the controller and the gateway; their logs are in {logs}/")
     children: list[Child] = []
     try:
-        controller = start_controller(reactor, os.path.abspath(config_path), controller_log)
+        if runtime == "docker":
+            _say(
+                "Starting the controller and the local dispatcher (it starts the gateway, which "
+                f"starts the Docker container); their logs are in {logs}/"
+            )
+        else:
+            _say(f"Starting the controller and the gateway; their logs are in {logs}/")
+        controller = start_controller(
+            reactor, os.path.abspath(config_path), os.path.join(logs, "controller.log")
+        )
         children.append(controller)
         stoppers.append(lambda: controller.stop(reactor))
         await controller.ready
-        gateway = start_gateway(
+        start = _start_docker_container if runtime == "docker" else _start_host_container
+        started = await start(
             reactor,
             config,
             os.path.abspath(config_path),
-            request.container_uuid,
-            gateway_log,
-            container.gateway_arguments,
+            registry,
+            user_uuid,
+            logs,
+            children,
+            stoppers,
+            lambda: stopping,
         )
-        children.append(gateway)
-        stoppers.append(lambda: gateway.stop(reactor))
-        await gateway.ready
     except ChildFailed as e:
         if stopping:  # Ctrl-C while starting
             return
@@ -564,16 +645,24 @@ async def run_demo(reactor: Any, config_path: str) -> None:
         if "Address already in use" in e.tail:
             _say("--- (is another program, maybe another `make run`, already listening there?)")
         raise SystemExit(1) from None
+    except DemoFailed as e:
+        if stopping:
+            return
+        _say(f"\narvproxy demo: {e}")
+        raise SystemExit(1) from None
+    if started is None:  # Ctrl-C while starting
+        return
 
-    url = service_url(config, request.uuid, container.port, token)
-    plain = service_url(config, request.uuid, container.port)
+    url = service_url(config, started.request_uuid, started.port, token)
+    plain = service_url(config, started.request_uuid, started.port)
     _say(
         f"""
 arvproxy demo is running (Ctrl-C stops it).
 
   Demo user     {user_uuid}   (token saved in {os.path.join(var, STATE_FILE)})
-  Container     {request.container_uuid}   Running, gateway logs in {gateway_log}
-  Request       {request.uuid}   publishes port {container.port}
+  Container     {started.container_uuid}   Running, gateway logs in {started.logs}
+  Request       {started.request_uuid}   publishes port {started.port}
+  Runs as       {started.description}
 
 Open the demo page in Chromium or Firefox (both send *.localhost to this machine):
 
@@ -596,6 +685,213 @@ Without a token the page answers 401:   curl -i '{plain}'
         status = first.exit_code
         _say(f"arvproxy demo: the {first.name} stopped (status {status}); see {first.log_path}")
         raise SystemExit(1)
+
+
+async def _start_host_container(
+    reactor: Any,
+    config: ClusterConfig,
+    config_path: str,
+    registry: EmbeddedRegistry,
+    user_uuid: str,
+    logs: str,
+    children: list[Child],
+    stoppers: list[Callable[[], Any]],
+    is_stopping: Callable[[], bool],
+) -> DemoContainer:
+    """The page served by this process, and a gateway (host runtime) that this process starts."""
+    container = start_host_container(reactor)
+    stoppers.insert(1, container.stop)  # after the controller and the gateway have stopped
+    request = await registry.create_container_request(
+        user_uuid,
+        name="arvproxy demo",
+        published_ports={str(container.port): {"access": "private", "label": "demo page"}},
+    )
+    assert request.container_uuid is not None
+    gateway_log = os.path.join(logs, "gateway.log")
+    gateway = start_gateway(
+        reactor,
+        config,
+        config_path,
+        request.container_uuid,
+        gateway_log,
+        container.gateway_arguments,
+    )
+    children.append(gateway)
+    stoppers.append(lambda: gateway.stop(reactor))
+    await gateway.ready
+    return DemoContainer(
+        request.uuid,
+        request.container_uuid,
+        container.port,
+        gateway_log,
+        "a page served by this process on 127.0.0.1 (no Docker: the gateway's host runtime)",
+    )
+
+
+async def _start_docker_container(
+    reactor: Any,
+    config: ClusterConfig,
+    config_path: str,
+    registry: EmbeddedRegistry,
+    user_uuid: str,
+    logs: str,
+    children: list[Child],
+    stoppers: list[Callable[[], Any]],
+    is_stopping: Callable[[], bool],
+) -> DemoContainer | None:
+    """
+    A container request for the demo site in a Docker container, and the local dispatcher that
+    runs it; fires once the container is Running (C{None} if Ctrl-C came first).  At shutdown
+    the container is cancelled first (its gateway stops and removes it), then the dispatcher
+    stops, then whatever Docker container is still there is removed.
+
+    @raise DemoFailed: the container ended, or was not Running in time.
+    """
+    port = demo_docker.DEMO_PORT
+    request = await registry.create_container_request(
+        user_uuid,
+        name="arvproxy demo",
+        container_image=demo_docker.DEMO_IMAGE,
+        command=demo_docker.container_command(port),
+        published_ports={str(port): {"access": "private", "label": "demo page"}},
+    )
+    uuid = request.container_uuid
+    assert uuid is not None
+    dispatcher_log = os.path.join(logs, "dispatcher.log")
+    stoppers.append(lambda: deferToThread(_remove_docker_leftover, uuid))
+    dispatcher = start_dispatcher(reactor, config_path, dispatcher_log)
+    gateway_ended = dispatcher.wait_for_line(f"The gateway of {uuid} ended".encode("ascii"))
+    children.append(dispatcher)
+    stoppers.append(lambda: dispatcher.stop(reactor, grace=45.0))
+    stoppers.append(
+        lambda: defer.ensureDeferred(
+            _cancel_container(reactor, registry, uuid, dispatcher, gateway_ended)
+        )
+    )
+    await dispatcher.ready
+    _say(f"Container {uuid}: waiting until it is Running")
+    running = await _wait_running(reactor, registry, uuid, dispatcher, is_stopping)
+    if running is None:
+        return None
+    return DemoContainer(
+        request.uuid,
+        uuid,
+        port,
+        dispatcher_log,
+        f"Docker container {docker_name(uuid)} ({demo_docker.DEMO_IMAGE}, --network none)",
+    )
+
+
+RUNNING_TIMEOUT = 180.0
+"""Seconds the demo waits for its Docker container to be Running."""
+
+_PROGRESS = {
+    backends.QUEUED: "Queued: waiting for the dispatcher to lock it",
+    backends.LOCKED: "Locked: its gateway is creating and starting the Docker container",
+}
+
+
+async def _wait_running(
+    reactor: Any,
+    registry: EmbeddedRegistry,
+    uuid: str,
+    dispatcher: Child,
+    is_stopping: Callable[[], bool],
+    timeout: float = RUNNING_TIMEOUT,
+) -> backends.Container | None:
+    """
+    Poll the container record until it is Running with a gateway, saying each new state.
+
+    @return: the container; C{None} if the demo is stopping meanwhile.
+    @raise DemoFailed: it reached a final state, the dispatcher exited, or C{timeout} passed.
+    """
+    started = reactor.seconds()
+    said: tuple[str, int] | None = None
+    while not is_stopping():
+        container = await registry.get_container(uuid)
+        if container.state == backends.RUNNING and container.gateway_address:
+            return container
+        waited = reactor.seconds() - started
+        if container.state in backends.FINAL_STATES:
+            why = container.runtime_status.get("error") or f"exit code {container.exit_code}"
+            raise DemoFailed(
+                f"container {uuid} is {container.state}: {why}\n"
+                f"  (the gateway's output is in {dispatcher.log_path})"
+            )
+        if dispatcher.has_ended:
+            raise DemoFailed(
+                f"the dispatcher exited (status {dispatcher.exit_code}); see {dispatcher.log_path}"
+            )
+        if waited > timeout:
+            raise DemoFailed(
+                f"container {uuid} was still {container.state} after {timeout:.0f}s; "
+                f"see {dispatcher.log_path}"
+            )
+        now = (container.state, int(waited) // 10)
+        if said != now:
+            _say(
+                f"  {_PROGRESS.get(container.state, container.state)}"
+                + (f" ({int(waited)}s)" if waited >= 10 else "")
+            )
+            said = now
+        await task.deferLater(reactor, 0.25, lambda: None)
+    return None
+
+
+async def _cancel_container(
+    reactor: Any,
+    registry: EmbeddedRegistry,
+    uuid: str,
+    dispatcher: Child,
+    gateway_ended: defer.Deferred[str],
+    timeout: float = 30.0,
+) -> None:
+    """
+    Cancel the container in the record, as C{arvproxy cancel} does, and wait (at most
+    C{timeout} seconds) until its gateway has stopped, removed the Docker container and exited,
+    so that stopping the dispatcher next does not interrupt it.
+
+    @param gateway_ended: fires when the dispatcher says the container's gateway ended.
+    """
+    container = await registry.get_container(uuid)
+    if container.state not in backends.FINAL_STATES:
+        _say(f"Cancelling container {uuid}; its gateway stops the Docker container")
+        try:
+            await registry.update_container(
+                uuid,
+                state=backends.CANCELLED,
+                runtime_status={**container.runtime_status, "cancelled": "the demo stopped"},
+            )
+        except ValueError:
+            pass  # it has just finished by itself
+    if not gateway_ended.called and not dispatcher.has_ended and container.gateway_address:
+        timer = task.deferLater(reactor, timeout, lambda: None)
+        waits: list[defer.Deferred[Any]] = [gateway_ended, dispatcher.when_ended(), timer]
+        _, which = await defer.DeferredList(waits, fireOnOneCallback=True, consumeErrors=True)
+        if which == 2:
+            _say(f"The gateway of {uuid} has not exited after {timeout:.0f}s")
+        else:
+            timer.cancel()
+    deadline = reactor.seconds() + timeout
+    while await deferToThread(_docker_containers, uuid):
+        if reactor.seconds() > deadline:
+            _say(f"The Docker container of {uuid} is still there after {timeout:.0f}s")
+            return
+        await task.deferLater(reactor, 0.5, lambda: None)
+
+
+def _docker_containers(uuid: str) -> list[Any]:
+    """The Docker containers (running or not) of arvproxy container C{uuid} (blocking)."""
+    from arvproxy.gateway.docker_runtime import LABEL, default_client
+
+    return list(default_client().containers.list(all=True, filters={"label": f"{LABEL}={uuid}"}))
+
+
+def _remove_docker_leftover(uuid: str) -> None:
+    """Remove what is left of container C{uuid} in Docker once nothing else will (blocking)."""
+    for container in _docker_containers(uuid):
+        sys.stdout.write(f"Removing leftover Docker container {container.name}\n")
+        container.remove(force=True)
 
 
 def _stop_on_signals(reactor: Any) -> None:
@@ -623,10 +919,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="Run the controller, a gateway and a demo web service on this machine.",
     )
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"default: {DEFAULT_CONFIG}")
+    parser.add_argument(
+        "--container",
+        choices=("auto", "docker", "host"),
+        default="auto",
+        help=(
+            "where the demo page runs: a Docker container (docker), a page served by this "
+            "process (host), or Docker when it can be used, else host (auto, the default)"
+        ),
+    )
     args = parser.parse_args(argv)
     from twisted.internet.task import react
 
-    react(lambda reactor: defer.ensureDeferred(run_demo(reactor, args.config)))
+    react(lambda reactor: defer.ensureDeferred(run_demo(reactor, args.config, args.container)))
 
 
 if __name__ == "__main__":
