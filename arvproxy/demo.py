@@ -568,12 +568,14 @@ async def choose_runtime(reactor: Any, wanted: str) -> str:
         problem = await deferToThread(demo_docker.build_image)
     if problem is None:
         return "docker"
+    what, fix = problem
     if wanted == "docker":
-        raise SystemExit(f"arvproxy demo: cannot run a Docker container here: {problem}")
+        raise SystemExit(f"arvproxy demo: cannot run a Docker container here: {what}.\n  {fix}.")
     _say(
         f"""
-arvproxy demo: NO DOCKER CONTAINER this time: {problem}.
-The demo page is served by this process on a loopback port instead (the gateway's "host"
+arvproxy demo: NO DOCKER CONTAINER this time: {what}.
+  To get one: {fix}.
+Meanwhile the demo page is served by this process on a loopback port (the gateway's "host"
 runtime), and no dispatcher is started.
 """
     )

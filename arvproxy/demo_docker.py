@@ -192,35 +192,40 @@ def image_exists(image: str = DEMO_IMAGE) -> bool:
     return True
 
 
-def build_image(image: str = DEMO_IMAGE) -> str | None:
+def build_image(image: str = DEMO_IMAGE) -> tuple[str, str] | None:
     """
     Build C{image} with C{scripts/build-test-image} (blocking; can take a minute).
 
-    @return: C{None} once built, else what went wrong (the script's last words).
+    @return: C{None} once built, else what went wrong (the script's last words) and the fix.
     """
+    fix = "run `scripts/build-test-image` to see why (it fetches Debian's busybox-static)"
     try:
         result = subprocess.run(
             [BUILD_IMAGE, image], capture_output=True, text=True, timeout=600, cwd=SOURCE_ROOT
         )
     except (OSError, subprocess.TimeoutExpired) as e:
-        return f"scripts/build-test-image failed: {e}"
+        return f"the image {image} could not be built: {e}", fix
     if result.returncode != 0:
         words = result.stderr.strip().splitlines()[-3:] or [f"status {result.returncode}"]
-        return "scripts/build-test-image failed: " + " / ".join(words)
+        return f"the image {image} could not be built: " + " / ".join(words), fix
     return None
 
 
-def runtime_problem() -> str | None:
+def runtime_problem() -> tuple[str, str] | None:
     """
-    C{None} when this machine can run the demo's Docker container, else why not and the fix
-    (blocking: asks the engine).
+    C{None} when this machine can run the demo's Docker container, else what is missing and the
+    fix (blocking: asks the engine).
     """
-    from arvproxy.gateway.docker_runtime import engine_status
-    from arvproxy.gateway.netns import PERMISSION_HINT, has_cap_sys_admin
+    from arvproxy.gateway.docker_runtime import ENGINE_HINT, engine_status
+    from arvproxy.gateway.netns import has_cap_sys_admin
 
     problem = engine_status()
     if problem is not None:
-        return f"{problem}.  To use one: {ENSURE_DOCKER_FIX}"
+        detail = problem.removeprefix(ENGINE_HINT).lstrip(": ")
+        return f"no Docker engine answers here ({detail})", ENSURE_DOCKER_FIX
     if not has_cap_sys_admin():
-        return f"the Docker runtime cannot be used: {PERMISSION_HINT}"
+        return (
+            "the gateway cannot enter a container's network namespace without root (CAP_SYS_ADMIN)",
+            "run `make run` as root (e.g. `sudo make run`)",
+        )
     return None
