@@ -221,6 +221,11 @@ class LocalDispatcher(Service):
     async def _gateway_ended(self, uuid: str, reason: Any) -> None:
         self.gateways.pop(uuid, None)
         how = describe_exit(reason)
+        if self._stopping:
+            # Stopped by stopService: it records its container's end itself, and the registry
+            # service is stopping alongside this one (asking it now fails).
+            log.info("The gateway of {uuid} ended ({how})", uuid=uuid, how=how)
+            return
         container = await self._cluster.get_container(uuid)
         if container.state in backends.FINAL_STATES:
             log.info("The gateway of {uuid} ended ({how})", uuid=uuid, how=how)

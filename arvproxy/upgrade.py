@@ -50,6 +50,15 @@ class UpgradeResponse:
         self._client.transport.loseConnection()
 
 
+class _Switched:
+    """Stands in for the h11 connection once a tunnel is spliced."""
+
+    their_state = h11.SWITCHED_PROTOCOL
+
+
+_SWITCHED: Any = _Switched()
+
+
 class _UpgradeClient(Protocol):
     """
     Sends one upgrade request to the next hop and reads its answer with h11.
@@ -138,6 +147,12 @@ class _UpgradeClient(Protocol):
             sink.bodyDone()
         if self._lost is not None:
             sink.peerLost(self._lost)
+
+    def release(self) -> None:
+        """Forget the handshake's state once the connection only carries a tunnel's bytes."""
+        self._h11 = _SWITCHED
+        self._answer = None
+        self._request = None  # type: ignore[assignment]
 
     def _fail(self, error: Exception) -> None:
         if not self.answered.called:
@@ -305,6 +320,11 @@ def relay_upgrade(request: StreamingRequest, response: UpgradeResponse) -> defer
     channel._dataBuffer = []
 
     client.attach(_UpstreamSide(splice))
+    # From here on only bytes flow: drop what the handshake needed, since a notebook may hold
+    # thousands of these tunnels open for hours.  The request never finishes; nothing waits
+    # on it.
+    client.release()
+    channel.requests.clear()
     if buffered:
         splice.from_client(buffered)
     transport.registerProducer(upstream, True)
