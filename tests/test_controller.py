@@ -142,6 +142,19 @@ class ControllerTestCase(SynchronousTestCase):
         return self.gateways.calls[-1]
 
 
+class LookupTests(ControllerTestCase):
+    def test_one_lookup_per_request_with_the_container_cookie(self) -> None:
+        """A browser that carries the container cookie costs no second lookup of the target."""
+        container_cookie = (b"Cookie", b"arvados_container_uuid=" + self.container.uuid.encode())
+        self.cluster.calls.clear()
+        response = self.send(
+            self.host(self.cr.uuid), b"/p", self.tokens["alice"], headers=[container_cookie]
+        )
+        self.assertEqual(response.status, 200)
+        self.assertEqual(len(self.cluster.called("get_container_request")), 1)
+        self.assertEqual(len(self.cluster.called("get_container")), 1)
+
+
 class HostTests(ControllerTestCase):
     def test_hosts_that_name_no_target(self) -> None:
         """Hosts outside the suffix or malformed under it are 400; the bare suffix is the page."""

@@ -235,6 +235,7 @@ class Controller:
 
         uri, query_token = policy.split_query_token(request.uri)
         seen = sitedata.seen_container(request.requestHeaders)
+        found: tuple[Any, list[Any]] | None = None
         if query_token is not None or seen is not None:
             # A browser that saw a container here: does the vhost still lead to it?
             found = await self._try_resolve(target.uuid) if seen is not None else None
@@ -267,13 +268,14 @@ class Controller:
 
         if credentials is None:
             # Only a public port opens without a valid token; nothing else is revealed.
-            found = await self._try_resolve(target.uuid)
+            found = found or await self._try_resolve(target.uuid)
             if found is None or not permissions.is_public(target.uuid, target.port, *found):
                 raise refusal
             container, requests = found
         else:
             try:
-                container, requests = await self._resolve(target.uuid)
+                # Looked up once per request (the stale-state check above may have done it).
+                container, requests = found or await self._resolve(target.uuid)
             except NotFound:
                 # A token scoped to something else learns nothing, not even whether this exists.
                 permissions.check_scope(credentials, {target.uuid}, target.port)
