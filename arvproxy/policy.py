@@ -16,6 +16,7 @@ import hmac
 import ipaddress
 import os
 import re
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
@@ -457,13 +458,15 @@ class NonceCache:
     """
     The nonces a gateway has accepted, kept for as long as their timestamps could still pass the
     clock check, so that a captured request cannot be replayed.  Memory is bounded by the
-    request rate times the window.
+    request rate times the window; forgetting costs O(1) per nonce, oldest first.
     """
 
     def __init__(self, window: float) -> None:
         self.window = window
-        self._seen: dict[str, float] = {}
-        self._next_prune = 0.0
+        self._seen: set[str] = set()
+        # (expiry, nonce) in the order accepted: expiries nearly ascend, so the expired ones
+        # are found at the left end.
+        self._order: deque[tuple[float, str]] = deque()
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -472,16 +475,14 @@ class NonceCache:
         """
         Record C{nonce}; C{False} when it was already recorded (a replay).
         """
-        if now >= self._next_prune:
-            self._prune(now)
+        order = self._order
+        while order and order[0][0] < now:
+            self._seen.discard(order.popleft()[1])
         if nonce in self._seen:
             return False
-        self._seen[nonce] = timestamp + self.window
+        self._seen.add(nonce)
+        order.append((timestamp + self.window, nonce))
         return True
-
-    def _prune(self, now: float) -> None:
-        self._seen = {n: expiry for n, expiry in self._seen.items() if expiry >= now}
-        self._next_prune = now + 1.0
 
 
 def verify(values: list[bytes] | None, secret: str, now: float, nonces: NonceCache) -> None:
