@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 
-from twisted.internet import defer, reactor, ssl
+from twisted.internet import defer, protocol, reactor, ssl
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
@@ -55,10 +55,52 @@ class _App(resource.Resource):
         request.setHeader(b"content-type", b"text/plain")
         return b"hello from the app\n"
 
+    def render_OPTIONS(self, request):
+        request.setResponseCode(204)
+        request.setHeader(b"access-control-allow-methods", b"GET, POST")
+        return b""
+
     def render_POST(self, request):
         body = request.content.read()
         self.uploads.append(body)
         return b"got %d bytes" % (len(body),)
+
+
+class _RawService(protocol.Protocol):
+    """
+    Answers every request with fixed bytes: a 103 Early Hints, then a chunked 200 whose body is
+    followed by a trailer field.
+    """
+
+    ANSWER = (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n"
+        b"Content-Type: text/plain\r\n\r\n"
+        b"6\r\nhello \r\n5\r\nworld\r\n0\r\nX-Checksum: abc\r\n\r\n"
+    )
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.received.append(data)
+        if b"\r\n\r\n" in b"".join(self.factory.received):
+            self.transport.write(self.ANSWER)
+
+
+class _RawFactory(protocol.Factory):
+    protocol = _RawService
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+
+
+def _dechunk(body: bytes) -> bytes:
+    """The payload of a chunked body (trailers ignored)."""
+    payload = b""
+    while True:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            return payload
+        payload, body = payload + body[:size], body[size + 2 :]
 
 
 def _raw(port: int, data: bytes, until: bytes, half_close: bool = False) -> defer.Deferred[bytes]:
@@ -83,7 +125,9 @@ class WebAppTests(unittest.TestCase):
 
     async def _chain(self, site_resource, limits=None, published=None, tls=False) -> Chain:
         site = (
-            site_resource if isinstance(site_resource, EchoFactory) else server.Site(site_resource)
+            site_resource
+            if isinstance(site_resource, EchoFactory | protocol.Factory)
+            else server.Site(site_resource)
         )
         if tls:
             certificate = make_server_certificate(os.urandom(32).hex(), ["127.0.0.1"])
@@ -201,6 +245,54 @@ class WebAppTests(unittest.TestCase):
                 self.assertNotIn(b"transfer-encoding", headers.lower())
                 if status == b"200":
                     self.assertIn(b"content-length: 19", headers.lower())
+
+        return defer.ensureDeferred(go())
+
+    def test_trailers_and_early_hints_are_dropped_body_intact(self):
+        """A chunked answer with a trailer arrives whole; its trailer and a 103 are not relayed.
+
+        RFC 9112 7.1.2 lets a recipient that removes the chunked coding discard trailers;
+        Twisted's client cannot relay 1xx answers, so 103 Early Hints are dropped too.
+        """
+
+        async def go():
+            chain = await self._chain(_RawFactory())
+            request = self._request(chain, b"GET / HTTP/1.1\r\nConnection: close")
+            reply = await _raw(chain.controller_port, request, b"\x00")
+            head, _, body = reply.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 200 "), reply)
+            self.assertNotIn(b"103", reply.split(b"\r\n")[0])
+            self.assertEqual(_dechunk(body), b"hello world")
+            self.assertNotIn(b"X-Checksum", body)
+
+        return defer.ensureDeferred(go())
+
+    def test_chunked_upload_with_trailer(self):
+        """A chunked upload with a trailer field reaches the service whole."""
+
+        async def go():
+            app = _App()
+            chain = await self._chain(app)
+            body = b"5\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 1\r\n\r\n"
+            request = self._request(
+                chain, b"POST /up HTTP/1.1\r\nTransfer-Encoding: chunked", body=body
+            )
+            reply = await _raw(chain.controller_port, request, b"got 11 bytes")
+            self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
+            self.assertEqual(app.uploads, [b"hello world"])
+
+        return defer.ensureDeferred(go())
+
+    def test_options_request(self):
+        """OPTIONS (a CORS preflight, say) reaches the service like any request."""
+
+        async def go():
+            app = _App()
+            chain = await self._chain(app)
+            request = self._request(chain, b"OPTIONS /x HTTP/1.1\r\nConnection: close")
+            reply = await _raw(chain.controller_port, request, b"\x00")
+            self.assertTrue(reply.startswith(b"HTTP/1.1 204 "), reply)
+            self.assertIn(b"access-control-allow-methods: get, post", reply.lower())
 
         return defer.ensureDeferred(go())
 
