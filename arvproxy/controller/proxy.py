@@ -48,7 +48,7 @@ from arvproxy.errors import (
     Unauthorized,
 )
 from arvproxy.limits import ConnectionSlots
-from arvproxy.streaming import StreamingRequest, relay_response
+from arvproxy.streaming import StreamingEndpoint, StreamingRequest, relay_response
 from arvproxy.tlsidentity import client_creator
 from arvproxy.upgrade import UpgradeResponse, open_upgrade, relay_upgrade
 
@@ -101,7 +101,9 @@ class GatewayConnector:
             host, port = split_address(address)
             name = b"gw%d-%s.invalid" % (next(self._counter), container_uuid.encode("ascii"))
             endpoint = HostnameEndpoint(self._reactor, host, port, timeout=self._connect_timeout)
-            self._endpoints[name] = wrapClientTLS(client_creator(secret), endpoint)
+            self._endpoints[name] = StreamingEndpoint(
+                wrapClientTLS(client_creator(secret), endpoint)
+            )
             self._names[key] = name
         return name
 

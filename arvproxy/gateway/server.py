@@ -37,7 +37,7 @@ from arvproxy.errors import (
 )
 from arvproxy.gateway.runtime import IRuntime
 from arvproxy.limits import ConnectionSlots
-from arvproxy.streaming import StreamingRequest, relay_response
+from arvproxy.streaming import StreamingEndpoint, StreamingRequest, relay_response
 from arvproxy.upgrade import UpgradeResponse, open_upgrade, relay_upgrade
 
 log = Logger()
@@ -82,7 +82,7 @@ class ContainerConnector:
             endpoint = self._runtime.endpoint(port)
             if port in self.tls_ports:
                 endpoint = wrapClientTLS(_UnverifiedTLS(), endpoint)
-            self._endpoints[port] = endpoint
+            endpoint = self._endpoints[port] = StreamingEndpoint(endpoint)
         return endpoint
 
     def use_tls(self, ports: Iterable[int]) -> None:
