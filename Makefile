@@ -25,7 +25,10 @@ $(STAMP): setup.cfg pyproject.toml twisted/plugins/arvproxy_services.py
 # The source tree comes first on the path, so tests and twistd use the working copy.
 export PYTHONPATH := $(CURDIR)
 
+# The demo runs its page in a real Docker container when an engine can be had (installed and
+# started as root on a fresh machine); without one it says why and uses a loopback page.
 run: $(STAMP)
+	-scripts/ensure-docker
 	$(BIN)/python -m arvproxy.demo
 
 # What the tests need from the system: headless Chromium for the browser tests, a Docker
