@@ -215,14 +215,17 @@ def token_from_cookies(headers: Headers) -> bytes | None:
     return None
 
 
-def strip_token_cookie(cookies: Sequence[bytes]) -> list[bytes]:
+def strip_token_cookie(
+    cookies: Sequence[bytes], names: frozenset[bytes] = frozenset({TOKEN_COOKIE})
+) -> list[bytes]:
     """
-    Remove every C{arvados_api_token} cookie from C{Cookie} header values, keeping the other
-    cookies as written and in order, and dropping headers left empty.
+    Remove every C{arvados_api_token} cookie (or every cookie named in C{names}) from C{Cookie}
+    header values, keeping the other cookies as written and in order, and dropping headers
+    left empty.
     """
     result = []
     for header in cookies:
-        kept = [pair for name, pair in _cookie_pairs(header) if name != TOKEN_COOKIE]
+        kept = [pair for name, pair in _cookie_pairs(header) if name not in names]
         if kept:
             result.append(b"; ".join(kept))
     return result
@@ -326,7 +329,8 @@ def gateway_request_headers(
     if not trusted_peer:
         drop.add(b"forwarded")  # RFC 7239: a client could claim another address through it.
     headers = forwardable(client, drop=drop)
-    cookies = strip_token_cookie(client.getRawHeaders(b"cookie", []))
+    # The proxy's own cookies (the token, the container marker) are the proxy's business only.
+    cookies = strip_token_cookie(client.getRawHeaders(b"cookie", []), PROXY_COOKIES)
     if cookies and b"cookie" not in connection_listed(client):
         headers.setRawHeaders(b"cookie", cookies)
     referers = headers.getRawHeaders(b"referer")

@@ -1118,3 +1118,24 @@ class ServiceCookieTests(SynchronousTestCase):
         self.assertEqual(policy.response_headers(upstream).getRawHeaders(b"set-cookie"), [b"a=1"])
         only_proxy = Headers({b"set-cookie": [b"arvados_api_token=evil"]})
         self.assertFalse(policy.response_headers(only_proxy).hasHeader(b"set-cookie"))
+
+
+class ProxyCookieTests(SynchronousTestCase):
+    def test_proxy_cookies_never_reach_the_gateway(self) -> None:
+        """Neither the token nor the container-marker cookie is forwarded; the app's cookies are."""
+        client = Headers()
+        client.setRawHeaders(
+            b"cookie",
+            [b"a=1; arvados_container_uuid=zzzzz-dz642-000000000000001; arvados_api_token=dg"],
+        )
+        sent = policy.gateway_request_headers(
+            client,
+            target_uuid="zzzzz-dz642-000000000000001",
+            target_port=80,
+            request_host=b"h",
+            authorization="x",
+            client_ip="127.0.0.1",
+            proto="http",
+            trusted_peer=False,
+        )
+        self.assertEqual(sent.getRawHeaders(b"cookie"), [b"a=1"])
