@@ -214,6 +214,17 @@ class ProxyTests(GatewayTestCase):
         self.assertEqual([port for port, _ in self.runtime.endpoints], [8001, 8002])
         self.assertEqual([e.attempts for _, e in self.runtime.endpoints], [1, 1])
 
+    def test_idle_service_connections_are_dropped_early(self) -> None:
+        """An idle pooled connection to the service is closed after 4 s, before Node's 5 s."""
+        client = self.send(self.forwarded())
+        protocol, transport = self.container_side()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx")
+        self.assertEqual(client.response().body, b"x")
+        self.clock.advance(3.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertTrue(transport.disconnecting)
+
     def test_one_pool_per_gateway(self) -> None:
         """Each gateway has its own connection pool, so two containers never share a connection."""
         other = Gateway(self.clock, OTHER, SECRET, FakeRuntime())

@@ -57,7 +57,12 @@ class ContainerConnector:
     a synthetic host can never mix two containers' connections.
     """
 
-    def __init__(self, reactor: Any, runtime: IRuntime, idle_timeout: float = 50.0) -> None:
+    # Idle pooled connections to the service are dropped before common servers drop them
+    # themselves (Node's default keep-alive is 5 s): a request sent on a connection the service
+    # is closing fails, and one with a body cannot be retried.
+    IDLE_TIMEOUT = 4.0
+
+    def __init__(self, reactor: Any, runtime: IRuntime, idle_timeout: float = IDLE_TIMEOUT) -> None:
         self._runtime = runtime
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 64
