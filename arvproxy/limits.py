@@ -7,8 +7,38 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
+
+from twisted.internet import defer
 
 from arvproxy.errors import Unavailable
+
+
+class Slot:
+    """
+    One request's or tunnel's place among a container's connections.
+
+    It is given back when the block that took it ends, or, after L{keep_until}, when a Deferred
+    fires: a tunnel keeps its slot for as long as it is open, without keeping the handler (and
+    the request it no longer needs) alive.
+    """
+
+    def __init__(self, slots: ConnectionSlots, container_uuid: str) -> None:
+        self._slots = slots
+        self._uuid = container_uuid
+        self.kept = False
+
+    def keep_until(self, done: defer.Deferred[Any]) -> None:
+        """Hold on past the block, until C{done} fires (with a result or a failure)."""
+        self.kept = True
+        done.addBoth(self._give_back_after)
+
+    def _give_back_after(self, result: object) -> object:
+        self.give_back()
+        return result
+
+    def give_back(self) -> None:
+        self._slots._release(self._uuid)
 
 
 class ConnectionSlots:
@@ -26,9 +56,9 @@ class ConnectionSlots:
         return self._open[container_uuid]
 
     @contextmanager
-    def hold(self, container_uuid: str) -> Iterator[None]:
+    def hold(self, container_uuid: str) -> Iterator[Slot]:
         """
-        Hold one slot for C{container_uuid} while the block runs.
+        Hold one slot for C{container_uuid} while the block runs (or longer: L{Slot.keep_until}).
 
         @raise Unavailable: all C{cap} slots are taken.
         """
@@ -39,9 +69,14 @@ class ConnectionSlots:
                 retry_after=2,
             )
         self._open[container_uuid] += 1
+        slot = Slot(self, container_uuid)
         try:
-            yield
+            yield slot
         finally:
-            self._open[container_uuid] -= 1
-            if not self._open[container_uuid]:
-                del self._open[container_uuid]
+            if not slot.kept:
+                slot.give_back()
+
+    def _release(self, container_uuid: str) -> None:
+        self._open[container_uuid] -= 1
+        if not self._open[container_uuid]:
+            del self._open[container_uuid]

@@ -4,6 +4,7 @@ WebSockets through the whole chain (controller → TLS gateway → service), on 
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 
@@ -12,6 +13,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
+from arvproxy.streaming import StreamingRequest
 from tests.chain import start_chain
 from tests.wsservice import Client, EchoFactory, Rejected
 
@@ -52,6 +54,30 @@ class WebSocketChainTests(unittest.TestCase):
                 client.send(TextMessage(data=text))
                 kind, (data, _) = await client.messages.get()
                 self.assertEqual((kind, data), ("text", text))
+
+        return defer.ensureDeferred(go())
+
+    def test_open_tunnel_keeps_no_request(self):
+        """
+        Once spliced, neither hop keeps the handshake's request (its headers, the handler that
+        served it): thousands of idle notebook tunnels must cost only their connections.
+        """
+
+        def alive() -> int:
+            gc.collect()
+            return sum(isinstance(o, StreamingRequest) for o in gc.get_objects())
+
+        async def go():
+            chain = await self._chain()
+            before = alive()
+            clients = [await self._connect(chain) for _ in range(3)]
+            for client in clients:
+                await client.accepted
+            self.assertEqual(alive(), before)
+            # The tunnels still work after their requests are gone.
+            for client in clients:
+                client.send(TextMessage(data="still here"))
+                self.assertEqual(await client.messages.get(), ("text", ("still here", 1)))
 
         return defer.ensureDeferred(go())
 

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from OpenSSL import SSL
+from twisted.internet import defer
 from twisted.internet import error as net_error
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Protocol
@@ -294,10 +295,13 @@ class Controller:
                 permissions.check_access(credentials, target.uuid, requests, levels)
         permissions.check_running(container, target.uuid)
         remember = seen != container.uuid.encode("ascii")
-        with self._slots.hold(container.uuid):
-            await self._forward(
+        with self._slots.hold(container.uuid) as slot:
+            tunnel = await self._forward(
                 request, target, container.uuid, container.gateway_address, host, remember
             )
+            if tunnel is not None:
+                # The open tunnel keeps the slot; this handler (and the request) can go.
+                slot.keep_until(tunnel)
 
     async def _session_token(self, query_token: bytes) -> bytes:
         """
@@ -398,9 +402,11 @@ class Controller:
         gateway_address: str,
         host: bytes,
         remember: bool = False,
-    ) -> None:
+    ) -> defer.Deferred[None] | None:
         """
         @param remember: also set the cookie that remembers which container this browser saw.
+        @return: for an upgrade, a Deferred that fires when its tunnel (or relayed refusal)
+            has ended; nothing once an ordinary response has been relayed.
         """
         config = self._config
         secret = policy.gateway_secret(config.system_root_token, container_uuid)
@@ -460,9 +466,9 @@ class Controller:
                 sitedata.container_set_cookie(container_uuid, config.external_url.secure),
             )
         if upgrade is not None:
-            await relay_upgrade(request, response)
-        else:
-            await relay_response(request, response)
+            return relay_upgrade(request, response)
+        await relay_response(request, response)
+        return None
 
 
 class _Discard(Protocol):

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from OpenSSL import SSL
+from twisted.internet import defer
 from twisted.internet import error as net_error
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
@@ -218,17 +219,26 @@ class Gateway:
         port, request_host = self.check(request.requestHeaders)
         if not self.accepting:
             raise refusal(Gone, "the container has finished")
-        with self._slots.hold(self._uuid.decode("ascii")):
-            await self._proxy(request, port, request_host)
+        with self._slots.hold(self._uuid.decode("ascii")) as slot:
+            tunnel = await self._proxy(request, port, request_host)
+            if tunnel is not None:
+                # The open tunnel keeps the slot; this handler (and the request) can go.
+                slot.keep_until(tunnel)
 
-    async def _proxy(self, request: StreamingRequest, port: int, request_host: bytes) -> None:
+    async def _proxy(
+        self, request: StreamingRequest, port: int, request_host: bytes
+    ) -> defer.Deferred[None] | None:
+        """
+        @return: for an upgrade, a Deferred that fires when its tunnel (or relayed refusal)
+            has ended; nothing once an ordinary response has been relayed.
+        """
         headers = policy.container_request_headers(request.requestHeaders, request_host)
         upgrade = policy.upgrade_requested(request.requestHeaders) if request.body.empty else None
         if upgrade is not None:
             headers = policy.with_upgrade(headers, upgrade)
             answer = await self.connector.upgrade(port, request.method, request.uri, headers)
-            await relay_upgrade(request, answer)
-            return
+            return relay_upgrade(request, answer)
         body = None if request.body.empty else request.body
         response = await self.connector.request(port, request.method, request.uri, headers, body)
         await relay_response(request, response)
+        return None
