@@ -19,6 +19,7 @@ from typing import Any
 from bench import chains, load, report
 from bench.idle_ws import idle_websockets, raise_fd_limit
 from bench.procs import Processes
+from bench.tls_floor import tls_floor
 
 PHASES = ("small", "latency", "bulk", "slow", "websockets")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -193,6 +194,13 @@ def run(args: argparse.Namespace, results: report.Results, directory: str) -> No
                     "  "
                     + ", ".join(f"{n}: {v / 1000:.1f} KB/tunnel" for n, v in per.items())
                     + f"; dropped {results.idle.dropped}, refused {results.idle.failed_to_open}"
+                )
+            results.tls_floor = attempt(results, "TLS connection floor", tls_floor)
+            if results.tls_floor is not None:
+                say(
+                    f"  one idle TLS connection alone: gateway side "
+                    f"{results.tls_floor.server / 1000:.1f} KB, controller side "
+                    f"{results.tls_floor.client / 1000:.1f} KB"
                 )
 
         for proc in procs.started:

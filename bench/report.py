@@ -38,6 +38,7 @@ class Results:
     upload: dict[str, Any] = field(default_factory=dict)
     slow: dict[str, Any] = field(default_factory=dict)
     idle: Any = None
+    tls_floor: Any = None
     procs: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -341,6 +342,16 @@ def tables(results: Results) -> str:
                 f"{per[name] / 1000:.1f} KB |"
             )
         out.append("")
+    floor = results.tls_floor
+    if floor is not None:
+        out.append(
+            f"One idle TLS connection by itself, configured as the hops configure theirs "
+            f"({floor.openssl}, buffers released; `bench/tls_floor.py`, {floor.count:,} "
+            f"connections): **{floor.server / 1000:.1f} KB** on the gateway's (server) side, "
+            f"**{floor.client / 1000:.1f} KB** on the controller's (client) side.  Each tunnel "
+            "has a TLS connection of its own between the hops, so neither process can get "
+            "below that per tunnel; 20 KB needs tunnels multiplexed over shared connections.\n"
+        )
     return "\n".join(out)
 
 
