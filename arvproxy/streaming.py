@@ -24,7 +24,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, iweb, resource, server
-from twisted.web.client import PotentialDataLoss, ResponseDone
+from twisted.web.client import HTTPConnectionPool, PotentialDataLoss, ResponseDone
 from zope.interface import implementer, provider
 
 from arvproxy import pages, policy
@@ -74,6 +74,40 @@ class StreamingEndpoint:
     def _connected(self, protocol: Any) -> Any:
         enlarge_buffers(protocol.transport)
         return protocol
+
+
+def closing(transport: Any) -> bool:
+    """Whether C{transport}, or any transport under it (through TLS layers), is closing."""
+    for _ in range(4):
+        if transport is None:
+            return False
+        if getattr(transport, "disconnecting", False) or getattr(transport, "disconnected", False):
+            return True
+        transport = getattr(transport, "transport", None)
+    return False
+
+
+class ProxyConnectionPool(HTTPConnectionPool):
+    """
+    A pool of persistent connections to the next hop that never keeps a closing one.
+
+    A relay whose client has gone stops the upstream response with C{stopProducing}, which
+    closes the socket under any TLS layer.  When the rest of that response was already read
+    (it arrives with the headers), Twisted's client still calls the connection quiescent and
+    puts it back: the next request sent on it would fail as the socket closes.  Under load,
+    that is a 502 for an unrelated user whenever a client leaves mid-request.
+    """
+
+    def __init__(self, reactor: Any, idle_timeout: float, per_host: int = 64) -> None:
+        super().__init__(reactor, persistent=True)
+        self.maxPersistentPerHost = per_host
+        self.cachedConnectionTimeout = int(idle_timeout)
+
+    def _putConnection(self, key: Any, connection: Any) -> None:
+        # Twisted calls this (a private hook) when a connection becomes quiescent.
+        if closing(connection.transport):
+            return
+        super()._putConnection(key, connection)
 
 
 @implementer(iweb.IBodyProducer, IPushProducer)

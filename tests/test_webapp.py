@@ -11,11 +11,13 @@ import socket
 
 from twisted.internet import defer, protocol, reactor, ssl
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 from twisted.web import resource, server
 
 from arvproxy.config import Limits
+from arvproxy.streaming import closing
 from arvproxy.tlsidentity import make_server_certificate
 from tests.chain import Chain, start_chain
 from tests.wsservice import Client, EchoFactory
@@ -35,6 +37,31 @@ class _Events(resource.Resource):
         request.write(b"data: first\n\n")
         self.release.addCallback(lambda _: (request.write(b"data: second\n\n"), request.finish()))
         return server.NOT_DONE_YET
+
+
+class _Held(resource.Resource):
+    """Holds each answer until the test says so; then writes it (headers and body) at once."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived: defer.Deferred[None] = defer.Deferred()
+        self._held: list[server.Request] = []
+
+    def render_GET(self, request):
+        if request.path != b"/held":
+            return b"fresh answer"
+        self._held.append(request)
+        if not self.arrived.called:
+            self.arrived.callback(None)
+        return server.NOT_DONE_YET
+
+    def answer(self) -> None:
+        for request in self._held:
+            request.setHeader(b"content-length", b"11")
+            request.write(b"held answer")
+            request.finish()
 
 
 class _App(resource.Resource):
@@ -351,6 +378,39 @@ class WebAppTests(unittest.TestCase):
             await chain.wait_idle()
             reply = await _raw(chain.controller_port, request, b"\x00")
             self.assertFalse(reply.startswith(b"HTTP/1.1 503 "), reply)
+
+        return defer.ensureDeferred(go())
+
+    def test_client_leaving_before_the_answer_leaves_no_closing_connection_pooled(self):
+        """
+        A client that leaves before the service answers makes the controller stop that
+        response, closing its connection to the gateway; when the answer had already arrived
+        whole, Twisted still called that connection reusable.  It must not be pooled: the next
+        request sent on it, another user's perhaps, would fail with 502.
+        """
+
+        async def go():
+            service = _Held()
+            chain = await self._chain(service)
+            leaving = protocol.Protocol()
+            endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", chain.controller_port)
+            await connectProtocol(endpoint, leaving)
+            leaving.transport.write(self._request(chain, b"GET /held HTTP/1.1"))
+            await service.arrived
+            leaving.transport.loseConnection()
+            # Give the controller a moment to see the client go.
+            await deferLater(reactor, 0.2)
+            service.answer()
+            await chain.wait_idle()
+            pool = chain.controller._gateways.pool
+            pooled = [c for cs in pool._connections.values() for c in cs]
+            self.assertEqual([c for c in pooled if closing(c.transport)], [])
+            reply = await _raw(
+                chain.controller_port,
+                self._request(chain, b"GET /fresh HTTP/1.1\r\nConnection: close"),
+                b"fresh answer",
+            )
+            self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
 
         return defer.ensureDeferred(go())
 

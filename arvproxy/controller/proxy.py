@@ -25,7 +25,6 @@ from twisted.web import iweb
 from twisted.web.client import (
     URI,
     Agent,
-    HTTPConnectionPool,
     RequestNotSent,
     RequestTransmissionFailed,
     ResponseFailed,
@@ -49,7 +48,12 @@ from arvproxy.errors import (
     Unauthorized,
 )
 from arvproxy.limits import ConnectionSlots
-from arvproxy.streaming import StreamingEndpoint, StreamingRequest, relay_response
+from arvproxy.streaming import (
+    ProxyConnectionPool,
+    StreamingEndpoint,
+    StreamingRequest,
+    relay_response,
+)
 from arvproxy.tlsidentity import client_creator
 from arvproxy.upgrade import UpgradeResponse, open_upgrade, relay_upgrade
 
@@ -84,9 +88,7 @@ class GatewayConnector:
     def __init__(self, reactor: Any, connect_timeout: float = 10.0, idle_timeout: float = 240.0):
         self._reactor = reactor
         self._connect_timeout = connect_timeout
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = 64
-        self.pool.cachedConnectionTimeout = int(idle_timeout)
+        self.pool = ProxyConnectionPool(reactor, idle_timeout)
         # Twisted's own retry would re-send the same signed headers, which a gateway rightly
         # refuses as a replay: request() retries itself, with a fresh signature.
         self.pool.retryAutomatically = False
@@ -195,6 +197,10 @@ def translate_gateway_errors() -> Iterator[None]:
             raise BadGateway(
                 "The container's gateway failed its identity check (TLS); nothing was sent."
             ) from e
+        log.warn(
+            "A request to a container's gateway failed: {reasons}",
+            reasons="; ".join(r.getErrorMessage() for r in getattr(e, "reasons", [])) or repr(e),
+        )
         raise BadGateway("The connection to the container's gateway failed.") from e
     except SSL.Error as e:
         raise BadGateway(

@@ -19,7 +19,6 @@ from twisted.web import iweb
 from twisted.web.client import (
     URI,
     Agent,
-    HTTPConnectionPool,
     RequestTransmissionFailed,
     ResponseFailed,
     ResponseNeverReceived,
@@ -38,7 +37,12 @@ from arvproxy.errors import (
 )
 from arvproxy.gateway.runtime import IRuntime
 from arvproxy.limits import ConnectionSlots
-from arvproxy.streaming import StreamingEndpoint, StreamingRequest, relay_response
+from arvproxy.streaming import (
+    ProxyConnectionPool,
+    StreamingEndpoint,
+    StreamingRequest,
+    relay_response,
+)
 from arvproxy.upgrade import UpgradeResponse, open_upgrade, relay_upgrade
 
 log = Logger()
@@ -65,9 +69,7 @@ class ContainerConnector:
 
     def __init__(self, reactor: Any, runtime: IRuntime, idle_timeout: float = IDLE_TIMEOUT) -> None:
         self._runtime = runtime
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = 64
-        self.pool.cachedConnectionTimeout = int(idle_timeout)
+        self.pool = ProxyConnectionPool(reactor, idle_timeout)
         self._endpoints: dict[int, Any] = {}
         self.tls_ports: frozenset[int] = frozenset()
         self._agent = Agent.usingEndpointFactory(reactor, self, pool=self.pool)
