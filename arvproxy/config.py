@@ -110,7 +110,8 @@ class ClusterConfig:
         the backend is not C{arvados}.
     @ivar tls_insecure: C{TLS.Insecure}: do not verify the API server's certificate.
     @ivar cache_ttl: seconds the front door keeps answers about tokens, container requests and
-        permissions (0: not at all); a revoked token keeps working this long at most.
+        permissions (0: not at all); a revoked token keeps working this long at most (with the
+        embedded registry, not at all: its answers go as soon as the file changes).
     """
 
     source: str

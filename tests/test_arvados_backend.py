@@ -125,6 +125,23 @@ class AnswerCacheTests(unittest.TestCase):
         self.fetches[0].callback("answer")
         self.assertEqual(self.successResultOf(second), "answer")
 
+    def test_clear_while_fetching(self) -> None:
+        """
+        After clear(), a fetch that was already running still answers its callers, but its
+        answer (perhaps from before the change) is not kept, and a new caller fetches afresh.
+        """
+        before = self.cache.get("k", self.fetch)
+        self.cache.clear()
+        after = self.cache.get("k", self.fetch)
+        self.assertEqual(len(self.fetches), 2)
+        self.fetches[1].callback("new")
+        self.fetches[0].callback("old")
+        self.assertEqual(
+            (self.successResultOf(before), self.successResultOf(after)), ("old", "new")
+        )
+        self.assertEqual(self.successResultOf(self.cache.get("k", self.fetch)), "new")
+        self.assertEqual(len(self.fetches), 2)
+
     def test_zero_ttl(self) -> None:
         """With no lifetime, concurrent callers still share, but nothing is kept."""
         cache: AnswerCache[str] = AnswerCache(self.clock, ttl=0)

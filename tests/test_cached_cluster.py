@@ -73,3 +73,72 @@ class CachedClusterTests(SynchronousTestCase):
         self.failureResultOf(self.cluster.authenticate("v2/nope/nope"), Unauthorized)
         self.failureResultOf(self.cluster.authenticate("v2/nope/nope"), Unauthorized)
         self.assertEqual(len(self.backend.called("authenticate")), 2)
+
+
+class VersionedCachedClusterTests(SynchronousTestCase):
+    """With a version (the embedded registry's data_version), a change forgets everything."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.backend = FakeCluster(clock=self.clock.seconds)
+        self.version: int | None = 1
+        self.cluster = CachedCluster(self.clock, self.backend, ttl=10, version=lambda: self.version)
+        self.user = self.backend.add_user("alice")
+        self.container = self.backend.add_container()
+        self.request = self.backend.add_container_request(self.user.uuid, self.container.uuid)
+        self.token = self.backend.add_token(self.user.uuid)
+
+    def ask_everything(self) -> None:
+        self.successResultOf(self.cluster.authenticate(self.token))
+        self.successResultOf(self.cluster.get_container(self.container.uuid))
+        self.successResultOf(self.cluster.get_container_request(self.request.uuid))
+        self.successResultOf(self.cluster.container_requests_for(self.container.uuid))
+        self.successResultOf(self.cluster.permission_level(self.user.uuid, self.request.uuid))
+
+    def lookups(self) -> dict[str, int]:
+        names = (
+            "authenticate",
+            "get_container",
+            "get_container_request",
+            "container_requests_for",
+            "permission_level",
+        )
+        return {name: len(self.backend.called(name)) for name in names}
+
+    def test_versions(self) -> None:
+        """(versions seen on three rounds of questions) → lookups of each answer."""
+        cases = [
+            ("unchanged", [1, 1, 1], 1),
+            ("changed once", [1, 2, 2], 2),
+            ("changed every time", [1, 2, 3], 3),
+            ("cannot tell", [None, None, None], 3),
+            ("cannot tell, then unchanged", [None, 1, 1], 2),
+        ]
+        for name, versions, expected in cases:
+            self.setUp()
+            for version in versions:
+                self.version = version
+                self.ask_everything()
+            self.assertEqual(set(self.lookups().values()), {expected}, name)
+
+    def test_revoked_token_is_refused_at_once(self) -> None:
+        """A revocation changes the version: the kept answer goes before the next request."""
+        self.successResultOf(self.cluster.authenticate(self.token))
+        self.backend.revoke_token(self.token)
+        self.version = 2
+        self.failureResultOf(self.cluster.authenticate(self.token), Unauthorized)
+
+    def test_finished_container_is_seen_at_once(self) -> None:
+        """Containers are kept only while nothing changes."""
+        self.successResultOf(self.cluster.get_container(self.container.uuid))
+        self.backend.update_container(self.container.uuid, state="Complete")
+        self.version = 2
+        container = self.successResultOf(self.cluster.get_container(self.container.uuid))
+        self.assertEqual(container.state, "Complete")
+
+    def test_ttl_still_bounds(self) -> None:
+        """Even with no change, nothing is kept longer than the ttl."""
+        self.ask_everything()
+        self.clock.advance(10)
+        self.ask_everything()
+        self.assertEqual(set(self.lookups().values()), {2})

@@ -527,6 +527,24 @@ class ContainerFinishedTests(unittest.TestCase):
             self.assertEqual(chain.service.uris(), [b"/before"], name)
 
 
+class RevocationTests(unittest.TestCase):
+    """The controller keeps answers about tokens, but never past a change to the registry."""
+
+    def test_revoked_token_is_refused_at_once(self) -> defer.Deferred[None]:
+        """A token revoked in the registry is refused by the next request, not after CacheTTL."""
+        return run(self._revoked())
+
+    async def _revoked(self) -> None:
+        chain = await e2e.start_chain(self, reactor)
+        for path in (b"/one", b"/two"):
+            response, _ = await chain.get(path)
+            self.assertEqual(response.code, 200)
+        chain.cluster.store.revoke_token(chain.cluster.token)
+        response, body = await chain.get(b"/after")
+        self.assertEqual(response.code, 401, body)
+        self.assertEqual(chain.service.uris(), [b"/one", b"/two"])
+
+
 class StartupTests(unittest.TestCase):
     """The plugins refuse to start without what they need, and say why."""
 

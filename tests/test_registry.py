@@ -771,6 +771,39 @@ class EmbeddedRegistryTests(StoreTestCase):
             yield registry.stopService()
         yield self.assertFailure(registry.authenticate(ROOT_TOKEN), Unavailable)
 
+    @inlineCallbacks
+    def test_data_version(self) -> Any:
+        """
+        data_version stays put while nothing is written, and moves after any commit: through
+        the registry's own pool, or from another store (another process, the admin command).
+        """
+        first = self.registry.data_version()
+        self.assertIsInstance(first, int)
+        yield self.registry.get_container_request(
+            self.store.create_container_request(self.user.uuid).uuid
+        )
+        settled = self.registry.data_version()
+        self.assertEqual(self.registry.data_version(), settled)
+        yield self.registry.create_user("Bob")
+        after_pool = self.registry.data_version()
+        self.assertNotEqual(after_pool, settled)
+        other = self.open_store()
+        token, _ = other.create_token(self.user.uuid)
+        after_other = self.registry.data_version()
+        self.assertNotEqual(after_other, after_pool)
+        other.revoke_token(token)
+        self.assertNotEqual(self.registry.data_version(), after_other)
+        self.registry.stop()
+        self.assertIsNone(self.registry.data_version())
+
+    def test_data_version_never_creates_the_file(self) -> None:
+        """Without a registry file there is no version (None), and no file is made."""
+        path = os.path.join(self.mktemp(), "missing.sqlite")
+        registry = EmbeddedRegistry(reactor, path, cluster_id="zzzzz")
+        self.addCleanup(registry.stop)
+        self.assertIsNone(registry.data_version())
+        self.assertFalse(os.path.exists(path))
+
     def test_path_needs_cluster_id(self) -> None:
         """Opening by path without a cluster id is a ValueError."""
         self.assertRaises(ValueError, EmbeddedRegistry, reactor, self.path)

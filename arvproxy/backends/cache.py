@@ -56,6 +56,8 @@ class AnswerCache(Generic[_V]):
         self._entries: dict[Hashable, tuple[float, _V | Failure]] = {}
         # key -> the Deferreds of callers waiting for the running fetch
         self._waiting: dict[Hashable, list[Deferred[_V]]] = {}
+        # Bumped by clear(): answers of fetches started before it are not kept.
+        self._generation = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -75,28 +77,34 @@ class AnswerCache(Generic[_V]):
             if now < expires:
                 return fail(answer) if isinstance(answer, Failure) else succeed(answer)
             del self._entries[key]
-        waiter: Deferred[_V] = Deferred(lambda d: self._cancel(key, d))
         waiting = self._waiting.get(key)
-        if waiting is not None:
-            waiting.append(waiter)
-            return waiter
-        self._waiting[key] = [waiter]
-        fetched: Deferred[Any] = maybeDeferred(fetch)
-        fetched.addBoth(self._fetched, key)
+        if waiting is None:
+            waiting = self._waiting[key] = []
+            start = True
+        else:
+            start = False
+        waiter: Deferred[_V] = Deferred(lambda d: self._cancel(waiting, d))
+        waiting.append(waiter)
+        if start:
+            fetched: Deferred[Any] = maybeDeferred(fetch)
+            fetched.addBoth(self._fetched, key, waiting, self._generation)
         return waiter
 
-    def _cancel(self, key: Hashable, waiter: Deferred[_V]) -> None:
-        waiting = self._waiting.get(key)
-        if waiting is not None and waiter in waiting:
+    def _cancel(self, waiting: list[Deferred[_V]], waiter: Deferred[_V]) -> None:
+        if waiter in waiting:
             waiting.remove(waiter)
 
-    def _fetched(self, result: _V | Failure, key: Hashable) -> None:
-        waiting = self._waiting.pop(key, [])
+    def _fetched(
+        self, result: _V | Failure, key: Hashable, waiting: list[Deferred[_V]], generation: int
+    ) -> None:
+        if self._waiting.get(key) is waiting:
+            del self._waiting[key]
         lifetime = self.ttl
         if isinstance(result, Failure):
             definite = result.check(ProxyError) and not result.check(Unavailable)
             lifetime = self.failure_ttl if definite else 0.0
-        if lifetime > 0:
+        # A fetch that began before a clear() may hold an answer from before the change.
+        if lifetime > 0 and generation == self._generation:
             self._store(key, self._clock.seconds() + lifetime, result)
         for waiter in waiting:
             if isinstance(result, Failure):
@@ -123,8 +131,13 @@ class AnswerCache(Generic[_V]):
         self._entries.pop(key, None)
 
     def clear(self) -> None:
-        """Forget every kept answer."""
+        """
+        Forget every kept answer.  Fetches already running still answer the callers waiting
+        for them, but what they bring is not kept, and a new caller starts a fresh fetch.
+        """
         self._entries.clear()
+        self._waiting.clear()
+        self._generation += 1
 
 
 @implementer(ICluster)
@@ -133,24 +146,60 @@ class CachedCluster:
     Any L{ICluster}, with its answers about tokens, container requests and permissions kept for
     C{ttl} seconds, so that a page with a hundred assets does not cost four hundred lookups.
 
-    Containers are never kept: their state (Running, finished) is read fresh for every request,
-    so a finished container is refused at once.  A revoked token may keep working for up to
-    C{ttl} seconds; an expired one never does (its expiry is checked on every use).  Everything
-    else (C{update_container}, the portal's listing and token calls) passes straight through.
+    Without C{version}, containers are never kept: their state (Running, finished) is read fresh
+    for every request, so a finished container is refused at once; and a revoked token may keep
+    working for up to C{ttl} seconds.  An expired one never does (its expiry is checked on every
+    use).  Everything else (C{update_container}, the portal's listing and token calls) passes
+    straight through.
+
+    With C{version} (a cheap call that returns something different whenever the backend's data
+    may have changed, or C{None} when it cannot tell), every call first asks it, and everything
+    kept is forgotten as soon as it changes.  Containers are then kept too: nothing is ever
+    answered from before a change, so a finished container and a revoked token are refused at
+    once, and the steady state costs no lookup at all.
     """
 
-    def __init__(self, clock: IReactorTime, cluster: Any, ttl: float) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        cluster: Any,
+        ttl: float,
+        version: Callable[[], object | None] | None = None,
+    ) -> None:
         self._clock = clock
         self._cluster = cluster
         self._credentials: AnswerCache[Credentials] = AnswerCache(clock, ttl)
         self._requests: AnswerCache[ContainerRequest] = AnswerCache(clock, ttl)
         self._request_lists: AnswerCache[list[ContainerRequest]] = AnswerCache(clock, ttl)
         self._levels: AnswerCache[str | None] = AnswerCache(clock, ttl)
+        self._version = version
+        self._seen: object | None = None
+        self._containers: AnswerCache[Container] | None = None
+        self._caches: list[AnswerCache[Any]] = [
+            self._credentials,
+            self._requests,
+            self._request_lists,
+            self._levels,
+        ]
+        if version is not None:
+            self._containers = AnswerCache(clock, ttl)
+            self._caches.append(self._containers)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._cluster, name)
 
+    def _revalidate(self) -> None:
+        """Forget everything kept if the backend's data has changed (or may have)."""
+        if self._version is None:
+            return
+        current = self._version()
+        if current is None or current != self._seen:
+            self._seen = current
+            for cache in self._caches:
+                cache.clear()
+
     def authenticate(self, token: str) -> Deferred[Credentials]:
+        self._revalidate()
         key = token_key(token)
         d = self._credentials.get(key, lambda: self._cluster.authenticate(token))
         return d.addCallback(self._unexpired, key)
@@ -163,12 +212,17 @@ class CachedCluster:
         return credentials
 
     def get_container_request(self, uuid: str) -> Deferred[ContainerRequest]:
+        self._revalidate()
         return self._requests.get(uuid, lambda: self._cluster.get_container_request(uuid))
 
     def get_container(self, uuid: str) -> Deferred[Container]:
-        return self._cluster.get_container(uuid)  # type: ignore[no-any-return]
+        if self._containers is None:
+            return self._cluster.get_container(uuid)  # type: ignore[no-any-return]
+        self._revalidate()
+        return self._containers.get(uuid, lambda: self._cluster.get_container(uuid))
 
     def container_requests_for(self, container_uuid: str) -> Deferred[list[ContainerRequest]]:
+        self._revalidate()
         return self._request_lists.get(
             container_uuid, lambda: self._cluster.container_requests_for(container_uuid)
         )
@@ -176,6 +230,7 @@ class CachedCluster:
     def permission_level(
         self, user_uuid: str, target_uuid: str, credentials: Credentials | None = None
     ) -> Deferred[str | None]:
+        self._revalidate()
         return self._levels.get(
             (user_uuid, target_uuid),
             lambda: self._cluster.permission_level(user_uuid, target_uuid, credentials=credentials),

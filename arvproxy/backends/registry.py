@@ -32,6 +32,7 @@ import sqlite3
 import string
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -1084,7 +1085,8 @@ class EmbeddedRegistry(Service):
     L{ICluster} over a L{RegistryStore}, for code running in the reactor.
 
     Every call runs the store method in this object's own thread pool and returns a Deferred
-    with its result, so the reactor never waits for SQLite.  Start the pool with L{start} (or
+    with its result, so the reactor never waits for SQLite (L{data_version}, which never waits
+    either, is the one synchronous call).  Start the pool with L{start} (or
     as a service, with C{startService}) before calling anything, and stop it with L{stop}
     (safe to call more than once).  Calls made while the pool is not running fail with
     L{Unavailable}; so do database failures (a lock held too long, a disk error), which are
@@ -1116,6 +1118,7 @@ class EmbeddedRegistry(Service):
         self.store = store
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=0, maxthreads=max_threads, name="arvproxy-registry")
+        self._version_db: sqlite3.Connection | None = None
         self._started = False
         self._stopped = False
 
@@ -1141,6 +1144,30 @@ class EmbeddedRegistry(Service):
             self._stopped = True
             if self._started:
                 self._pool.stop()
+            if self._version_db is not None:
+                self._version_db.close()
+                self._version_db = None
+
+    def data_version(self) -> int | None:
+        """
+        A number that changes whenever anything (this registry's pool, another process, the
+        admin command) has committed a change to the registry file since the previous call;
+        C{None} when SQLite cannot say right now, so that no kept answer may be trusted.
+
+        Unlike every other method this runs in the calling (reactor) thread, on a connection
+        of its own that never writes: SQLite answers from its shared-memory WAL index, in a few
+        microseconds, and is told never to wait for a lock.
+        """
+        if self._stopped:
+            return None
+        try:
+            if self._version_db is None:
+                # mode=rw: never create the file (the store creates it, owner-only).
+                uri = "file:" + urllib.parse.quote(os.path.abspath(self.store.path)) + "?mode=rw"
+                self._version_db = sqlite3.connect(uri, uri=True, timeout=0, isolation_level=None)
+            return int(self._version_db.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error:
+            return None
 
     def startService(self) -> None:
         super().startService()

@@ -71,7 +71,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     cluster.setServiceParent(top)
     if config.backend == "embedded" and config.cache_ttl > 0:
         # The Arvados backend keeps its own answers; the registry's cost a thread hop each.
-        cluster = CachedCluster(reactor, cluster, config.cache_ttl)
+        # Kept answers go as soon as the registry file changes: a finished container or a
+        # revoked token is refused at once.
+        cluster = CachedCluster(reactor, cluster, config.cache_ttl, version=cluster.data_version)
     gateways = GatewayConnector(reactor)
     site = ProxySite(Controller(reactor, config, cluster, gateways), reactor, config.limits)
     site.access_log = bool(options["access-log"])
