@@ -45,7 +45,7 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from arvproxy import backends, demo_docker, policy
-from arvproxy.backends.registry import EmbeddedRegistry
+from arvproxy.backends.embedded import EmbeddedRegistry
 from arvproxy.config import ClusterConfig, ConfigError, load_config
 from arvproxy.errors import ProxyError
 from arvproxy.gateway.docker_runtime import docker_name

@@ -50,7 +50,7 @@ def open_cluster(
         from arvproxy.backends.arvados import ArvadosCluster
 
         return ArvadosCluster.from_config(reactor, config)
-    from arvproxy.backends.registry import EmbeddedRegistry
+    from arvproxy.backends.embedded import EmbeddedRegistry
 
     return EmbeddedRegistry.from_config(reactor, config)
 

@@ -17,7 +17,7 @@ from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from arvproxy import backends, policy
-from arvproxy.backends.registry import EmbeddedRegistry
+from arvproxy.backends.embedded import EmbeddedRegistry
 from arvproxy.config import ClusterConfig, ExternalURL, Limits
 from arvproxy.controller.proxy import Controller, GatewayConnector
 from arvproxy.gateway.runtime import HostRuntime

@@ -764,7 +764,7 @@ class ConfigTests(unittest.SynchronousTestCase):
 
     def test_open_cluster(self) -> None:
         """open_cluster: the dispatcher's Env wins, then ArvProxy.Backend, else embedded."""
-        from arvproxy.backends.registry import EmbeddedRegistry
+        from arvproxy.backends.embedded import EmbeddedRegistry
 
         arvados = config_for({"Backend": "arvados"})
         embedded = config_for({"Registry": self.mktemp()})

@@ -38,7 +38,8 @@ from arvproxy.backends import (
     uuid_infix,
 )
 from arvproxy.backends.arvados import ArvadosCluster
-from arvproxy.backends.registry import EmbeddedRegistry, RegistryStore
+from arvproxy.backends.embedded import EmbeddedRegistry
+from arvproxy.backends.registry import RegistryStore
 from arvproxy.errors import NotFound, ProxyError, Unauthorized
 from arvproxy.fakearvados import FakeAPIServer, FakeArvadosAPI
 from arvproxy.policy import connect_scope

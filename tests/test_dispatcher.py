@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from arvproxy import backends, policy
-from arvproxy.backends.registry import EmbeddedRegistry
+from arvproxy.backends.embedded import EmbeddedRegistry
 from arvproxy.dispatcher import GatewayProcess, LocalDispatcher, gateway_argv
 
 ROOT_TOKEN = "DispatcherTestRootToken00000000000000000000"

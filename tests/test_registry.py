@@ -32,9 +32,9 @@ from arvproxy.backends import (
     ICluster,
     User,
 )
+from arvproxy.backends.embedded import EmbeddedRegistry
 from arvproxy.backends.registry import (
     SCHEMA_VERSION,
-    EmbeddedRegistry,
     RegistryError,
     RegistryStore,
     format_time,

@@ -219,7 +219,7 @@ class Portal:
 
     @param cluster: an L{arvproxy.backends.ICluster}; the page's API also needs
         C{list_container_requests(owner_uuid)} and C{create_token(user_uuid, scopes, ttl)},
-        both returning Deferreds, as L{arvproxy.backends.registry.EmbeddedRegistry} has.
+        both returning Deferreds, as L{arvproxy.backends.embedded.EmbeddedRegistry} has.
     """
 
     def __init__(
