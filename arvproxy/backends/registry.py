@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 from arvproxy.backends import (
     CAN_MANAGE,
@@ -61,11 +61,6 @@ from arvproxy.backends import (
     uuid_infix,
 )
 from arvproxy.errors import NotFound, Unauthorized
-
-if TYPE_CHECKING:
-    pass
-
-_T = TypeVar("_T")
 
 SCHEMA_VERSION = 1
 """C{PRAGMA user_version} of a database this module created and understands."""
