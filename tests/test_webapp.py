@@ -31,8 +31,10 @@ class _Events(resource.Resource):
     def __init__(self) -> None:
         super().__init__()
         self.release: defer.Deferred[None] = defer.Deferred()
+        self.finished: list[defer.Deferred[None]] = []
 
     def render_GET(self, request):
+        self.finished.append(request.notifyFinish())
         request.setHeader(b"content-type", b"text/event-stream")
         request.write(b"data: first\n\n")
         self.release.addCallback(lambda _: (request.write(b"data: second\n\n"), request.finish()))
@@ -411,6 +413,43 @@ class WebAppTests(unittest.TestCase):
                 b"fresh answer",
             )
             self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
+
+        return defer.ensureDeferred(go())
+
+    def test_refused_upgrade_streaming_forever_ends_with_its_client(self):
+        """
+        An upgrade the service answers with an endless 200 (events) is relayed as it streams;
+        when the client leaves, both hops close the stream and give the connection slot back.
+        """
+
+        async def go():
+            events = _Events()
+            chain = await self._chain(events)
+            sock = socket.create_connection(("127.0.0.1", chain.controller_port), timeout=20)
+            self.addCleanup(sock.close)
+            head = self._request(
+                chain,
+                b"GET /events HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            )
+
+            def first_event() -> bytes:
+                sock.sendall(head)
+                received = b""
+                while b"data: first" not in received:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    received += chunk
+                return received
+
+            reply = await deferToThread(first_event)
+            self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
+            self.assertEqual(chain.controller._slots.open(chain.container_uuid), 1)
+            sock.close()
+            # The service sees its stream's connection go: nothing is left relaying it.
+            await self.assertFailure(events.finished[-1], Exception)
+            await chain.wait_idle()
 
         return defer.ensureDeferred(go())
 
