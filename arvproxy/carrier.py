@@ -1,0 +1,598 @@
+"""
+Tunnel carriers: the front door's WebSocket tunnels to one gateway share a few long-lived,
+pinned TLS connections instead of each holding one of its own.
+
+An idle TLS connection costs more memory than the 20 KB a tunnel may cost (C{make bench} prints
+the figure), so a connection per tunnel made thousands of idle notebook tunnels expensive on
+both hops.  A carrier is opened like any forwarded request: an HTTP/1.1 upgrade to
+C{arvproxy-tunnels/1}, signed with the container's secret (L{policy.sign}), that the gateway
+verifies before answering C{101}.  Each tunnel is then a L{Stream} on it: a transport that the
+usual protocols run over unchanged: the front door's upgrade client on one side, the gateway's
+HTTP channel (which verifies the tunnel's own signed request) on the other.
+
+After the handshake the connection carries frames: a 9-byte header (type, stream id, payload
+length; network byte order), then the payload.
+
+  - C{OPEN} (front door to gateway): a new stream; stream ids only grow.
+  - C{DATA}: 1 to 65,536 bytes of a stream, within the receiver's window.
+  - C{WINDOW}: 4 bytes, how many more bytes of the stream its sender will now accept.
+  - C{CLOSE}: the stream is over in both directions; sent once, by whichever end closes first.
+
+Each stream has at most L{WINDOW_SIZE} bytes in flight in each direction, and a receiver whose
+consumer is paused grants no more: a slow tunnel never holds up the others and never costs more
+than its window.  A frame that breaks these rules ends the carrier, and with it all its
+streams: both ends are this code, so it can only be a bug or someone who should not be there.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from arvproxy import policy
+
+log = Logger()
+
+PROTOCOL = policy.CARRIER_UPGRADE
+"""The C{Upgrade} token of a carrier's handshake; a client can never ask for it."""
+
+PATH = b"/.arvproxy/carrier"
+"""The request target of a carrier's handshake."""
+
+OPEN, DATA, WINDOW, CLOSE = 1, 2, 3, 4
+HEADER = struct.Struct("!BII")
+MAX_PAYLOAD = 65536
+WINDOW_SIZE = 256 * 1024
+# A receiver gives credit back in batches of at least this much (or when it resumes).
+_GRANT_BATCH = WINDOW_SIZE // 4
+_MAX_ID = 2**32 - 1
+
+
+class CarrierError(Exception):
+    """A frame broke the carrier protocol."""
+
+
+@implementer(ITransport, IConsumer, IPushProducer)
+class Stream:
+    """
+    One tunnel on a carrier, as a transport: what its protocol writes reaches the protocol at
+    the other end of the stream, with backpressure both ways.
+
+    As a producer it delivers the bytes that arrive; as a consumer it pauses its registered
+    producer while it has bytes the other end has no window for.
+
+    @ivar id: the stream's number on its carrier.
+    @ivar protocol: what receives the stream's bytes (set by whoever makes the stream).
+    """
+
+    def __init__(self, carrier: Carrier, stream_id: int) -> None:
+        self._carrier = carrier
+        self.id = stream_id
+        self.protocol: Any = None
+        self.connected = True
+        self.disconnecting = False
+        self._closed = False
+        # Sending: bytes the other end has room for, and what waits for room.
+        self._credit = WINDOW_SIZE
+        self._outgoing: deque[memoryview] = deque()
+        self._outgoing_size = 0
+        self._producer: Any = None
+        self._streaming = True
+        self._producer_paused = False
+        # Receiving: how much more the other end may send, what arrived while paused, and
+        # what has been delivered but not yet granted back.
+        self._window = WINDOW_SIZE
+        self._incoming: deque[bytes] = deque()
+        self._paused = False
+        self._delivered = 0
+        self._remote_closed = False
+
+    # ITransport
+
+    def write(self, data: bytes) -> None:
+        if self._closed or self.disconnecting or not data:
+            return
+        self._outgoing.append(memoryview(data))
+        self._outgoing_size += len(data)
+        self._flush()
+
+    def writeSequence(self, data: Any) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        """Close once everything written has been sent."""
+        if self._closed or self.disconnecting:
+            return
+        self.disconnecting = True
+        self._flush()
+
+    def abortConnection(self) -> None:
+        """Close now, dropping whatever has not been sent."""
+        self._outgoing.clear()
+        self._outgoing_size = 0
+        self._finish(ConnectionAborted(), tell_peer=True)
+
+    def getPeer(self) -> Any:
+        return self._carrier.transport.getPeer()
+
+    def getHost(self) -> Any:
+        return self._carrier.transport.getHost()
+
+    # IConsumer
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self._producer = producer
+        self._streaming = streaming
+        self._producer_paused = False
+        if self._outgoing_size:
+            self._pause_producer()
+        elif not streaming:
+            producer.resumeProducing()
+
+    def unregisterProducer(self) -> None:
+        self._producer = None
+
+    # IPushProducer: the stream's incoming bytes.
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._deliver()
+
+    def stopProducing(self) -> None:
+        self.abortConnection()
+
+    # Sending.
+
+    def _flush(self) -> None:
+        carrier = self._carrier
+        while self._outgoing and self._credit > 0 and not carrier.paused and not self._closed:
+            chunk = self._outgoing.popleft()
+            size = min(len(chunk), self._credit, MAX_PAYLOAD)
+            if size < len(chunk):
+                self._outgoing.appendleft(chunk[size:])
+            self._outgoing_size -= size
+            self._credit -= size
+            carrier.send(DATA, self.id, bytes(chunk[:size]))
+        if self._closed:
+            return
+        if self._outgoing_size:
+            self._pause_producer()
+        else:
+            self._resume_producer()
+            if self.disconnecting:
+                self._finish(ConnectionDone(), tell_peer=True)
+
+    def _pause_producer(self) -> None:
+        if self._producer is not None and self._streaming and not self._producer_paused:
+            self._producer_paused = True
+            self._producer.pauseProducing()
+
+    def _resume_producer(self) -> None:
+        if self._producer is None:
+            return
+        if not self._streaming:
+            self._producer.resumeProducing()
+        elif self._producer_paused:
+            self._producer_paused = False
+            self._producer.resumeProducing()
+
+    def _granted(self, increment: int) -> None:
+        """The other end made room for C{increment} more bytes."""
+        if self._credit + increment > WINDOW_SIZE:
+            raise CarrierError(f"stream {self.id} was granted more than its window")
+        self._credit += increment
+        self._flush()
+
+    # Receiving.
+
+    def _received(self, payload: bytes) -> None:
+        if len(payload) > self._window:
+            raise CarrierError(f"stream {self.id} was sent more than its window")
+        self._window -= len(payload)
+        self._incoming.append(payload)
+        self._deliver()
+
+    def _deliver(self) -> None:
+        while self._incoming and not self._paused and not self._closed:
+            payload = self._incoming.popleft()
+            self._delivered += len(payload)
+            try:
+                self.protocol.dataReceived(payload)
+            except Exception:
+                # As with a connection of its own: this stream ends, the others go on.
+                log.failure("Error in a tunnel's protocol; closing the tunnel")
+                self.abortConnection()
+                return
+        if self._closed:
+            return
+        if self._incoming or self._paused:
+            return
+        if self._remote_closed:
+            self._finish(ConnectionDone(), tell_peer=False)
+        elif self._delivered >= _GRANT_BATCH or (self._delivered and self._window == 0):
+            granted, self._delivered = self._delivered, 0
+            self._window += granted
+            self._carrier.send(WINDOW, self.id, struct.pack("!I", granted))
+
+    def _remotely_closed(self) -> None:
+        # The other end has forgotten the stream: deliver what had crossed (a window at most,
+        # even to a paused consumer, which would otherwise keep the stream forever), then end.
+        self._remote_closed = True
+        self._outgoing.clear()
+        self._outgoing_size = 0
+        self._paused = False
+        self._deliver()
+
+    # Ending.
+
+    def _finish(self, reason: Exception, tell_peer: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.connected = False
+        self.disconnecting = True
+        self._incoming.clear()
+        self._carrier.forget(self, tell_peer)
+        # As a real transport does: whatever was producing into the stream is told to stop.
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                producer.stopProducing()
+            except Exception:
+                log.failure("Error stopping a tunnel's producer")
+        protocol, self.protocol = self.protocol, None
+        if protocol is not None:
+            # Asynchronously, as a real transport does: callers of loseConnection may still
+            # be in the middle of something.
+            self._carrier.call_later(0, protocol.connectionLost, Failure(reason))
+
+    def _carrier_lost(self, reason: Failure) -> None:
+        self._finish(ConnectionLost(f"the carrier was lost: {reason.getErrorMessage()}"), False)
+
+
+@implementer(IPushProducer)
+class Carrier(Protocol):
+    """
+    One end of a carrier connection, once its handshake is done.
+
+    The front door's end opens streams (L{open_stream}); the gateway's end is given
+    C{accept}, which makes the protocol for each stream the other end opens.
+
+    @ivar paused: the connection's write buffer is full; streams hold their bytes.
+    @ivar lost: why the connection went, once it has.
+    @ivar closed: fires (with C{None}) when the connection is gone.
+    """
+
+    transport: Any
+
+    def __init__(self, call_later: Any, accept: Callable[[Stream], None] | None = None) -> None:
+        self.call_later = call_later
+        self._accept = accept
+        self._streams: dict[int, Stream] = {}
+        self._highest = 0
+        self._buffer = b""
+        self.paused = False
+        self.lost: Failure | None = None
+        self.closed: defer.Deferred[None] = defer.Deferred()
+        self.on_idle: Callable[[Carrier], None] | None = None
+
+    def __len__(self) -> int:
+        """How many streams are open."""
+        return len(self._streams)
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)
+
+    # Opening.
+
+    def open_stream(self, protocol: Any) -> Stream:
+        """
+        Open a stream for C{protocol} and connect it (its C{connectionMade} runs now).
+
+        @raise CarrierError: the carrier is gone, or has used up its stream ids.
+        """
+        if self.lost is not None or self._highest >= _MAX_ID:
+            raise CarrierError("the carrier cannot open another stream")
+        self._highest += 1
+        stream = Stream(self, self._highest)
+        self._streams[stream.id] = stream
+        self.send(OPEN, stream.id, b"")
+        stream.protocol = protocol
+        protocol.makeConnection(stream)
+        return stream
+
+    # Frames.
+
+    def send(self, kind: int, stream_id: int, payload: bytes) -> None:
+        if self.lost is None:
+            self.transport.writeSequence([HEADER.pack(kind, stream_id, len(payload)), payload])
+
+    def dataReceived(self, data: bytes) -> None:
+        buffer = self._buffer + data if self._buffer else data
+        offset = 0
+        try:
+            while len(buffer) - offset >= HEADER.size:
+                kind, stream_id, length = HEADER.unpack_from(buffer, offset)
+                if length > MAX_PAYLOAD:
+                    raise CarrierError(f"a frame of {length} bytes")
+                end = offset + HEADER.size + length
+                if len(buffer) < end:
+                    break
+                self._frame(kind, stream_id, buffer[offset + HEADER.size : end])
+                offset = end
+                if self.lost is not None:
+                    return
+        except CarrierError as e:
+            log.warn("Closing a tunnel carrier: {error}", error=str(e))
+            self._buffer = b""
+            self.transport.abortConnection()
+            return
+        self._buffer = buffer[offset:]
+
+    def _frame(self, kind: int, stream_id: int, payload: bytes) -> None:
+        if kind == OPEN:
+            self._opened(stream_id, payload)
+            return
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            if not 0 < stream_id <= self._highest or kind not in (DATA, WINDOW, CLOSE):
+                raise CarrierError(f"a frame of type {kind} for unknown stream {stream_id}")
+            # A frame that crossed this end's CLOSE: the stream is over here already.
+            return
+        if kind == DATA:
+            if not payload:
+                raise CarrierError("an empty DATA frame")
+            stream._received(payload)
+        elif kind == WINDOW:
+            if len(payload) != 4:
+                raise CarrierError("a WINDOW frame without a 4-byte increment")
+            (increment,) = struct.unpack("!I", payload)
+            if not increment:
+                raise CarrierError("a WINDOW frame of 0")
+            stream._granted(increment)
+        elif kind == CLOSE:
+            if payload:
+                raise CarrierError("a CLOSE frame with a payload")
+            stream._remotely_closed()
+        else:
+            raise CarrierError(f"a frame of unknown type {kind}")
+
+    def _opened(self, stream_id: int, payload: bytes) -> None:
+        if self._accept is None:
+            raise CarrierError("an OPEN frame sent to the end that opens streams")
+        if payload or stream_id <= self._highest:
+            raise CarrierError(f"a bad OPEN frame for stream {stream_id}")
+        self._highest = stream_id
+        stream = Stream(self, stream_id)
+        self._streams[stream_id] = stream
+        self._accept(stream)
+
+    def forget(self, stream: Stream, tell_peer: bool) -> None:
+        """Called by a stream as it ends."""
+        if self._streams.pop(stream.id, None) is not None and tell_peer:
+            self.send(CLOSE, stream.id, b"")
+        if not self._streams and self.on_idle is not None:
+            self.on_idle(self)
+
+    # IPushProducer: the connection's write buffer.
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        for stream in list(self._streams.values()):
+            stream._flush()
+
+    def stopProducing(self) -> None:
+        self.transport.abortConnection()
+
+    def close(self) -> None:
+        """Close the connection (and so every stream on it)."""
+        if self.lost is None:
+            # A transport closes only once its producer has gone.
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = reason
+        for stream in list(self._streams.values()):
+            stream._carrier_lost(reason)
+        self._streams.clear()
+        if not self.closed.called:
+            self.closed.callback(None)
+
+
+class CarrierClient(Carrier):
+    """
+    The front door's end of a carrier: sends the signed handshake C{head}, and carries streams
+    once the gateway has answered C{101}.
+
+    @ivar ready: fires with this carrier once it can open streams, or fails with
+        L{CarrierRefused} (or the connection's failure).
+    """
+
+    def __init__(self, call_later: Any, head: bytes) -> None:
+        super().__init__(call_later)
+        self._head = head
+        self._answer = b""
+        self.ready: defer.Deferred[CarrierClient] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.transport.write(self._head)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.ready.called:
+            super().dataReceived(data)
+            return
+        self._answer += data
+        end = self._answer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._answer) > _MAX_ANSWER:
+                self._refused(b"an endless answer to the carrier's handshake", 0)
+            return
+        head, rest = self._answer[:end], self._answer[end + 4 :]
+        self._answer = b""
+        lines = head.split(b"\r\n")
+        if not lines[0].startswith(b"HTTP/1.1 101 "):
+            reason = lines[0]
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == policy.GATEWAY_ERROR:
+                    reason = value.strip()
+            status = lines[0][9:12]
+            self._refused(reason, int(status) if status.isdigit() else 0)
+            return
+        self.ready.callback(self)
+        if rest:
+            super().dataReceived(rest)
+
+    def _refused(self, reason: bytes, status: int) -> None:
+        self.ready.errback(CarrierRefused(reason.decode("latin-1")[:200], status))
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self.ready.called:
+            self.ready.errback(reason)
+        super().connectionLost(reason)
+
+
+class CarrierRefused(Exception):
+    """
+    The gateway did not accept a carrier's handshake.
+
+    @ivar status: the status it answered with (0 if none could be read).
+    """
+
+    def __init__(self, reason: str, status: int) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+_MAX_ANSWER = 16384
+
+
+def handshake(address: bytes, container_uuid: bytes, authorization: bytes) -> bytes:
+    """The request that opens a carrier to the gateway at C{address} (signed by the caller)."""
+    return (
+        b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: Upgrade\r\nUpgrade: %s\r\n"
+        b"%s: %s\r\n%s: %s\r\n\r\n"
+        % (
+            PATH,
+            address,
+            PROTOCOL,
+            policy.TARGET_UUID,
+            container_uuid,
+            policy.AUTHORIZATION,
+            authorization,
+        )
+    )
+
+
+class CarrierPool:
+    """
+    The front door's carriers, by gateway: one is opened when a tunnel needs it (tunnels that
+    ask meanwhile wait for the same one), each carries up to C{max_streams} tunnels, and one
+    without any for C{idle_timeout} seconds is closed.
+    """
+
+    def __init__(self, clock: Any, max_streams: int = 1000, idle_timeout: float = 240.0) -> None:
+        self._clock = clock
+        self.max_streams = max_streams
+        self.idle_timeout = idle_timeout
+        self._carriers: dict[Hashable, list[Carrier]] = {}
+        self._opening: dict[Hashable, list[defer.Deferred[Carrier]]] = {}
+        self._idle_calls: dict[Carrier, Any] = {}
+
+    def get(
+        self, key: Hashable, connect: Callable[[], defer.Deferred[CarrierClient]]
+    ) -> defer.Deferred[Carrier]:
+        """
+        A carrier for C{key} with room for another stream; C{connect()} opens a new one (its
+        Deferred fires once the carrier is ready) when none has room.
+        """
+        for carrier in self._carriers.get(key, ()):
+            if carrier.lost is None and len(carrier) < self.max_streams:
+                self._not_idle(carrier)
+                return defer.succeed(carrier)
+        waiter: defer.Deferred[Carrier] = defer.Deferred()
+        waiting = self._opening.get(key)
+        if waiting is not None:
+            waiting.append(waiter)
+            return waiter
+        self._opening[key] = [waiter]
+        connect().addBoth(self._opened, key)
+        return waiter
+
+    def _opened(self, result: Carrier | Failure, key: Hashable) -> None:
+        waiting = self._opening.pop(key, [])
+        if isinstance(result, Carrier):
+            self._carriers.setdefault(key, []).append(result)
+            result.on_idle = self._went_idle
+            result.closed.addBoth(self._closed, key, result)
+            if not waiting:
+                self._went_idle(result)
+        for waiter in waiting:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
+    def _went_idle(self, carrier: Carrier) -> None:
+        self._not_idle(carrier)
+        if carrier.lost is None:
+            self._idle_calls[carrier] = self._clock.callLater(
+                self.idle_timeout, self._close_idle, carrier
+            )
+
+    def _not_idle(self, carrier: Carrier) -> None:
+        call = self._idle_calls.pop(carrier, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def _close_idle(self, carrier: Carrier) -> None:
+        self._idle_calls.pop(carrier, None)
+        if not len(carrier):
+            carrier.close()
+
+    def _closed(self, result: None, key: Hashable, carrier: Carrier) -> None:
+        self._not_idle(carrier)
+        carriers = self._carriers.get(key, [])
+        if carrier in carriers:
+            carriers.remove(carrier)
+        if not carriers:
+            self._carriers.pop(key, None)
+
+    def close(self) -> defer.Deferred[list[Any]]:
+        """Close every carrier; fires once they are all gone."""
+        carriers = [c for cs in self._carriers.values() for c in cs]
+        for carrier in carriers:
+            self._not_idle(carrier)
+            carrier.close()
+        return defer.gatherResults([_copy(c.closed) for c in carriers])
+
+
+def _copy(d: defer.Deferred[Any]) -> defer.Deferred[Any]:
+    """A Deferred that fires with C{d}'s result without taking it from C{d}'s own callers."""
+    copy: defer.Deferred[Any] = defer.Deferred()
+
+    def fire(result: Any) -> Any:
+        copy.callback(None)
+        return result
+
+    d.addBoth(fire)
+    return copy

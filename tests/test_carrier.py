@@ -1,0 +1,351 @@
+"""
+Tunnel carriers (arvproxy.carrier): streams keep their bytes apart and in order, each has its
+own window, a slow one holds up nobody else, and a frame that breaks the rules ends the carrier.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from arvproxy.carrier import (
+    CLOSE,
+    DATA,
+    HEADER,
+    MAX_PAYLOAD,
+    OPEN,
+    WINDOW,
+    WINDOW_SIZE,
+    Carrier,
+    CarrierClient,
+    CarrierRefused,
+    Stream,
+)
+
+
+class Recorder(Protocol):
+    """Keeps what arrives and how the stream ended."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.lost: Failure | None = None
+        self.made = False
+
+    def connectionMade(self) -> None:
+        self.made = True
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.lost = reason
+
+
+class Producer:
+    """A streaming producer that records being paused and resumed."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.stopped = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+def frame(kind: int, stream_id: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(kind, stream_id, len(payload)) + payload
+
+
+class Pair:
+    """A front-door carrier and a gateway carrier joined in memory."""
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.accepted: list[tuple[Stream, Recorder]] = []
+        self.front = Carrier(self.clock.callLater)
+        self.gateway = Carrier(self.clock.callLater, accept=self._accept)
+        self.pump = iosim.connect(
+            self.gateway,
+            iosim.makeFakeServer(self.gateway),
+            self.front,
+            iosim.makeFakeClient(self.front),
+            greet=False,
+            clock=self.clock,
+        )
+
+    def _accept(self, stream: Stream) -> None:
+        recorder = Recorder()
+        stream.protocol = recorder
+        recorder.makeConnection(stream)
+        self.accepted.append((stream, recorder))
+
+    def open(self) -> tuple[Stream, Recorder, Stream, Recorder]:
+        """A stream: front end and its recorder, gateway end and its recorder."""
+        recorder = Recorder()
+        stream = self.front.open_stream(recorder)
+        self.pump.flush()
+        far, far_recorder = self.accepted[-1]
+        return stream, recorder, far, far_recorder
+
+
+class StreamTests(SynchronousTestCase):
+    def test_streams_keep_their_bytes_apart_and_in_order(self) -> None:
+        """Interleaved writes on three streams arrive on the right stream, in order, both ways."""
+        pair = Pair()
+        streams = [pair.open() for _ in range(3)]
+        for round_ in range(5):
+            for i, (near, _, far, _) in enumerate(streams):
+                near.write(b"to gateway %d.%d;" % (i, round_))
+                far.write(b"to front %d.%d;" % (i, round_))
+        pair.pump.flush()
+        for i, (_, near_seen, _, far_seen) in enumerate(streams):
+            self.assertEqual(
+                far_seen.received, b"".join(b"to gateway %d.%d;" % (i, r) for r in range(5))
+            )
+            self.assertEqual(
+                near_seen.received, b"".join(b"to front %d.%d;" % (i, r) for r in range(5))
+            )
+        self.assertTrue(all(r.made for _, r, _, _ in streams))
+
+    def test_large_writes_arrive_whole_in_bounded_frames(self) -> None:
+        """A write larger than a frame (and than the window) arrives complete and unchanged."""
+        pair = Pair()
+        near, _, _, far_seen = pair.open()
+        payload = bytes(range(256)) * (4 * WINDOW_SIZE // 256 + 7)
+        near.write(payload)
+        pair.pump.flush()
+        self.assertEqual(far_seen.received, payload)
+
+    def test_slow_reader_holds_up_only_its_own_stream(self) -> None:
+        """
+        A paused receiver gets at most one window; the sender's producer is paused meanwhile,
+        other streams keep flowing, and everything arrives once the receiver resumes.
+        """
+        pair = Pair()
+        slow, _, slow_far, slow_seen = pair.open()
+        fast, _, _, fast_seen = pair.open()
+        producer = Producer()
+        slow.registerProducer(producer, True)
+        slow_far.pauseProducing()
+        payload = b"x" * (3 * WINDOW_SIZE)
+        slow.write(payload)
+        fast.write(b"meanwhile")
+        pair.pump.flush()
+        self.assertEqual(fast_seen.received, b"meanwhile")
+        self.assertEqual(slow_seen.received, b"")
+        self.assertTrue(producer.paused)
+        # Only one window's worth ever crossed: the rest waits at the sender.
+        self.assertEqual(slow._outgoing_size, 2 * WINDOW_SIZE)
+        slow_far.resumeProducing()
+        pair.pump.flush()
+        self.assertEqual(slow_seen.received, payload)
+        self.assertFalse(producer.paused)
+
+    def test_lose_connection_sends_everything_first(self) -> None:
+        """loseConnection delivers what was written, then both ends see a clean close."""
+        pair = Pair()
+        near, near_seen, _, far_seen = pair.open()
+        near.write(b"last words")
+        near.loseConnection()
+        near.write(b"too late")
+        pair.pump.flush()
+        self.assertEqual(far_seen.received, b"last words")
+        self.assertIsNotNone(near_seen.lost)
+        self.assertIsNotNone(far_seen.lost)
+        assert near_seen.lost is not None and far_seen.lost is not None
+        near_seen.lost.trap(ConnectionDone)
+        far_seen.lost.trap(ConnectionDone)
+        self.assertEqual((len(pair.front), len(pair.gateway)), (0, 0))
+
+    def test_abort_drops_unsent_bytes(self) -> None:
+        """
+        abortConnection ends the stream at once and drops what was not sent; the other end
+        delivers what had crossed (one window at most, even while paused), then sees the end.
+        """
+        pair = Pair()
+        near, near_seen, far, far_seen = pair.open()
+        far.pauseProducing()
+        near.write(b"y" * (2 * WINDOW_SIZE))
+        near.abortConnection()
+        pair.pump.flush()
+        assert near_seen.lost is not None
+        near_seen.lost.trap(ConnectionAborted)
+        self.assertEqual(far_seen.received, b"y" * WINDOW_SIZE)
+        assert far_seen.lost is not None
+        far_seen.lost.trap(ConnectionDone)
+        self.assertEqual((len(pair.front), len(pair.gateway)), (0, 0))
+
+    def test_the_end_of_a_stream_stops_its_producer(self) -> None:
+        """As with a real connection, whatever produces into a stream is stopped when it ends."""
+        pair = Pair()
+        near, _, far, _ = pair.open()
+        producer = Producer()
+        far.registerProducer(producer, True)
+        near.abortConnection()
+        pair.pump.flush()
+        self.assertTrue(producer.stopped)
+
+    def test_losing_the_carrier_ends_every_stream(self) -> None:
+        """When the connection goes, every stream on both ends sees its connection lost."""
+        pair = Pair()
+        streams = [pair.open() for _ in range(3)]
+        pair.front.transport.loseConnection()
+        pair.pump.flush()
+        for _, near_seen, _, far_seen in streams:
+            assert near_seen.lost is not None and far_seen.lost is not None
+            near_seen.lost.trap(ConnectionLost)
+            far_seen.lost.trap(ConnectionLost)
+        self.assertTrue(pair.front.closed.called)
+
+    def test_a_failing_protocol_ends_only_its_stream(self) -> None:
+        """An exception in one stream's protocol closes that stream, not its neighbours."""
+        pair = Pair()
+        bad, _, bad_far, bad_far_seen = pair.open()
+        good, _, _, good_seen = pair.open()
+
+        def explode(data: bytes) -> None:
+            raise RuntimeError("bug in a tunnel")
+
+        bad_far_seen.dataReceived = explode  # type: ignore[method-assign]
+        bad.write(b"boom")
+        good.write(b"fine")
+        pair.pump.flush()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(good_seen.received, b"fine")
+        self.assertIsNotNone(bad_far_seen.lost)
+        self.assertFalse(bad.connected)
+        self.assertEqual(len(pair.gateway), 1)
+
+    def test_frames_crossing_a_close_are_ignored(self) -> None:
+        """Bytes the other end sent before it learnt of the close do no harm."""
+        pair = Pair()
+        near, _, far, _ = pair.open()
+        near.abortConnection()
+        far.write(b"crossing")
+        pair.pump.flush()
+        self.assertIsNone(pair.front.lost)
+        self.assertIsNone(pair.gateway.lost)
+
+
+class FrameAttackTests(SynchronousTestCase):
+    """Frames that break the rules end the carrier (both ends are ours: a bug or an intruder)."""
+
+    def carrier(self, accepting: bool) -> tuple[Carrier, StringTransport, list[Stream]]:
+        opened: list[Stream] = []
+
+        def accept(stream: Stream) -> None:
+            stream.protocol = Recorder()
+            opened.append(stream)
+
+        carrier = Carrier(Clock().callLater, accept=accept if accepting else None)
+        transport = StringTransport()
+        carrier.makeConnection(transport)
+        return carrier, transport, opened
+
+    def test_broken_frames(self) -> None:
+        """(what, frames sent to the gateway's end) → the connection is aborted."""
+        over_window = [
+            frame(DATA, 1, b"z" * MAX_PAYLOAD) for _ in range(WINDOW_SIZE // MAX_PAYLOAD + 1)
+        ]
+        cases: list[tuple[str, list[bytes]]] = [
+            ("oversized frame", [HEADER.pack(DATA, 1, MAX_PAYLOAD + 1)]),
+            ("unknown type", [frame(OPEN, 1), frame(9, 1, b"?")]),
+            ("OPEN with a payload", [frame(OPEN, 1, b"x")]),
+            ("stream ids that do not grow", [frame(OPEN, 2), frame(OPEN, 1)]),
+            ("reused stream id", [frame(OPEN, 1), frame(CLOSE, 1), frame(OPEN, 1)]),
+            ("stream id 0", [frame(OPEN, 0)]),
+            ("DATA for a stream never opened", [frame(DATA, 7, b"x")]),
+            ("empty DATA", [frame(OPEN, 1), frame(DATA, 1)]),
+            ("DATA beyond the window", [frame(OPEN, 1), *over_window]),
+            ("WINDOW of 3 bytes", [frame(OPEN, 1), frame(WINDOW, 1, b"\0\0\1")]),
+            ("WINDOW of 0", [frame(OPEN, 1), frame(WINDOW, 1, struct.pack("!I", 0))]),
+            ("WINDOW beyond the window", [frame(OPEN, 1), frame(WINDOW, 1, struct.pack("!I", 1))]),
+            ("CLOSE with a payload", [frame(OPEN, 1), frame(CLOSE, 1, b"x")]),
+        ]
+        for name, frames in cases:
+            carrier, transport, opened = self.carrier(accepting=True)
+            # Paused, so that DATA within the window stays queued rather than granted back.
+            for stream in opened:
+                stream.pauseProducing()
+            for data in frames:
+                carrier.dataReceived(data)
+                for stream in opened:
+                    stream.pauseProducing()
+            self.assertTrue(transport.disconnecting, name)
+            self.flushLoggedErrors()
+
+    def test_open_towards_the_opening_end(self) -> None:
+        """The front door's end never accepts streams: an OPEN sent to it ends the carrier."""
+        carrier, transport, _ = self.carrier(accepting=False)
+        carrier.dataReceived(frame(OPEN, 1))
+        self.assertTrue(transport.disconnecting)
+
+    def test_split_frames_are_reassembled(self) -> None:
+        """A frame split across reads, byte by byte, is one frame."""
+        carrier, transport, opened = self.carrier(accepting=True)
+        data = frame(OPEN, 1) + frame(DATA, 1, b"hello") + frame(DATA, 1, b" world")
+        for i in range(len(data)):
+            carrier.dataReceived(data[i : i + 1])
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(opened[0].protocol.received, b"hello world")
+
+
+class HandshakeTests(SynchronousTestCase):
+    """The front door's end: streams only after the gateway's 101."""
+
+    def client(self) -> tuple[CarrierClient, StringTransport, list[Any]]:
+        client = CarrierClient(Clock().callLater, b"HANDSHAKE\r\n\r\n")
+        transport = StringTransport()
+        client.makeConnection(transport)
+        results: list[Any] = []
+        client.ready.addBoth(results.append)
+        return client, transport, results
+
+    def test_switching_protocols(self) -> None:
+        """The handshake is sent at once; a 101 makes the carrier ready, with bytes after it."""
+        client, transport, results = self.client()
+        self.assertEqual(transport.value(), b"HANDSHAKE\r\n\r\n")
+        client.dataReceived(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n" + frame(WINDOW, 1, b"x")
+        )
+        self.assertIs(results[0], client)
+        # The trailing bytes were read as a frame (a WINDOW for an unknown stream: refused).
+        self.assertTrue(transport.disconnecting)
+
+    def test_refusals(self) -> None:
+        """(answer) → the reason the carrier is refused with."""
+        cases = [
+            (
+                b"HTTP/1.1 401 Unauthorized\r\nx-arvados-gateway-error: bad signature\r\n\r\n",
+                "bad signature",
+            ),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", "HTTP/1.1 200 OK"),
+            (b"HTTP/1.1 101 " + b"x" * 20000, "an endless answer to the carrier's handshake"),
+        ]
+        for answer, reason in cases:
+            client, transport, results = self.client()
+            client.dataReceived(answer)
+            self.assertIsInstance(results[0], Failure, answer)
+            results[0].trap(CarrierRefused)
+            self.assertEqual(str(results[0].value), reason)
+            self.assertTrue(transport.disconnecting)
+
+    def test_lost_before_the_answer(self) -> None:
+        """A connection lost before any answer fails the carrier with that reason."""
+        client, _, results = self.client()
+        client.connectionLost(Failure(ConnectionDone()))
+        results[0].trap(ConnectionDone)
