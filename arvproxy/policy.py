@@ -273,6 +273,19 @@ def upgrade_requested(headers: Headers) -> bytes | None:
     return b", ".join(values)
 
 
+CARRIER_UPGRADE = b"arvproxy-tunnels/1"
+"""The upgrade that opens a tunnel carrier between the proxy's hops (see L{arvproxy.carrier})."""
+
+
+def is_reserved_upgrade(upgrade: bytes) -> bool:
+    """
+    Whether an C{Upgrade} value (as L{upgrade_requested} returns it) names a protocol only the
+    proxy's own hops may ask for: a client must never open a tunnel carrier to a gateway.
+    """
+    tokens = {token.strip().lower() for token in upgrade.split(b",")}
+    return CARRIER_UPGRADE in tokens
+
+
 def with_upgrade(headers: Headers, protocol: bytes) -> Headers:
     """C{headers} with the hop-by-hop headers that ask the next hop to switch to C{protocol}."""
     headers.setRawHeaders(b"connection", [b"upgrade"])

@@ -15,6 +15,7 @@ C{connectionLost} are replaced), which the pinned Twisted release series keeps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import h11
@@ -25,6 +26,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from arvproxy import policy
+from arvproxy.carrier import Carrier
 from arvproxy.errors import BadGateway
 from arvproxy.streaming import StreamingRequest
 
@@ -257,11 +259,11 @@ async def open_upgrade(
     @return: its answer, once the status and headers have arrived.
     """
     client = _UpgradeClient(method, target, headers)
-    await endpoint.connect(_SingleUse(client))
+    await endpoint.connect(SingleUse(client))
     return await client.answered
 
 
-class _SingleUse:
+class SingleUse:
     """A client factory for exactly one already-built protocol."""
 
     def __init__(self, protocol: Protocol) -> None:
@@ -309,28 +311,60 @@ def relay_upgrade(request: StreamingRequest, response: UpgradeResponse) -> defer
     head.extend(b"Upgrade: " + value for value in response.headers.getRawHeaders(b"upgrade", []))
     channel: Any = request.channel
     transport: Any = channel.transport
-    transport.write(b"\r\n".join(head) + b"\r\n\r\n")
-
-    # Take the connection over from the HTTP channel, as Twisted's own WebSockets do.
-    transport.unregisterProducer()
     splice = _Splice(channel.callLater, transport, upstream, channel.site.limits.tunnel_idle)
-    channel.dataReceived = splice.from_client
-    channel.connectionLost = splice.client_lost
-    buffered = b"".join(channel._dataBuffer)
-    channel._dataBuffer = []
-
+    _, buffered = take_over(
+        request, b"\r\n".join(head) + b"\r\n\r\n", splice.from_client, splice.client_lost
+    )
     client.attach(_UpstreamSide(splice))
     # From here on only bytes flow: drop what the handshake needed, since a notebook may hold
-    # thousands of these tunnels open for hours.  The request never finishes; nothing waits
-    # on it.
+    # thousands of these tunnels open for hours.
     client.release()
-    channel.requests.clear()
     if buffered:
         splice.from_client(buffered)
     transport.registerProducer(upstream, True)
     upstream.registerProducer(transport, True)
     transport.resumeProducing()
     return splice.closed
+
+
+def take_over(
+    request: StreamingRequest,
+    head: bytes,
+    data_received: Callable[[bytes], None],
+    connection_lost: Callable[[Failure], None],
+) -> tuple[Any, bytes]:
+    """
+    Answer C{request} with C{head} (a C{101}) and take its connection from the HTTP channel,
+    as Twisted's own WebSockets do: from now on its bytes go to C{data_received}, and its end
+    to C{connection_lost}.  The request never finishes; nothing waits on it.
+
+    @return: the connection's transport, no longer paused by nor producing for the channel,
+        and the bytes that had already arrived after the request.
+    """
+    channel: Any = request.channel
+    transport: Any = channel.transport
+    transport.write(head)
+    transport.unregisterProducer()
+    channel.dataReceived = data_received
+    channel.connectionLost = connection_lost
+    buffered = b"".join(channel._dataBuffer)
+    channel._dataBuffer = []
+    channel.requests.clear()
+    return transport, buffered
+
+
+async def open_upgrade_on(
+    carrier: Carrier, method: bytes, target: bytes, headers: Headers
+) -> UpgradeResponse:
+    """
+    Send an upgrade request to the next hop on a stream of C{carrier}.
+
+    @return: its answer, once the status and headers have arrived.
+    @raise CarrierError: the carrier can take no more streams (it has just been lost).
+    """
+    client = _UpgradeClient(method, target, headers)
+    carrier.open_stream(client)
+    return await client.answered
 
 
 class _UpstreamSide:

@@ -348,9 +348,9 @@ def tables(results: Results) -> str:
             f"One idle TLS connection by itself, configured as the hops configure theirs "
             f"({floor.openssl}, buffers released; `bench/tls_floor.py`, {floor.count:,} "
             f"connections): **{floor.server / 1000:.1f} KB** on the gateway's (server) side, "
-            f"**{floor.client / 1000:.1f} KB** on the controller's (client) side.  Each tunnel "
-            "has a TLS connection of its own between the hops, so neither process can get "
-            "below that per tunnel; 20 KB needs tunnels multiplexed over shared connections.\n"
+            f"**{floor.client / 1000:.1f} KB** on the controller's (client) side.  Tunnels "
+            "share carriers between the hops (`arvproxy/carrier.py`: up to 1,000 per TLS "
+            "connection), so this is paid per carrier, not per tunnel.\n"
         )
     return "\n".join(out)
 

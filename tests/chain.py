@@ -140,7 +140,7 @@ async def start_chain(
     controller_site.handler = Controller(reactor, config, registry, connector)
 
     async def stop() -> None:
-        await connector.pool.closeCachedConnections()
+        await connector.close()
         await gateway.connector.pool.closeCachedConnections()
         await controller_port.stopListening()
         await gateway_port.stopListening()

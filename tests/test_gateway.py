@@ -13,7 +13,7 @@ import h11
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from arvproxy import policy
+from arvproxy import carrier, policy
 from arvproxy.gateway.server import Gateway
 from arvproxy.streaming import ProxySite
 from arvproxy.testing import FakeRuntime, MemoryClient, ParsedResponse, request_bytes
@@ -229,3 +229,56 @@ class ProxyTests(GatewayTestCase):
         """Each gateway has its own connection pool, so two containers never share a connection."""
         other = Gateway(self.clock, OTHER, SECRET, FakeRuntime())
         self.assertIsNot(other.connector.pool, self.gateway.connector.pool)
+
+
+class CarrierHandshakeTests(GatewayTestCase):
+    """Only the front door, signing for this container, may open a carrier for tunnels."""
+
+    UPGRADE = [(b"Connection", b"Upgrade"), (b"Upgrade", carrier.PROTOCOL)]
+
+    def handshake(self, **changes: bytes | None) -> list[tuple[bytes, bytes]]:
+        headers = self.forwarded(**{"port": None, "request_host": None, **changes})  # type: ignore[arg-type]
+        return self.UPGRADE + headers
+
+    def test_accepted(self) -> None:
+        """A signed handshake for this container gets 101, then the connection carries frames."""
+        client = self.send(self.handshake(), target=carrier.PATH)
+        head, _, rest = client.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        self.assertIn(b"Upgrade: " + carrier.PROTOCOL, head)
+        self.assertEqual(rest, b"")
+        # A stream opens an HTTP channel of its own, which checks its request as usual.
+        unsigned = request_bytes(b"GET", b"/", [], host=b"127.0.0.1:9001")
+        client.send(carrier.HEADER.pack(carrier.OPEN, 1, 0))
+        client.send(carrier.HEADER.pack(carrier.DATA, 1, len(unsigned)) + unsigned)
+        frames = client.value().partition(b"\r\n\r\n")[2]
+        kind, stream_id, length = carrier.HEADER.unpack_from(frames)
+        self.assertEqual((kind, stream_id), (carrier.DATA, 1))
+        answer = frames[carrier.HEADER.size : carrier.HEADER.size + length]
+        self.assertTrue(answer.startswith(b"HTTP/1.1 401 "), answer)
+        self.assertEqual(self.runtime.endpoints, [])
+
+    def test_refusals(self) -> None:
+        """(handshake, target) → refused with this status and reason; no carrier, no 101."""
+        cases = [
+            (self.handshake(authorization=b"forged"), carrier.PATH, 401, b"malformed"),
+            (self.handshake(at=T0 - 301), carrier.PATH, 401, b"stale"),
+            (self.handshake(target=OTHER.encode()), carrier.PATH, 502, b"misdirected"),
+            (self.handshake(), b"/", 400, b"not a carrier handshake"),
+            (self.handshake(port=b"8001"), carrier.PATH, 400, b"not a carrier handshake"),
+            (
+                self.handshake(request_host=REQUEST_HOST),
+                carrier.PATH,
+                400,
+                b"not a carrier handshake",
+            ),
+        ]
+        for headers, target, status, reason in cases:
+            response = self.refused(self.send(headers, target=target), status)
+            self.assertIn(reason, response.header(policy.GATEWAY_ERROR) or b"", headers)
+
+    def test_not_accepting(self) -> None:
+        """Once the container has finished, no carrier opens (410, marked)."""
+        self.gateway.accepting = False
+        response = self.refused(self.send(self.handshake(), target=carrier.PATH), 410)
+        self.assertEqual(response.header(policy.GATEWAY_ERROR), b"the container has finished")

@@ -1139,3 +1139,20 @@ class ProxyCookieTests(SynchronousTestCase):
             trusted_peer=False,
         )
         self.assertEqual(sent.getRawHeaders(b"cookie"), [b"a=1"])
+
+
+class ReservedUpgradeTests(SynchronousTestCase):
+    def test_table(self) -> None:
+        """Only the proxy's hops may ask for a tunnel carrier, however a client spells it."""
+        cases = [
+            (b"websocket", False),
+            (b"h2c", False),
+            (b"arvproxy-tunnels/1", True),
+            (b"ARVPROXY-TUNNELS/1", True),
+            (b"websocket, arvproxy-tunnels/1", True),
+            (b" arvproxy-tunnels/1 ", True),
+            (b"arvproxy-tunnels/2", False),
+            (b"arvproxy-tunnels", False),
+        ]
+        for value, reserved in cases:
+            self.assertEqual(policy.is_reserved_upgrade(value), reserved, value)

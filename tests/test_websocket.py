@@ -135,6 +135,41 @@ class WebSocketChainTests(unittest.TestCase):
 
         return defer.ensureDeferred(go())
 
+    def test_client_cannot_open_a_carrier(self):
+        """A client asking for the hops' own tunnel carrier gets 400; the gateway never hears."""
+
+        async def go():
+            chain = await self._chain()
+            sock = socket.create_connection(("127.0.0.1", chain.controller_port))
+            self.addCleanup(sock.close)
+            request = (
+                b"GET /.arvproxy/carrier HTTP/1.1\r\nHost: %s\r\nCookie: %s\r\n"
+                b"Connection: Upgrade\r\nUpgrade: arvproxy-tunnels/1\r\n\r\n"
+            ) % (chain.host, chain.cookie)
+            reply = await _exchange(sock, request, b"reserved")
+            self.assertTrue(reply.startswith(b"HTTP/1.1 400 "), reply)
+            self.assertEqual(chain.gateway.open_requests(), 0)
+            self.assertEqual(self.service.plain_requests, 0)
+
+        return defer.ensureDeferred(go())
+
+    def test_tunnels_share_one_connection_to_the_gateway(self):
+        """Many WebSockets to one container travel on one carrier (one TLS connection)."""
+
+        async def go():
+            chain = await self._chain()
+            clients = [await self._connect(chain) for _ in range(5)]
+            for client in clients:
+                await client.accepted
+            for i, client in enumerate(clients):
+                client.send(TextMessage(data=f"tunnel {i}"))
+            for i, client in enumerate(clients):
+                self.assertEqual(await client.messages.get(), ("text", (f"tunnel {i}", 1)))
+            carriers = chain.controller._gateways.carriers._carriers
+            self.assertEqual([len(c) for cs in carriers.values() for c in cs], [5])
+
+        return defer.ensureDeferred(go())
+
     def test_refused_upgrade_is_relayed_and_connection_stays_http(self):
         """A non-101 answer reaches the client as a response; the connection serves HTTP again."""
 

@@ -35,6 +35,13 @@ from zope.interface import implementer
 
 from arvproxy import pages, permissions, policy
 from arvproxy.backends import CONTAINER_INFIX, CONTAINER_REQUEST_INFIX, ICluster, uuid_infix
+from arvproxy.carrier import (
+    CarrierClient,
+    CarrierError,
+    CarrierPool,
+    CarrierRefused,
+    handshake,
+)
 from arvproxy.config import ClusterConfig
 from arvproxy.controller import sitedata
 from arvproxy.controller.portal import Portal
@@ -55,7 +62,7 @@ from arvproxy.streaming import (
     relay_response,
 )
 from arvproxy.tlsidentity import client_creator
-from arvproxy.upgrade import UpgradeResponse, open_upgrade, relay_upgrade
+from arvproxy.upgrade import SingleUse, UpgradeResponse, open_upgrade_on, relay_upgrade
 
 log = Logger()
 
@@ -89,6 +96,8 @@ class GatewayConnector:
         self._reactor = reactor
         self._connect_timeout = connect_timeout
         self.pool = ProxyConnectionPool(reactor, idle_timeout)
+        # WebSocket tunnels share a few connections per gateway (see arvproxy.carrier).
+        self.carriers = CarrierPool(reactor, idle_timeout=idle_timeout)
         # Twisted's own retry would re-send the same signed headers, which a gateway rightly
         # refuses as a replay: request() retries itself, with a fresh signature.
         self.pool.retryAutomatically = False
@@ -160,12 +169,32 @@ class GatewayConnector:
         path: bytes,
         headers: Headers,
     ) -> UpgradeResponse:
-        """Send an upgrade request to a container's gateway on a connection of its own."""
+        """Send an upgrade request to a container's gateway, on a stream of a carrier."""
         headers.setRawHeaders(b"host", [address.encode("ascii")])
-        endpoint = self.endpoint(container_uuid, address, secret)
         with translate_gateway_errors():
-            return await open_upgrade(endpoint, method, path, headers)
+            tunnels = await self.carriers.get(
+                (container_uuid, address),
+                lambda: self._open_carrier(container_uuid, address, secret),
+            )
+            return await open_upgrade_on(tunnels, method, path, headers)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _open_carrier(
+        self, container_uuid: str, address: str, secret: str
+    ) -> defer.Deferred[CarrierClient]:
+        """Connect a new carrier to a gateway; fires once the gateway has accepted it."""
+        head = handshake(
+            address.encode("ascii"),
+            container_uuid.encode("ascii"),
+            policy.sign(secret, self._reactor.seconds()).encode("ascii"),
+        )
+        client = CarrierClient(self._reactor.callLater, head)
+        connected = self.endpoint(container_uuid, address, secret).connect(SingleUse(client))
+        return connected.addCallback(lambda _: client.ready)
+
+    def close(self) -> defer.Deferred[list[Any]]:
+        """Close every pooled connection and carrier; fires once they are gone."""
+        return defer.gatherResults([self.pool.closeCachedConnections(), self.carriers.close()])
 
 
 # Methods a proxy may send again when a connection fails before the answer (RFC 9110 9.2.2).
@@ -206,6 +235,20 @@ def translate_gateway_errors() -> Iterator[None]:
         raise BadGateway(
             "The container's gateway failed its identity check (TLS); nothing was sent."
         ) from e
+    except CarrierRefused as e:
+        log.warn("A container's gateway refused a tunnel carrier: {reason}", reason=str(e))
+        if e.status == Gone.status:
+            raise Gone(
+                "The container has finished; its web services are no longer available.",
+                hint="Start a new container to use the service again.",
+            ) from e
+        raise BadGateway(
+            f"The container's gateway refused the connection for tunnels ({str(e)[:200]}).",
+            hint="This is a problem between the proxy and the worker node; "
+            "tell the cluster's administrator.",
+        ) from e
+    except CarrierError as e:
+        raise BadGateway("The connection to the container's gateway was lost.") from e
 
 
 class Controller:
@@ -428,6 +471,11 @@ class Controller:
             trusted_peer=policy.is_trusted(client_ip, config.trusted_proxies),
         )
         upgrade = policy.upgrade_requested(request.requestHeaders) if request.body.empty else None
+        if upgrade is not None and policy.is_reserved_upgrade(upgrade):
+            raise BadRequest(
+                "This kind of connection upgrade is reserved for the proxy itself.",
+                hint="Ask for the protocol your service speaks, such as websocket.",
+            )
         response: Any
         if upgrade is not None:
             response = await self._gateways.upgrade(

@@ -93,7 +93,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         options["listen_on"],
         site,
         on_listening=on_listening,
-        on_stopping=gateways.pool.closeCachedConnections,
+        on_stopping=gateways.close,
         reuse_port=options["workers"] > 1 or options["worker"],
     ).setServiceParent(top)
     return top

@@ -25,7 +25,7 @@ from twisted.web.client import (
 )
 from zope.interface import implementer
 
-from arvproxy import policy
+from arvproxy import carrier, policy
 from arvproxy.errors import (
     BadGateway,
     BadRequest,
@@ -43,7 +43,7 @@ from arvproxy.streaming import (
     StreamingRequest,
     relay_response,
 )
-from arvproxy.upgrade import UpgradeResponse, open_upgrade, relay_upgrade
+from arvproxy.upgrade import UpgradeResponse, open_upgrade, relay_upgrade, take_over
 
 log = Logger()
 
@@ -190,11 +190,10 @@ class Gateway:
         """How many requests (and tunnels) to the container are open now."""
         return self._slots.open(self._uuid.decode("ascii"))
 
-    def check(self, headers: Any) -> tuple[int, bytes]:
+    def _check_signed(self, headers: Any) -> None:
         """
-        Check a forwarded request's signature and target.
+        Check that a request was signed by the front door, for this container.
 
-        @return: the target port and the original request's host.
         @raise ProxyError: marked as the gateway's own refusal.
         """
         try:
@@ -208,6 +207,15 @@ class Gateway:
             raise refusal(Unauthorized, str(e)) from None
         if headers.getRawHeaders(policy.TARGET_UUID) != [self._uuid]:
             raise refusal(BadGateway, "misdirected request: the target is another container")
+
+    def check(self, headers: Any) -> tuple[int, bytes]:
+        """
+        Check a forwarded request's signature and target.
+
+        @return: the target port and the original request's host.
+        @raise ProxyError: marked as the gateway's own refusal.
+        """
+        self._check_signed(headers)
         try:
             port = policy.parse_target_port(headers.getRawHeaders(policy.TARGET_PORT))
         except ValueError as e:
@@ -218,6 +226,9 @@ class Gateway:
         return port, hosts[0]
 
     async def __call__(self, request: StreamingRequest) -> None:
+        if policy.upgrade_requested(request.requestHeaders) == carrier.PROTOCOL:
+            self._carry(request)
+            return
         port, request_host = self.check(request.requestHeaders)
         if not self.accepting:
             raise refusal(Gone, "the container has finished")
@@ -226,6 +237,45 @@ class Gateway:
             if tunnel is not None:
                 # The open tunnel keeps the slot; this handler (and the request) can go.
                 slot.keep_until(tunnel)
+
+    def _carry(self, request: StreamingRequest) -> None:
+        """
+        Accept a tunnel carrier from the front door (see L{arvproxy.carrier}): its handshake is
+        signed like any forwarded request, and each tunnel on it is then served by an HTTP
+        channel of its own, which checks the tunnel's own signed request as usual.
+        """
+        headers = request.requestHeaders
+        self._check_signed(headers)
+        if (
+            request.path != carrier.PATH
+            or headers.hasHeader(policy.TARGET_PORT)
+            or headers.hasHeader(policy.REQUEST_HOST)
+            or not request.body.empty
+            or isinstance(request.client_transport(), carrier.Stream)
+        ):
+            raise refusal(BadRequest, "not a carrier handshake")
+        if not self.accepting:
+            raise refusal(Gone, "the container has finished")
+        http_channel: Any = request.channel
+        site = http_channel.site
+
+        def serve(stream: carrier.Stream) -> None:
+            channel = site.buildProtocol(stream.getPeer())
+            stream.protocol = channel
+            channel.makeConnection(stream)
+
+        tunnels = carrier.Carrier(self._reactor.callLater, accept=serve)
+        transport, buffered = take_over(
+            request,
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: %s\r\n\r\n"
+            % (carrier.PROTOCOL,),
+            tunnels.dataReceived,
+            tunnels.connectionLost,
+        )
+        tunnels.makeConnection(transport)
+        if buffered:
+            tunnels.dataReceived(buffered)
+        transport.resumeProducing()
 
     async def _proxy(
         self, request: StreamingRequest, port: int, request_host: bytes
