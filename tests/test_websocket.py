@@ -170,6 +170,26 @@ class WebSocketChainTests(unittest.TestCase):
 
         return defer.ensureDeferred(go())
 
+    def test_a_lost_carrier_ends_its_tunnels_and_a_new_one_serves_the_next(self):
+        """When a carrier's connection drops, its tunnels close; the next tunnel gets a new one."""
+
+        async def go():
+            chain = await self._chain()
+            first = await self._connect(chain)
+            await first.accepted
+            pool = chain.controller._gateways.carriers
+            (old,) = [c for cs in pool._carriers.values() for c in cs]
+            old.transport.abortConnection()
+            self.assertIsNone(await first.closed)
+            second = await self._connect(chain)
+            await second.accepted
+            second.send(TextMessage(data="again"))
+            self.assertEqual(await second.messages.get(), ("text", ("again", 1)))
+            (new,) = [c for cs in pool._carriers.values() for c in cs]
+            self.assertIsNot(new, old)
+
+        return defer.ensureDeferred(go())
+
     def test_refused_upgrade_is_relayed_and_connection_stays_http(self):
         """A non-101 answer reaches the client as a response; the connection serves HTTP again."""
 
