@@ -100,12 +100,13 @@ def run(args: argparse.Namespace, results: report.Results, directory: str) -> No
     s = results.settings
     phases = set(args.only or PHASES)
     limit = raise_fd_limit(65536)
-    # Each proxy process holds two sockets per tunnel (its client's and the next hop's).
-    if limit < 2 * s["websockets"] + 200:
-        fitting = max(100, (limit - 200) // 2 // 100 * 100)
+    # This process holds one socket per tunnel, and so does each process of the chain (the
+    # front door its client's, the gateway the service's; tunnels between them share carriers).
+    if limit < s["websockets"] + 200:
+        fitting = max(100, (limit - 200) // 100 * 100)
         results.notes.append(
             f"the open-file limit here is {limit} (hard limit; raising it needs "
-            f"CAP_SYS_RESOURCE), and each proxy process needs two descriptors per tunnel: "
+            f"CAP_SYS_RESOURCE), and each process needs a descriptor per tunnel: "
             f"{fitting:,} WebSockets instead of {s['websockets']:,}"
         )
         s["websockets"] = fitting
