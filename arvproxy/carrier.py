@@ -416,93 +416,6 @@ class Carrier(Protocol):
             self.closed.callback(None)
 
 
-class CarrierClient(Carrier):
-    """
-    The front door's end of a carrier: sends the signed handshake C{head}, and carries streams
-    once the gateway has answered C{101}.
-
-    @ivar ready: fires with this carrier once it can open streams, or fails with
-        L{CarrierRefused} (or the connection's failure).
-    """
-
-    def __init__(self, call_later: Any, head: bytes) -> None:
-        super().__init__(call_later)
-        self._head = head
-        self._answer = b""
-        self.ready: defer.Deferred[CarrierClient] = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self.transport.write(self._head)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.ready.called:
-            super().dataReceived(data)
-            return
-        self._answer += data
-        end = self._answer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self._answer) > _MAX_ANSWER:
-                self._refused(b"an endless answer to the carrier's handshake", 0)
-            return
-        head, rest = self._answer[:end], self._answer[end + 4 :]
-        self._answer = b""
-        lines = head.split(b"\r\n")
-        if not lines[0].startswith(b"HTTP/1.1 101 "):
-            reason = lines[0]
-            for line in lines[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == policy.GATEWAY_ERROR:
-                    reason = value.strip()
-            status = lines[0][9:12]
-            self._refused(reason, int(status) if status.isdigit() else 0)
-            return
-        self.ready.callback(self)
-        if rest:
-            super().dataReceived(rest)
-
-    def _refused(self, reason: bytes, status: int) -> None:
-        self.ready.errback(CarrierRefused(reason.decode("latin-1")[:200], status))
-        self.transport.abortConnection()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if not self.ready.called:
-            self.ready.errback(reason)
-        super().connectionLost(reason)
-
-
-class CarrierRefused(Exception):
-    """
-    The gateway did not accept a carrier's handshake.
-
-    @ivar status: the status it answered with (0 if none could be read).
-    """
-
-    def __init__(self, reason: str, status: int) -> None:
-        super().__init__(reason)
-        self.status = status
-
-
-_MAX_ANSWER = 16384
-
-
-def handshake(address: bytes, container_uuid: bytes, authorization: bytes) -> bytes:
-    """The request that opens a carrier to the gateway at C{address} (signed by the caller)."""
-    return (
-        b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: Upgrade\r\nUpgrade: %s\r\n"
-        b"%s: %s\r\n%s: %s\r\n\r\n"
-        % (
-            PATH,
-            address,
-            PROTOCOL,
-            policy.TARGET_UUID,
-            container_uuid,
-            policy.AUTHORIZATION,
-            authorization,
-        )
-    )
-
-
 class CarrierPool:
     """
     The front door's carriers, by gateway: one is opened when a tunnel needs it (tunnels that
@@ -519,7 +432,7 @@ class CarrierPool:
         self._idle_calls: dict[Carrier, Any] = {}
 
     def get(
-        self, key: Hashable, connect: Callable[[], defer.Deferred[CarrierClient]]
+        self, key: Hashable, connect: Callable[[], defer.Deferred[Carrier]]
     ) -> defer.Deferred[Carrier]:
         """
         A carrier for C{key} with room for another stream; C{connect()} opens a new one (its

@@ -51,6 +51,17 @@ class UpgradeResponse:
         """Close the next hop's connection without using the response."""
         self._client.transport.loseConnection()
 
+    def hand_over(self, protocol: Protocol) -> None:
+        """
+        Give the switched connection (after a C{101}) to C{protocol}: the connection becomes
+        its transport, and the bytes that follow the answer, and the connection's end, go to
+        it.
+        """
+        client = self._client
+        protocol.makeConnection(client.transport)
+        client.attach(_ProtocolSide(protocol))
+        client.release()
+
 
 class _Switched:
     """Stands in for the h11 connection once a tunnel is spliced."""
@@ -259,11 +270,11 @@ async def open_upgrade(
     @return: its answer, once the status and headers have arrived.
     """
     client = _UpgradeClient(method, target, headers)
-    await endpoint.connect(SingleUse(client))
+    await endpoint.connect(_SingleUse(client))
     return await client.answered
 
 
-class SingleUse:
+class _SingleUse:
     """A client factory for exactly one already-built protocol."""
 
     def __init__(self, protocol: Protocol) -> None:
@@ -365,6 +376,17 @@ async def open_upgrade_on(
     client = _UpgradeClient(method, target, headers)
     carrier.open_stream(client)
     return await client.answered
+
+
+class _ProtocolSide:
+    """Where the next hop's bytes go once its connection belongs to a protocol."""
+
+    def __init__(self, protocol: Protocol) -> None:
+        self.dataReceived = protocol.dataReceived
+        self.peerLost = protocol.connectionLost
+
+    def bodyDone(self) -> None:
+        pass
 
 
 class _UpstreamSide:

@@ -6,7 +6,6 @@ own window, a slow one holds up nobody else, and a frame that breaks the rules e
 from __future__ import annotations
 
 import struct
-from typing import Any
 
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Protocol
@@ -25,8 +24,6 @@ from arvproxy.carrier import (
     WINDOW,
     WINDOW_SIZE,
     Carrier,
-    CarrierClient,
-    CarrierRefused,
     Stream,
 )
 
@@ -302,50 +299,3 @@ class FrameAttackTests(SynchronousTestCase):
             carrier.dataReceived(data[i : i + 1])
         self.assertFalse(transport.disconnecting)
         self.assertEqual(opened[0].protocol.received, b"hello world")
-
-
-class HandshakeTests(SynchronousTestCase):
-    """The front door's end: streams only after the gateway's 101."""
-
-    def client(self) -> tuple[CarrierClient, StringTransport, list[Any]]:
-        client = CarrierClient(Clock().callLater, b"HANDSHAKE\r\n\r\n")
-        transport = StringTransport()
-        client.makeConnection(transport)
-        results: list[Any] = []
-        client.ready.addBoth(results.append)
-        return client, transport, results
-
-    def test_switching_protocols(self) -> None:
-        """The handshake is sent at once; a 101 makes the carrier ready, with bytes after it."""
-        client, transport, results = self.client()
-        self.assertEqual(transport.value(), b"HANDSHAKE\r\n\r\n")
-        client.dataReceived(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n" + frame(WINDOW, 1, b"x")
-        )
-        self.assertIs(results[0], client)
-        # The trailing bytes were read as a frame (a WINDOW for an unknown stream: refused).
-        self.assertTrue(transport.disconnecting)
-
-    def test_refusals(self) -> None:
-        """(answer) → the reason the carrier is refused with."""
-        cases = [
-            (
-                b"HTTP/1.1 401 Unauthorized\r\nx-arvados-gateway-error: bad signature\r\n\r\n",
-                "bad signature",
-            ),
-            (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", "HTTP/1.1 200 OK"),
-            (b"HTTP/1.1 101 " + b"x" * 20000, "an endless answer to the carrier's handshake"),
-        ]
-        for answer, reason in cases:
-            client, transport, results = self.client()
-            client.dataReceived(answer)
-            self.assertIsInstance(results[0], Failure, answer)
-            results[0].trap(CarrierRefused)
-            self.assertEqual(str(results[0].value), reason)
-            self.assertTrue(transport.disconnecting)
-
-    def test_lost_before_the_answer(self) -> None:
-        """A connection lost before any answer fails the carrier with that reason."""
-        client, _, results = self.client()
-        client.connectionLost(Failure(ConnectionDone()))
-        results[0].trap(ConnectionDone)

@@ -190,6 +190,19 @@ class WebSocketChainTests(unittest.TestCase):
 
         return defer.ensureDeferred(go())
 
+    def test_carrier_refused_by_a_finished_container(self):
+        """A gateway whose container has finished refuses the carrier: the client gets 410."""
+
+        async def go():
+            chain = await self._chain()
+            chain.gateway.accepting = False
+            client = await self._connect(chain)
+            rejected = await self.assertFailure(client.accepted, Rejected)
+            self.assertEqual(rejected.status, 410)
+            self.assertEqual(chain.controller._gateways.carriers._carriers, {})
+
+        return defer.ensureDeferred(go())
+
     def test_refused_upgrade_is_relayed_and_connection_stays_http(self):
         """A non-101 answer reaches the client as a response; the connection serves HTTP again."""
 

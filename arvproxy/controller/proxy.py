@@ -33,15 +33,9 @@ from twisted.web.client import (
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from arvproxy import pages, permissions, policy
+from arvproxy import carrier, pages, permissions, policy
 from arvproxy.backends import CONTAINER_INFIX, CONTAINER_REQUEST_INFIX, ICluster, uuid_infix
-from arvproxy.carrier import (
-    CarrierClient,
-    CarrierError,
-    CarrierPool,
-    CarrierRefused,
-    handshake,
-)
+from arvproxy.carrier import Carrier, CarrierError, CarrierPool
 from arvproxy.config import ClusterConfig
 from arvproxy.controller import sitedata
 from arvproxy.controller.portal import Portal
@@ -62,7 +56,7 @@ from arvproxy.streaming import (
     relay_response,
 )
 from arvproxy.tlsidentity import client_creator
-from arvproxy.upgrade import SingleUse, UpgradeResponse, open_upgrade_on, relay_upgrade
+from arvproxy.upgrade import UpgradeResponse, open_upgrade, open_upgrade_on, relay_upgrade
 
 log = Logger()
 
@@ -174,27 +168,65 @@ class GatewayConnector:
         with translate_gateway_errors():
             tunnels = await self.carriers.get(
                 (container_uuid, address),
-                lambda: self._open_carrier(container_uuid, address, secret),
+                lambda: defer.Deferred.fromCoroutine(
+                    self._open_carrier(container_uuid, address, secret)
+                ),
             )
             return await open_upgrade_on(tunnels, method, path, headers)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _open_carrier(
-        self, container_uuid: str, address: str, secret: str
-    ) -> defer.Deferred[CarrierClient]:
-        """Connect a new carrier to a gateway; fires once the gateway has accepted it."""
-        head = handshake(
-            address.encode("ascii"),
-            container_uuid.encode("ascii"),
-            policy.sign(secret, self._reactor.seconds()).encode("ascii"),
+    async def _open_carrier(self, container_uuid: str, address: str, secret: str) -> Carrier:
+        """
+        Open a new carrier to a gateway: an upgrade request signed for the container, on a
+        connection of its own, that the gateway must answer with C{101}.
+
+        @raise ProxyError: the gateway refused it (see L{gateway_refusal}).
+        """
+        headers = Headers(
+            {
+                b"host": [address.encode("ascii")],
+                policy.TARGET_UUID: [container_uuid.encode("ascii")],
+                policy.AUTHORIZATION: [policy.sign(secret, self._reactor.seconds()).encode()],
+            }
         )
-        client = CarrierClient(self._reactor.callLater, head)
-        connected = self.endpoint(container_uuid, address, secret).connect(SingleUse(client))
-        return connected.addCallback(lambda _: client.ready)
+        answer = await open_upgrade(
+            self.endpoint(container_uuid, address, secret),
+            b"GET",
+            carrier.PATH,
+            policy.with_upgrade(headers, carrier.PROTOCOL),
+        )
+        if answer.code != 101:
+            answer.discard()
+            reason = answer.headers.getRawHeaders(policy.GATEWAY_ERROR, [answer.reason])[0]
+            raise gateway_refusal(container_uuid, answer.code, reason)
+        tunnels = carrier.Carrier(self._reactor.callLater)
+        answer.hand_over(tunnels)
+        return tunnels
 
     def close(self) -> defer.Deferred[list[Any]]:
         """Close every pooled connection and carrier; fires once they are gone."""
         return defer.gatherResults([self.pool.closeCachedConnections(), self.carriers.close()])
+
+
+def gateway_refusal(container_uuid: str, code: int, reason: bytes) -> ProxyError:
+    """
+    Log a gateway's refusal of what the front door sent it (a request, an upgrade, a carrier)
+    and return the error the client gets: 410 when the container has finished, else 502.
+    """
+    text = reason.decode("latin-1")
+    log.warn(
+        "Gateway of {container} refused a request: {reason}", container=container_uuid, reason=text
+    )
+    if code == Gone.status:
+        return Gone(
+            f"Container {container_uuid} has finished; its web services are no longer available.",
+            hint="Start a new container to use the service again.",
+        )
+    return BadGateway(
+        f"The container's gateway refused the forwarded request ({text[:200]}).",
+        hint="This is a problem between the proxy and the worker node; "
+        "tell the cluster's administrator.",
+    )
 
 
 # Methods a proxy may send again when a connection fails before the answer (RFC 9110 9.2.2).
@@ -234,18 +266,6 @@ def translate_gateway_errors() -> Iterator[None]:
     except SSL.Error as e:
         raise BadGateway(
             "The container's gateway failed its identity check (TLS); nothing was sent."
-        ) from e
-    except CarrierRefused as e:
-        log.warn("A container's gateway refused a tunnel carrier: {reason}", reason=str(e))
-        if e.status == Gone.status:
-            raise Gone(
-                "The container has finished; its web services are no longer available.",
-                hint="Start a new container to use the service again.",
-            ) from e
-        raise BadGateway(
-            f"The container's gateway refused the connection for tunnels ({str(e)[:200]}).",
-            hint="This is a problem between the proxy and the worker node; "
-            "tell the cluster's administrator.",
         ) from e
     except CarrierError as e:
         raise BadGateway("The connection to the container's gateway was lost.") from e
@@ -497,23 +517,7 @@ class Controller:
                 response.discard()
             else:
                 response.deliverBody(_Discard())
-            log.warn(
-                "Gateway of {container} refused a request: {reason}",
-                container=container_uuid,
-                reason=reason[0].decode("latin-1"),
-            )
-            if response.code == Gone.status:
-                raise Gone(
-                    f"Container {container_uuid} has finished; "
-                    "its web services are no longer available.",
-                    hint="Start a new container to use the service again.",
-                )
-            raise BadGateway(
-                "The container's gateway refused the forwarded request "
-                f"({reason[0].decode('latin-1')[:200]}).",
-                hint="This is a problem between the proxy and the worker node; "
-                "tell the cluster's administrator.",
-            )
+            raise gateway_refusal(container_uuid, response.code, reason[0])
         if remember:
             request.responseHeaders.addRawHeader(
                 b"set-cookie",
