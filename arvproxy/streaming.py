@@ -14,7 +14,7 @@ C{_version}); Twisted is pinned to one release series and the tests exercise eve
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from twisted.internet import abstract, defer
@@ -51,12 +51,18 @@ def enlarge_buffers(transport: Any) -> None:
     Give the socket under C{transport} (through any TLS layers) a L{STREAM_BUFFER}-sized
     write buffer before it pauses its producer.
     """
+    for layer in _layers(transport):
+        if isinstance(layer, abstract.FileDescriptor):
+            layer.bufferSize = STREAM_BUFFER
+            return
+
+
+def _layers(transport: Any) -> Iterator[Any]:
+    """C{transport} and the transports under it, through TLS and wrapping layers."""
     for _ in range(4):
         if transport is None:
             return
-        if isinstance(transport, abstract.FileDescriptor):
-            transport.bufferSize = STREAM_BUFFER
-            return
+        yield transport
         transport = getattr(transport, "transport", None)
 
 
@@ -78,13 +84,10 @@ class StreamingEndpoint:
 
 def closing(transport: Any) -> bool:
     """Whether C{transport}, or any transport under it (through TLS layers), is closing."""
-    for _ in range(4):
-        if transport is None:
-            return False
-        if getattr(transport, "disconnecting", False) or getattr(transport, "disconnected", False):
-            return True
-        transport = getattr(transport, "transport", None)
-    return False
+    return any(
+        getattr(layer, "disconnecting", False) or getattr(layer, "disconnected", False)
+        for layer in _layers(transport)
+    )
 
 
 class ProxyConnectionPool(HTTPConnectionPool):
