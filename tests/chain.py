@@ -13,6 +13,7 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.internet.testing import waitUntilAllDisconnected
+from twisted.internet.threads import deferToThread
 from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -162,3 +163,20 @@ async def start_chain(
         service_port=service_port,
         controller=controller_site.handler,
     )
+
+
+async def exchange(sock: Any, data: bytes, until: bytes) -> bytes:
+    """Send C{data} on a blocking socket, in a thread, and read until C{until} has arrived."""
+
+    def work() -> bytes:
+        sock.settimeout(20)
+        sock.sendall(data)
+        received = b""
+        while until not in received:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+    return await deferToThread(work)

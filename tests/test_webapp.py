@@ -19,7 +19,7 @@ from twisted.web import resource, server
 from arvproxy.config import Limits
 from arvproxy.streaming import closing
 from arvproxy.tlsidentity import make_server_certificate
-from tests.chain import Chain, start_chain
+from tests.chain import Chain, exchange, start_chain
 from tests.wsservice import Client, EchoFactory
 
 
@@ -432,18 +432,7 @@ class WebAppTests(unittest.TestCase):
                 b"GET /events HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
                 b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
             )
-
-            def first_event() -> bytes:
-                sock.sendall(head)
-                received = b""
-                while b"data: first" not in received:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        break
-                    received += chunk
-                return received
-
-            reply = await deferToThread(first_event)
+            reply = await exchange(sock, head, b"data: first")
             self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
             self.assertEqual(chain.controller._slots.open(chain.container_uuid), 1)
             sock.close()

@@ -14,7 +14,7 @@ from twisted.trial import unittest
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
 from arvproxy.streaming import StreamingRequest
-from tests.chain import start_chain
+from tests.chain import exchange, start_chain
 from tests.wsservice import Client, EchoFactory, Rejected
 
 SIZES = [0, 125, 126, 65535, 65536, 16 * 1024 * 1024]
@@ -146,7 +146,7 @@ class WebSocketChainTests(unittest.TestCase):
                 b"GET /.arvproxy/carrier HTTP/1.1\r\nHost: %s\r\nCookie: %s\r\n"
                 b"Connection: Upgrade\r\nUpgrade: arvproxy-tunnels/1\r\n\r\n"
             ) % (chain.host, chain.cookie)
-            reply = await _exchange(sock, request, b"reserved")
+            reply = await exchange(sock, request, b"reserved")
             self.assertTrue(reply.startswith(b"HTTP/1.1 400 "), reply)
             self.assertEqual(chain.gateway.open_requests(), 0)
             self.assertEqual(self.service.plain_requests, 0)
@@ -215,31 +215,13 @@ class WebSocketChainTests(unittest.TestCase):
                 b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
             ) % (chain.host, chain.cookie)
-            reply = await _exchange(sock, request, b"refused by the service")
+            reply = await exchange(sock, request, b"refused by the service")
             self.assertTrue(reply.startswith(b"HTTP/1.1 403 "), reply)
             self.assertNotIn(b"upgrade", reply.lower().split(b"\r\n\r\n")[0])
             # The same connection now carries an ordinary request, authorized as usual.
             again = b"GET / HTTP/1.1\r\nHost: %s\r\nCookie: %s\r\n\r\n" % (chain.host, chain.cookie)
-            reply = await _exchange(sock, again, b"plain HTTP answer")
+            reply = await exchange(sock, again, b"plain HTTP answer")
             self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
             self.assertEqual(self.service.plain_requests, 1)
 
         return defer.ensureDeferred(go())
-
-
-async def _exchange(sock: socket.socket, data: bytes, until: bytes) -> bytes:
-    """Send C{data} on a blocking socket in a thread and read until C{until} has arrived."""
-    from twisted.internet.threads import deferToThread
-
-    def work() -> bytes:
-        sock.settimeout(20)
-        sock.sendall(data)
-        received = b""
-        while until not in received:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            received += chunk
-        return received
-
-    return await deferToThread(work)
