@@ -258,6 +258,20 @@ class CarrierHandshakeTests(GatewayTestCase):
         self.assertTrue(answer.startswith(b"HTTP/1.1 401 "), answer)
         self.assertEqual(self.runtime.endpoints, [])
 
+    def test_no_carrier_inside_a_carrier(self) -> None:
+        """A signed carrier handshake sent on a stream of a carrier is refused (400)."""
+        client = self.send(self.handshake(), target=carrier.PATH)
+        accepted = len(client.value())
+        nested = request_bytes(b"GET", carrier.PATH, self.handshake(), host=b"127.0.0.1:9001")
+        client.send(carrier.HEADER.pack(carrier.OPEN, 1, 0))
+        client.send(carrier.HEADER.pack(carrier.DATA, 1, len(nested)) + nested)
+        frames = client.value()[accepted:]
+        kind, stream_id, length = carrier.HEADER.unpack_from(frames)
+        self.assertEqual((kind, stream_id), (carrier.DATA, 1))
+        answer = frames[carrier.HEADER.size : carrier.HEADER.size + length]
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
+        self.assertIn(b"not a carrier handshake", answer)
+
     def test_refusals(self) -> None:
         """(handshake, target) → refused with this status and reason; no carrier, no 101."""
         cases = [
