@@ -8,8 +8,13 @@ C{twisted.web.proxy} buffers, drops repeated headers and has no backpressure (se
 notes in the project's references).  Here nothing is buffered whole: a slow client or a slow
 service pauses the other side's socket.
 
+Each hop also sends a finished message at once (L{send_now}) instead of at the reactor's next
+turn, so that a busy chain does not move in convoys.
+
 This module uses private attributes of L{twisted.web.http.HTTPChannel} (C{_command}, C{_path},
-C{_version}); Twisted is pinned to one release series and the tests exercise every one of them.
+C{_version}), of Twisted's socket transports (their write buffer) and of its TLS transports (their
+write aggregator); Twisted is pinned to one release series and the tests exercise every one of
+them.
 """
 
 from __future__ import annotations
@@ -17,14 +22,19 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
-from twisted.internet import abstract, defer
+from twisted.internet import abstract, defer, tcp
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IConsumer, IPushProducer, IStreamClientEndpoint
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, iweb, resource, server
-from twisted.web.client import HTTPConnectionPool, PotentialDataLoss, ResponseDone
+from twisted.web.client import (
+    HTTP11ClientProtocol,
+    HTTPConnectionPool,
+    PotentialDataLoss,
+    ResponseDone,
+)
 from zope.interface import implementer, provider
 
 from arvproxy import pages, policy
@@ -46,15 +56,59 @@ MAX_BUFFERED_BODY = 64 * 1024
 STREAM_BUFFER = 256 * 1024
 
 
-def enlarge_buffers(transport: Any) -> None:
+def tune_transport(transport: Any) -> None:
     """
     Give the socket under C{transport} (through any TLS layers) a L{STREAM_BUFFER}-sized
-    write buffer before it pauses its producer.
+    write buffer before it pauses its producer, and, for TCP, no Nagle delay: a small message
+    (a server-sent event, a WebSocket frame, the next response) must not wait for the peer to
+    acknowledge the one before.
     """
     for layer in _layers(transport):
         if isinstance(layer, abstract.FileDescriptor):
             layer.bufferSize = STREAM_BUFFER
+            if isinstance(layer, tcp.Connection):
+                layer.setTcpNoDelay(True)
             return
+
+
+def send_now(transport: Any) -> None:
+    """
+    Send what C{transport} (and any TLS layer of it) holds to its socket now, rather than when
+    the reactor next turns.
+
+    A Twisted transport queues a write until the reactor's next turn, after it has served every
+    other connection that was ready, and its TLS layer gathers small writes until then too.
+    Under load a hop then releases each batch of messages together, and the next hop idles
+    until the batch arrives: the chain moves in convoys (C{make bench}: with 32 requests in
+    flight, 38% of the CPU idle at 1,200 req/s).  Called at the end of each message, so its
+    pieces still leave in one TLS record.
+
+    Nothing is sent early when the socket is already behind (it holds older data), closing, or
+    has a pull producer that a drained buffer would resume: the reactor does those as before.
+    """
+    for layer in _layers(transport):
+        # A TLS layer above the socket, or one started on it with startTLS.
+        tls = layer.protocol if getattr(layer, "TLS", False) else layer
+        aggregator = getattr(tls, "_aggregator", None)
+        if aggregator is not None:
+            aggregator.flush()
+        if isinstance(layer, abstract.FileDescriptor):
+            if layer._tempDataBuffer and _can_send(layer):
+                # On an error the socket stays registered for writing: the reactor's next turn
+                # meets the error again and closes the connection as usual.
+                layer.doWrite()
+            return
+
+
+def _can_send(layer: abstract.FileDescriptor) -> bool:
+    """Whether L{send_now} may empty C{layer}'s queue (see there)."""
+    return bool(
+        layer.offset == len(layer.dataBuffer)
+        and layer.connected
+        and not layer.disconnecting
+        and not layer._writeDisconnecting
+        and (layer.producer is None or (layer.streamingProducer and not layer.producerPaused))
+    )
 
 
 def _layers(transport: Any) -> Iterator[Any]:
@@ -78,7 +132,7 @@ class StreamingEndpoint:
         return d.addCallback(self._connected)
 
     def _connected(self, protocol: Any) -> Any:
-        enlarge_buffers(protocol.transport)
+        tune_transport(protocol.transport)
         return protocol
 
 
@@ -88,6 +142,27 @@ def closing(transport: Any) -> bool:
         getattr(layer, "disconnecting", False) or getattr(layer, "disconnected", False)
         for layer in _layers(transport)
     )
+
+
+class SendingClientProtocol(HTTP11ClientProtocol):
+    """An HTTP/1.1 client connection that sends each request's head at once (L{send_now})."""
+
+    def request(self, request: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = super().request(request)
+        send_now(self.transport)
+        return d
+
+
+class _ClientFactory(Factory):
+    """Builds the connections of a L{ProxyConnectionPool}, as Twisted's pool expects."""
+
+    noisy = False
+
+    def __init__(self, quiescent: Callable[[Any], None], metadata: object) -> None:
+        self._quiescent = quiescent
+
+    def buildProtocol(self, addr: Any) -> SendingClientProtocol:
+        return SendingClientProtocol(self._quiescent)
 
 
 class ProxyConnectionPool(HTTPConnectionPool):
@@ -111,6 +186,9 @@ class ProxyConnectionPool(HTTPConnectionPool):
         if closing(connection.transport):
             return
         super()._putConnection(key, connection)
+
+    # The factory of the pool's connections (a private hook of Twisted's pool).
+    _factory = _ClientFactory  # type: ignore[assignment]
 
 
 @implementer(iweb.IBodyProducer, IPushProducer)
@@ -287,6 +365,13 @@ class StreamingRequest(http.Request):
             if transport is not None:
                 transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
+    def finish(self) -> None:
+        """End the response and send what is left of it at once (L{send_now})."""
+        transport = self.client_transport()
+        super().finish()
+        if transport is not None:
+            send_now(transport)
+
     def client_transport(self) -> Any:
         """The client's transport, or C{None} once the client has gone or the response is done."""
         # http.Request sets channel to None when the client goes, and deletes it once finished.
@@ -355,7 +440,7 @@ class ProxyChannel(http.HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        enlarge_buffers(self.transport)
+        tune_transport(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         if self._awaiting_headers and self._header_timer is None and self.header_deadline:

@@ -1,0 +1,244 @@
+"""
+Tests for L{arvproxy.streaming.send_now} and the two places that use it: a hop sends a finished
+message to its socket at once, not when the reactor next turns.
+
+Real loopback sockets and the real reactor.  Each check runs between two reactor turns (inside
+one callback), so data that reaches the peer's socket there can only have been sent by the code
+under test; the test first shows that without it the data would still be queued.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+from typing import Any
+
+from twisted.internet import defer, reactor, threads
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IHandshakeListener, IPullProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
+
+from arvproxy.streaming import (
+    ProxyConnectionPool,
+    ProxySite,
+    StreamingEndpoint,
+    StreamingRequest,
+    send_now,
+)
+from arvproxy.tlsidentity import server_context_factory
+
+WAIT = 2.0  # seconds a check waits for bytes that should already be there
+
+
+def arrived(sock: socket.socket, size: int = 65536) -> bytes:
+    """What C{sock} can read within L{WAIT} seconds, without the reactor turning."""
+    readable, _, _ = select.select([sock], [], [], WAIT)
+    return sock.recv(size) if readable else b""
+
+
+def nothing_yet(sock: socket.socket) -> bool:
+    """Whether C{sock} has nothing to read right now."""
+    readable, _, _ = select.select([sock], [], [], 0.05)
+    return not readable
+
+
+@implementer(IHandshakeListener)
+class _Accepted(Protocol):
+    factory: _AcceptFactory
+
+    def connectionMade(self) -> None:
+        if not self.factory.tls:
+            self.factory.accepted.callback(self)
+
+    def handshakeCompleted(self) -> None:
+        self.factory.accepted.callback(self)
+
+
+class _AcceptFactory(Factory):
+    """Fires C{accepted} with the server's protocol once connected (and TLS is up)."""
+
+    protocol = _Accepted
+
+    def __init__(self, tls: bool) -> None:
+        self.tls = tls
+        self.accepted: defer.Deferred[_Accepted] = defer.Deferred()
+
+
+class SendNowTests(TestCase):
+    """L{send_now} on a Twisted server connection, read by a plain socket."""
+
+    async def _pair(self, tls: bool = False) -> tuple[Any, socket.socket]:
+        """A Twisted server connection and the plain (or TLS) client socket at its other end."""
+        factory = _AcceptFactory(tls)
+        wrapped: Any = factory
+        if tls:
+            wrapped = TLSMemoryBIOFactory(server_context_factory("5" * 64), False, factory)
+        port = reactor.listenTCP(0, wrapped, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        sock = socket.create_connection(("127.0.0.1", port.getHost().port))
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE  # The key is not what is under test here.
+            # The handshake needs the reactor to run: it blocks a thread, not the reactor.
+            sock = await threads.deferToThread(context.wrap_socket, sock)
+        self.addCleanup(sock.close)
+        server = await factory.accepted
+        self.addCleanup(server.transport.abortConnection)
+        return server, sock
+
+    async def test_plain_socket(self) -> None:
+        server, sock = await self._pair()
+        server.transport.write(b"first")
+        self.assertTrue(nothing_yet(sock), "Twisted sent a write before its next turn")
+        send_now(server.transport)
+        self.assertEqual(arrived(sock), b"first")
+
+    async def test_tls(self) -> None:
+        """A TLS transport's gathered writes leave in one record, at once."""
+        server, sock = await self._pair(tls=True)
+        server.transport.write(b"head ")
+        server.transport.write(b"body")
+        sock.setblocking(False)
+        with self.assertRaises(ssl.SSLWantReadError):
+            sock.recv(100)
+        send_now(server.transport)
+        sock.setblocking(True)
+        sock.settimeout(WAIT)
+        self.assertEqual(sock.recv(100), b"head body")
+
+    async def test_nothing_queued(self) -> None:
+        server, sock = await self._pair()
+        send_now(server.transport)
+        self.assertTrue(nothing_yet(sock))
+        self.assertTrue(server.transport.connected)
+
+    async def test_closing_connection_left_to_the_reactor(self) -> None:
+        """A connection asked to close still sends everything, then closes, as usual."""
+        server, sock = await self._pair()
+        server.transport.write(b"last words")
+        server.transport.loseConnection()
+        send_now(server.transport)
+        self.assertTrue(nothing_yet(sock))
+        self.assertEqual(await threads.deferToThread(read_to_end, sock), b"last words")
+
+    async def test_pull_producer_left_to_the_reactor(self) -> None:
+        """A pull producer is resumed by the reactor, once its write has been sent."""
+        server, sock = await self._pair()
+        producer = _PullProducer(server.transport)
+        server.transport.registerProducer(producer, False)  # Asks for a first write at once.
+        server.transport.write(b"part 1")
+        send_now(server.transport)
+        self.assertTrue(nothing_yet(sock))
+        self.assertEqual(producer.resumed, 1)
+        await producer.more
+        self.assertEqual(arrived(sock), b"part 1")
+
+
+@implementer(IPullProducer)
+class _PullProducer:
+    """Counts its resumptions; fires C{more} when asked again after the first."""
+
+    def __init__(self, transport: Any) -> None:
+        self.resumed = 0
+        self.more: defer.Deferred[None] = defer.Deferred()
+        self._transport = transport
+
+    def resumeProducing(self) -> None:
+        self.resumed += 1
+        if self.resumed == 2:
+            self._transport.unregisterProducer()
+            self.more.callback(None)
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class MessageEndTests(TestCase):
+    """Both hops send each finished message at once: a response, and a request's head."""
+
+    async def test_response_sent_when_finished(self) -> None:
+        seen: list[bytes] = []
+        client: list[socket.socket] = []
+
+        async def handler(request: StreamingRequest) -> None:
+            request.setHeader(b"content-length", b"2")
+            request.write(b"ok")
+            request.finish()
+            # Still inside the reactor's turn that read the request.
+            seen.append(arrived(client[0]))
+
+        port = reactor.listenTCP(0, ProxySite(handler, reactor), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        sock = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(sock.close)
+        client.append(sock)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        while not seen:
+            await threads.deferToThread(lambda: None)
+        self.assertTrue(seen[0].startswith(b"HTTP/1.1 200 "), seen[0])
+        self.assertTrue(seen[0].endswith(b"\r\n\r\nok"), seen[0])
+
+    async def test_request_head_sent_at_once(self) -> None:
+        """A pooled connection sends a request's head while the request is being made."""
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        self.addCleanup(listener.close)
+        endpoint = StreamingEndpoint(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", listener.getsockname()[1])
+        )
+        pool = ProxyConnectionPool(reactor, idle_timeout=10)
+        self.addCleanup(pool.closeCachedConnections)
+        agent = Agent.usingEndpointFactory(reactor, _Only(endpoint), pool=pool)
+
+        first = agent.request(b"GET", b"http://upstream/1", Headers())
+        upstream, _ = await threads.deferToThread(listener.accept)
+        self.addCleanup(upstream.close)
+        await threads.deferToThread(read_head, upstream)
+        upstream.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await first
+        await threads.deferToThread(lambda: None)  # The connection goes back to the pool.
+
+        second = agent.request(b"GET", b"http://upstream/2", Headers())
+        self.assertTrue(arrived(upstream).startswith(b"GET /2 HTTP/1.1\r\n"))
+        upstream.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await second
+
+
+@implementer(IAgentEndpointFactory)
+class _Only:
+    """Every URI leads to one endpoint."""
+
+    def __init__(self, endpoint: Any) -> None:
+        self._endpoint = endpoint
+
+    def endpointForURI(self, uri: Any) -> Any:
+        return self._endpoint
+
+
+def read_to_end(sock: socket.socket) -> bytes:
+    """Read (blocking: call it in a thread) until the peer closes; fail after L{WAIT} seconds."""
+    sock.settimeout(WAIT)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def read_head(sock: socket.socket) -> bytes:
+    """Read (blocking: call it in a thread) until the end of a request's head."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
