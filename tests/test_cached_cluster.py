@@ -119,11 +119,13 @@ class VersionedCachedClusterTests(SynchronousTestCase):
             for version in versions:
                 self.version = version
                 self.ask_everything()
+                self.clock.advance(0)  # The next round is a later reactor turn.
             self.assertEqual(set(self.lookups().values()), {expected}, name)
 
     def test_revoked_token_is_refused_at_once(self) -> None:
         """A revocation changes the version: the kept answer goes before the next request."""
         self.successResultOf(self.cluster.authenticate(self.token))
+        self.clock.advance(0)
         self.backend.revoke_token(self.token)
         self.version = 2
         self.failureResultOf(self.cluster.authenticate(self.token), Unauthorized)
@@ -131,10 +133,49 @@ class VersionedCachedClusterTests(SynchronousTestCase):
     def test_finished_container_is_seen_at_once(self) -> None:
         """Containers are kept only while nothing changes."""
         self.successResultOf(self.cluster.get_container(self.container.uuid))
+        self.clock.advance(0)
         self.backend.update_container(self.container.uuid, state="Complete")
         self.version = 2
         container = self.successResultOf(self.cluster.get_container(self.container.uuid))
         self.assertEqual(container.state, "Complete")
+
+    def test_version_asked_once_per_turn(self) -> None:
+        """
+        The requests of one reactor turn share one look at the version; the next turn looks
+        again, and sees a change made during the previous one.
+        """
+        asked: list[int | None] = []
+
+        def version() -> int | None:
+            asked.append(self.version)
+            return self.version
+
+        self.cluster = CachedCluster(self.clock, self.backend, ttl=10, version=version)
+        self.ask_everything()
+        self.ask_everything()
+        self.assertEqual(asked, [1])
+        self.version = 2
+        self.ask_everything()
+        self.assertEqual(asked, [1])
+        self.clock.advance(0)
+        self.ask_everything()
+        self.assertEqual(asked, [1, 2])
+        self.assertEqual(set(self.lookups().values()), {2})
+
+    def test_cannot_tell_is_asked_every_time(self) -> None:
+        """While the version cannot be had, every call asks again and nothing kept is used."""
+        asked: list[int | None] = []
+        self.version = None
+
+        def version() -> int | None:
+            asked.append(self.version)
+            return self.version
+
+        self.cluster = CachedCluster(self.clock, self.backend, ttl=10, version=version)
+        self.ask_everything()
+        self.ask_everything()
+        self.assertEqual(len(asked), 10)
+        self.assertEqual(set(self.lookups().values()), {2})
 
     def test_ttl_still_bounds(self) -> None:
         """Even with no change, nothing is kept longer than the ttl."""

@@ -153,10 +153,10 @@ class CachedCluster:
     straight through.
 
     With C{version} (a cheap call that returns something different whenever the backend's data
-    may have changed, or C{None} when it cannot tell), every call first asks it, and everything
-    kept is forgotten as soon as it changes.  Containers are then kept too: nothing is ever
-    answered from before a change, so a finished container and a revoked token are refused at
-    once, and the steady state costs no lookup at all.
+    may have changed, or C{None} when it cannot tell), the first call of each reactor turn asks
+    it, and everything kept is forgotten as soon as it changes.  Containers are then kept too:
+    nothing is ever answered from before a change, so a finished container and a revoked token
+    are refused at once, and the steady state costs no lookup at all.
     """
 
     def __init__(
@@ -174,6 +174,7 @@ class CachedCluster:
         self._levels: AnswerCache[str | None] = AnswerCache(clock, ttl)
         self._version = version
         self._seen: object | None = None
+        self._checked = False
         self._containers: AnswerCache[Container] | None = None
         self._caches: list[AnswerCache[Any]] = [
             self._credentials,
@@ -189,14 +190,25 @@ class CachedCluster:
         return getattr(self._cluster, name)
 
     def _revalidate(self) -> None:
-        """Forget everything kept if the backend's data has changed (or may have)."""
-        if self._version is None:
+        """
+        Forget everything kept if the backend's data has changed (or may have).
+
+        Asked once per reactor turn: the requests served in one turn (one request makes
+        several calls) share an answer that is fresh for all of them.
+        """
+        if self._version is None or self._checked:
             return
         current = self._version()
         if current is None or current != self._seen:
             self._seen = current
             for cache in self._caches:
                 cache.clear()
+        if current is not None:
+            self._checked = True
+            self._clock.callLater(0, self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._checked = False
 
     def authenticate(self, token: str) -> Deferred[Credentials]:
         self._revalidate()
