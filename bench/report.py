@@ -107,6 +107,12 @@ def small_summary(results: Results) -> dict[str, dict[str, Any]]:
             "p99": _median([r.p99_ms for r in rounds]),
             "errors": sum(r.errors for r in rounds),
             "cpu": {n: _median([r.cpu_us_per_request[n] for r in rounds]) for n in cpu_names},
+            # The share of one core each process kept busy: well under 100% while requests
+            # wait means the chain is bound by waiting (as in a convoy), not by that process.
+            "busy": {
+                n: _median([r.cpu_us_per_request[n] * r.rps / 1e4 for r in rounds])
+                for n in cpu_names
+            },
         }
     return out
 
@@ -232,14 +238,19 @@ def tables(results: Results) -> str:
         )
         out.append(
             "| chain | req/s (range) | × direct | × Nginx chain | p50 / p99 ms under load | "
-            "errors | CPU µs per request, per proxy process |"
+            "errors | CPU µs per request (share of a core busy), per proxy process |"
         )
         out.append("|---|---|---|---|---|---|---|")
         for key in ORDER:
             if key not in small:
                 continue
             r = small[key]
-            cpu = ", ".join(f"{n.split()[-1]} {v:.0f}" for n, v in r["cpu"].items()) or "–"
+            cpu = (
+                ", ".join(
+                    f"{n.split()[-1]} {v:.0f} ({r['busy'][n]:.0f}%)" for n, v in r["cpu"].items()
+                )
+                or "–"
+            )
             out.append(
                 f"| {LABELS[key]} | {r['rps']:,.0f} ({r['range'][0]:,.0f}–{r['range'][1]:,.0f}) "
                 f"| {_ratio(r['rps'], small.get('direct', {}).get('rps', 0))} "
@@ -390,7 +401,9 @@ METHOD = """\
   machine's cores.  The memory and CPU of nginx are those of its worker process.
 - **Small requests**: `wrk -t1 -c32 --latency`, rounds interleaved across the chains, median
   (range shown).  CPU µs per request is each proxy process's utime+stime over the run (from
-  /proc) divided by the requests completed: steadier than req/s on a shared 2-core machine.
+  /proc) divided by the requests completed: steadier than req/s on a shared 2-core machine.  The
+  share of a core it kept busy (in brackets) tells a process that is the bottleneck (near 100%)
+  from one that waits on the others.
 - **Latency at 200 req/s**: a Python probe (`bench/load.py`) on one keep-alive connection after
   200 warm-up requests; open loop — each request is due at `start + i/200`; when the previous
   answer arrived late the latency counts from when the request was due, otherwise from when it was
