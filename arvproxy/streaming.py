@@ -73,8 +73,8 @@ def tune_transport(transport: Any) -> None:
 
 def send_now(transport: Any) -> None:
     """
-    Send what C{transport} (and any TLS layer of it) holds to its socket now, rather than when
-    the reactor next turns.
+    Send what C{transport} (and any TLS layer over its socket) holds to the socket now, rather
+    than when the reactor next turns.
 
     A Twisted transport queues a write until the reactor's next turn, after it has served every
     other connection that was ready, and its TLS layer gathers small writes until then too.
@@ -87,9 +87,8 @@ def send_now(transport: Any) -> None:
     has a pull producer that a drained buffer would resume: the reactor does those as before.
     """
     for layer in _layers(transport):
-        # A TLS layer above the socket, or one started on it with startTLS.
-        tls = layer.protocol if getattr(layer, "TLS", False) else layer
-        aggregator = getattr(tls, "_aggregator", None)
+        # Twisted's TLS transport (listenSSL, ssl: endpoints and wrapClientTLS use it too).
+        aggregator = getattr(layer, "_aggregator", None)
         if aggregator is not None:
             aggregator.flush()
         if isinstance(layer, abstract.FileDescriptor):

@@ -74,13 +74,19 @@ class _AcceptFactory(Factory):
 class SendNowTests(TestCase):
     """L{send_now} on a Twisted server connection, read by a plain socket."""
 
-    async def _pair(self, tls: bool = False) -> tuple[Any, socket.socket]:
-        """A Twisted server connection and the plain (or TLS) client socket at its other end."""
-        factory = _AcceptFactory(tls)
-        wrapped: Any = factory
-        if tls:
-            wrapped = TLSMemoryBIOFactory(server_context_factory("5" * 64), False, factory)
-        port = reactor.listenTCP(0, wrapped, interface="127.0.0.1")
+    async def _pair(self, tls: str = "") -> tuple[Any, socket.socket]:
+        """
+        A Twisted server connection and the client socket at its other end: plain, or TLS as the
+        gateway listens (C{"wrapped"}: a TLS factory around the site) or as an C{ssl:} endpoint
+        does (C{"listenSSL"}).
+        """
+        factory = _AcceptFactory(bool(tls))
+        options = server_context_factory("5" * 64)
+        if tls == "listenSSL":
+            port = reactor.listenSSL(0, factory, options, interface="127.0.0.1")
+        else:
+            wrapped = TLSMemoryBIOFactory(options, False, factory) if tls else factory
+            port = reactor.listenTCP(0, wrapped, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         sock = socket.create_connection(("127.0.0.1", port.getHost().port))
         if tls:
@@ -103,16 +109,17 @@ class SendNowTests(TestCase):
 
     async def test_tls(self) -> None:
         """A TLS transport's gathered writes leave in one record, at once."""
-        server, sock = await self._pair(tls=True)
-        server.transport.write(b"head ")
-        server.transport.write(b"body")
-        sock.setblocking(False)
-        with self.assertRaises(ssl.SSLWantReadError):
-            sock.recv(100)
-        send_now(server.transport)
-        sock.setblocking(True)
-        sock.settimeout(WAIT)
-        self.assertEqual(sock.recv(100), b"head body")
+        for tls in ("wrapped", "listenSSL"):
+            server, sock = await self._pair(tls)
+            server.transport.write(b"head ")
+            server.transport.write(b"body")
+            sock.setblocking(False)
+            with self.assertRaises(ssl.SSLWantReadError, msg=tls):
+                sock.recv(100)
+            send_now(server.transport)
+            sock.setblocking(True)
+            sock.settimeout(WAIT)
+            self.assertEqual(sock.recv(100), b"head body", tls)
 
     async def test_nothing_queued(self) -> None:
         server, sock = await self._pair()
