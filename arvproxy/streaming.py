@@ -20,18 +20,16 @@ them.
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import abstract, defer, tcp
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IConsumer, IPushProducer, IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, iweb, resource, server
 from twisted.web.client import (
-    HTTP11ClientProtocol,
-    HTTPConnectionPool,
     PotentialDataLoss,
     ResponseDone,
 )
@@ -40,6 +38,9 @@ from zope.interface import implementer, provider
 from arvproxy import pages, policy
 from arvproxy.config import Limits
 from arvproxy.errors import ProxyError
+
+if TYPE_CHECKING:
+    from arvproxy.hopclient import HopResponse
 
 log = Logger()
 
@@ -141,53 +142,6 @@ def closing(transport: Any) -> bool:
         getattr(layer, "disconnecting", False) or getattr(layer, "disconnected", False)
         for layer in _layers(transport)
     )
-
-
-class SendingClientProtocol(HTTP11ClientProtocol):
-    """An HTTP/1.1 client connection that sends each request's head at once (L{send_now})."""
-
-    def request(self, request: Any) -> defer.Deferred[Any]:
-        d: defer.Deferred[Any] = super().request(request)
-        send_now(self.transport)
-        return d
-
-
-class _ClientFactory(Factory):
-    """Builds the connections of a L{ProxyConnectionPool}, as Twisted's pool expects."""
-
-    noisy = False
-
-    def __init__(self, quiescent: Callable[[Any], None], metadata: object) -> None:
-        self._quiescent = quiescent
-
-    def buildProtocol(self, addr: Any) -> SendingClientProtocol:
-        return SendingClientProtocol(self._quiescent)
-
-
-class ProxyConnectionPool(HTTPConnectionPool):
-    """
-    A pool of persistent connections to the next hop that never keeps a closing one.
-
-    A relay whose client has gone stops the upstream response with C{stopProducing}, which
-    closes the socket under any TLS layer.  When the rest of that response was already read
-    (it arrives with the headers), Twisted's client still calls the connection quiescent and
-    puts it back: the next request sent on it would fail as the socket closes.  Under load,
-    that is a 502 for an unrelated user whenever a client leaves mid-request.
-    """
-
-    def __init__(self, reactor: Any, idle_timeout: float, per_host: int = 64) -> None:
-        super().__init__(reactor, persistent=True)
-        self.maxPersistentPerHost = per_host
-        self.cachedConnectionTimeout = int(idle_timeout)
-
-    def _putConnection(self, key: Any, connection: Any) -> None:
-        # Twisted calls this (a private hook) when a connection becomes quiescent.
-        if closing(connection.transport):
-            return
-        super()._putConnection(key, connection)
-
-    # The factory of the pool's connections (a private hook of Twisted's pool).
-    _factory = _ClientFactory  # type: ignore[assignment]
 
 
 @implementer(iweb.IBodyProducer, IPushProducer)
@@ -589,7 +543,7 @@ class Relay(Protocol):
         self.done.callback(None)
 
 
-async def relay_response(request: StreamingRequest, response: iweb.IResponse) -> None:
+async def relay_response(request: StreamingRequest, response: HopResponse) -> None:
     """
     Send C{response} (from the next hop) to the client: its status, its end-to-end headers and
     its body as it arrives.

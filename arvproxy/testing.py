@@ -438,7 +438,7 @@ class FakeGatewayConnector:
     and answers it.
 
     By default a request's body, if any, is read whole (into C{call.received}) before the
-    answer, as Agent does; the answer is C{response} (a fresh empty 200 when C{None}), or
+    answer; the answer is C{response} (a fresh empty 200 when C{None}), or
     whatever C{responder} returns, or C{error} is raised.
     """
 

@@ -78,7 +78,7 @@ CLOCK_SKEW = timedelta(hours=1)
 gateway's still accepts it."""
 
 ALPN_PROTOCOLS: tuple[bytes, ...] = (b"http/1.1",)
-"""The only application protocol either end offers: Agent speaks HTTP/1.1, never h2."""
+"""The only application protocol either end offers: the hops speak HTTP/1.1, never h2."""
 
 
 class UnpinnedGatewayError(ValueError):

@@ -1,8 +1,8 @@
 """
 Tests for L{arvproxy.gateway.server}: the gateway believes only requests signed for its container,
 and proxies them to the target port with the right headers.  In memory: a L{ProxySite} over a
-C{StringTransport} in front, the real L{ContainerConnector} (Agent and pool) behind, connecting to
-L{MemoryEndpoint}s of a L{FakeRuntime}.
+C{StringTransport} in front, the real L{ContainerConnector} (its client and pool) behind,
+connecting to L{MemoryEndpoint}s of a L{FakeRuntime}.
 """
 
 from __future__ import annotations

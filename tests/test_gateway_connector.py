@@ -24,14 +24,16 @@ SECRET = "ab" * 32
 UUID = "zzzzz-dz642-000000000000001"
 
 
-class _FlakyAgent:
+class _FlakyPool:
     """Fails the first request with C{error}, answers the next ones."""
 
     def __init__(self, error: Exception) -> None:
         self.error = error
         self.sent: list[tuple[bytes, list[bytes]]] = []
 
-    def request(self, method: bytes, uri: bytes, headers: Headers, body: Any) -> Any:
+    def request(
+        self, key: Any, endpoint: Any, method: bytes, target: bytes, headers: Headers, body: Any
+    ) -> Any:
         self.sent.append((method, list(headers.getRawHeaders(policy.AUTHORIZATION, []))))
         if len(self.sent) == 1:
             return defer.fail(self.error)
@@ -39,13 +41,13 @@ class _FlakyAgent:
 
 
 class RetryTests(SynchronousTestCase):
-    def connector(self, error: Exception) -> tuple[GatewayConnector, _FlakyAgent]:
+    def connector(self, error: Exception) -> tuple[GatewayConnector, _FlakyPool]:
         clock = MemoryReactorClock()
         clock.advance(1_700_000_000)
         connector = GatewayConnector(clock)
-        agent = _FlakyAgent(error)
-        connector._agent = agent  # type: ignore[assignment]
-        return connector, agent
+        pool = _FlakyPool(error)
+        connector.pool = pool  # type: ignore[assignment]
+        return connector, pool
 
     def send(self, connector: GatewayConnector, method: bytes, body: Any = None) -> Any:
         headers = Headers({policy.AUTHORIZATION: [policy.sign(SECRET, 1_700_000_000).encode()]})
@@ -76,8 +78,3 @@ class RetryTests(SynchronousTestCase):
         failure = self.failureResultOf(self.send(connector, b"GET"), BadGateway)
         self.assertIn("identity", failure.value.message)
         self.assertEqual(len(agent.sent), 1)
-
-    def test_twisted_does_not_resend_signed_requests(self) -> None:
-        """The pool's own retry (which would replay the signature) is off."""
-        connector, _ = self.connector(Exception())
-        self.assertFalse(connector.pool.retryAutomatically)

@@ -20,13 +20,11 @@ from twisted.internet.interfaces import IHandshakeListener, IPullProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from arvproxy.hopclient import HopPool
 from arvproxy.streaming import (
-    ProxyConnectionPool,
     ProxySite,
     StreamingEndpoint,
     StreamingRequest,
@@ -202,11 +200,10 @@ class MessageEndTests(TestCase):
         endpoint = StreamingEndpoint(
             TCP4ClientEndpoint(reactor, "127.0.0.1", listener.getsockname()[1])
         )
-        pool = ProxyConnectionPool(reactor, idle_timeout=10)
+        pool = HopPool(reactor, idle_timeout=10)
         self.addCleanup(pool.closeCachedConnections)
-        agent = Agent.usingEndpointFactory(reactor, _Only(endpoint), pool=pool)
 
-        first = agent.request(b"GET", b"http://upstream/1", Headers())
+        first = pool.request("upstream", endpoint, b"GET", b"/1", Headers(), None)
         upstream, _ = await threads.deferToThread(listener.accept)
         self.addCleanup(upstream.close)
         await threads.deferToThread(read_head, upstream)
@@ -214,21 +211,10 @@ class MessageEndTests(TestCase):
         await first
         await threads.deferToThread(lambda: None)  # The connection goes back to the pool.
 
-        second = agent.request(b"GET", b"http://upstream/2", Headers())
+        second = pool.request("upstream", endpoint, b"GET", b"/2", Headers(), None)
         self.assertTrue(arrived(upstream).startswith(b"GET /2 HTTP/1.1\r\n"))
         upstream.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
         await second
-
-
-@implementer(IAgentEndpointFactory)
-class _Only:
-    """Every URI leads to one endpoint."""
-
-    def __init__(self, endpoint: Any) -> None:
-        self._endpoint = endpoint
-
-    def endpointForURI(self, uri: Any) -> Any:
-        return self._endpoint
 
 
 def read_to_end(sock: socket.socket) -> bytes:

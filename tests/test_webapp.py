@@ -405,7 +405,7 @@ class WebAppTests(unittest.TestCase):
             service.answer()
             await chain.wait_idle()
             pool = chain.controller._gateways.pool
-            pooled = [c for cs in pool._connections.values() for c in cs]
+            pooled = pool.idle_connections()
             self.assertEqual([c for c in pooled if closing(c.transport)], [])
             reply = await _raw(
                 chain.controller_port,

@@ -10,7 +10,6 @@ then streams the answer back (L{arvproxy.streaming}).
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -23,15 +22,12 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web import iweb
 from twisted.web.client import (
-    URI,
-    Agent,
     RequestNotSent,
     RequestTransmissionFailed,
     ResponseFailed,
     ResponseNeverReceived,
 )
 from twisted.web.http_headers import Headers
-from zope.interface import implementer
 
 from arvproxy import carrier, pages, permissions, policy
 from arvproxy.backends import CONTAINER_INFIX, CONTAINER_REQUEST_INFIX, ICluster, uuid_infix
@@ -48,13 +44,9 @@ from arvproxy.errors import (
     ProxyError,
     Unauthorized,
 )
+from arvproxy.hopclient import HopPool, HopResponse
 from arvproxy.limits import ConnectionSlots
-from arvproxy.streaming import (
-    ProxyConnectionPool,
-    StreamingEndpoint,
-    StreamingRequest,
-    relay_response,
-)
+from arvproxy.streaming import StreamingEndpoint, StreamingRequest, relay_response
 from arvproxy.tlsidentity import client_creator
 from arvproxy.upgrade import UpgradeResponse, open_upgrade, open_upgrade_on, relay_upgrade
 
@@ -76,49 +68,33 @@ def split_address(address: str) -> tuple[str, int]:
     return name.decode("ascii").strip("[]"), port
 
 
-@implementer(iweb.IAgentEndpointFactory)
 class GatewayConnector:
     """
     Sends requests to gateways over TLS pinned to each container's key, reusing connections.
 
-    Each (container, gateway address) gets a synthetic host name in the request URI, so the
-    connection pool (keyed by scheme, host and port) never hands one container's connection to
-    a request for another, and each endpoint pins the key derived from that container's secret.
+    Connections are pooled by (container, gateway address), so the pool never hands one
+    container's connection to a request for another, and each endpoint pins the key derived
+    from that container's secret.
     """
 
     def __init__(self, reactor: Any, connect_timeout: float = 10.0, idle_timeout: float = 240.0):
         self._reactor = reactor
         self._connect_timeout = connect_timeout
-        self.pool = ProxyConnectionPool(reactor, idle_timeout)
+        self.pool = HopPool(reactor, idle_timeout)
         # WebSocket tunnels share a few connections per gateway (see arvproxy.carrier).
         self.carriers = CarrierPool(reactor, idle_timeout=idle_timeout)
-        # Twisted's own retry would re-send the same signed headers, which a gateway rightly
-        # refuses as a replay: request() retries itself, with a fresh signature.
-        self.pool.retryAutomatically = False
-        self._names: dict[tuple[str, str], bytes] = {}
-        self._endpoints: dict[bytes, Any] = {}
-        self._counter = itertools.count(1)
-        self._agent = Agent.usingEndpointFactory(reactor, self, pool=self.pool)
-
-    def _route(self, container_uuid: str, address: str, secret: str) -> bytes:
-        key = (container_uuid, address)
-        name = self._names.get(key)
-        if name is None:
-            host, port = split_address(address)
-            name = b"gw%d-%s.invalid" % (next(self._counter), container_uuid.encode("ascii"))
-            endpoint = HostnameEndpoint(self._reactor, host, port, timeout=self._connect_timeout)
-            self._endpoints[name] = StreamingEndpoint(
-                wrapClientTLS(client_creator(secret), endpoint)
-            )
-            self._names[key] = name
-        return name
-
-    def endpointForURI(self, uri: URI) -> Any:
-        return self._endpoints[uri.host]
+        self._endpoints: dict[tuple[str, str], Any] = {}
 
     def endpoint(self, container_uuid: str, address: str, secret: str) -> Any:
-        """A pinned TLS endpoint to a container's gateway, for a connection of its own."""
-        return self._endpoints[self._route(container_uuid, address, secret)]
+        """A pinned TLS endpoint to a container's gateway."""
+        key = (container_uuid, address)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            host, port = split_address(address)
+            tcp = HostnameEndpoint(self._reactor, host, port, timeout=self._connect_timeout)
+            endpoint = StreamingEndpoint(wrapClientTLS(client_creator(secret), tcp))
+            self._endpoints[key] = endpoint
+        return endpoint
 
     async def request(
         self,
@@ -129,29 +105,29 @@ class GatewayConnector:
         path: bytes,
         headers: Headers,
         body: iweb.IBodyProducer | None,
-    ) -> iweb.IResponse:
+    ) -> HopResponse:
         """
         Send a request to a container's gateway.
 
         @raise BadGateway: the gateway cannot be reached, or fails the identity check.
         @raise GatewayTimeout: the connection timed out.
         """
-        name = self._route(container_uuid, address, secret)
-        port = split_address(address)[1]
+        key = (container_uuid, address)
+        endpoint = self.endpoint(container_uuid, address, secret)
         headers.setRawHeaders(b"host", [address.encode("ascii")])
-        uri = b"https://%s:%d%s" % (name, port, path)
         with translate_gateway_errors():
             try:
-                return await self._agent.request(method, uri, headers, body)
+                return await self.pool.request(key, endpoint, method, path, headers, body)
             except (RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived) as e:
                 # A pooled connection the gateway had just closed: try once more, on a new
-                # connection, when that is safe (an idempotent request without a body).
+                # connection, when that is safe (an idempotent request without a body).  The
+                # same signed headers would be refused as a replay: sign them again.
                 if body is not None or method not in RETRYABLE or _tls_failure(e):
                     raise
             headers.setRawHeaders(
                 policy.AUTHORIZATION, [policy.sign(secret, self._reactor.seconds()).encode()]
             )
-            return await self._agent.request(method, uri, headers, body)
+            return await self.pool.request(key, endpoint, method, path, headers, body)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def upgrade(

@@ -15,10 +15,8 @@ from twisted.internet import error as net_error
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
-from twisted.web import iweb
 from twisted.web.client import (
-    URI,
-    Agent,
+    RequestNotSent,
     RequestTransmissionFailed,
     ResponseFailed,
     ResponseNeverReceived,
@@ -36,13 +34,9 @@ from arvproxy.errors import (
     Unavailable,
 )
 from arvproxy.gateway.runtime import IRuntime
+from arvproxy.hopclient import HopPool, HopResponse
 from arvproxy.limits import ConnectionSlots
-from arvproxy.streaming import (
-    ProxyConnectionPool,
-    StreamingEndpoint,
-    StreamingRequest,
-    relay_response,
-)
+from arvproxy.streaming import StreamingEndpoint, StreamingRequest, relay_response
 from arvproxy.upgrade import UpgradeResponse, open_upgrade, relay_upgrade, take_over
 
 log = Logger()
@@ -53,13 +47,12 @@ def refusal(error_type: type[ProxyError], reason: str) -> ProxyError:
     return error_type(reason, headers={policy.GATEWAY_ERROR: reason.encode("ascii", "replace")})
 
 
-@implementer(iweb.IAgentEndpointFactory)
 class ContainerConnector:
     """
     Sends requests to ports inside the container, reusing connections per port.
 
-    The pool is this gateway's own and serves one container, so its key (scheme, host, port) with
-    a synthetic host can never mix two containers' connections.
+    The pool is this gateway's own and serves one container, so it can never mix two
+    containers' connections.
     """
 
     # Idle pooled connections to the service are dropped before common servers drop them
@@ -69,13 +62,9 @@ class ContainerConnector:
 
     def __init__(self, reactor: Any, runtime: IRuntime, idle_timeout: float = IDLE_TIMEOUT) -> None:
         self._runtime = runtime
-        self.pool = ProxyConnectionPool(reactor, idle_timeout)
+        self.pool = HopPool(reactor, idle_timeout)
         self._endpoints: dict[int, Any] = {}
         self.tls_ports: frozenset[int] = frozenset()
-        self._agent = Agent.usingEndpointFactory(reactor, self, pool=self.pool)
-
-    def endpointForURI(self, uri: URI) -> Any:
-        return self.endpoint(uri.port)
 
     def endpoint(self, port: int) -> Any:
         """
@@ -100,14 +89,13 @@ class ContainerConnector:
 
     async def request(
         self, port: int, method: bytes, path: bytes, headers: Any, body: Any
-    ) -> iweb.IResponse:
+    ) -> HopResponse:
         """
         @raise Unavailable: nothing listens on C{port} (yet).
         @raise BadGateway: the connection failed otherwise.
         """
-        uri = b"http://container.invalid:%d%s" % (port, path)
         with translate_container_errors(port):
-            return await self._agent.request(method, uri, headers, body)
+            return await self.pool.request(port, self.endpoint(port), method, path, headers, body)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def upgrade(self, port: int, method: bytes, path: bytes, headers: Any) -> UpgradeResponse:
@@ -155,6 +143,7 @@ def translate_container_errors(port: int) -> Iterator[None]:
         ) from e
     except (
         net_error.ConnectError,
+        RequestNotSent,
         ResponseNeverReceived,
         RequestTransmissionFailed,
         ResponseFailed,
