@@ -418,7 +418,7 @@ class HopConnection(Protocol):
     def _reuse_or_close(self) -> None:
         if self.state is _CLOSED:
             return  # Given up while the answer was being handed over.
-        keep = self._keep_alive and self._method != b"HEAD"
+        keep = self._keep_alive
         self._headers_done = self._complete = self._announced = self._keep_alive = False
         self._response = None
         self._writer = None

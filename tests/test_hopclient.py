@@ -439,18 +439,24 @@ class UploadTests(HopTestCase):
             )
         )
 
-    def test_body_length_mismatch_table(self) -> None:
-        """A body longer or shorter than its length is never passed off as whole."""
-        for writes in ([b"toolong"], [b"shrt"]):
-            self.setUp()
-            upload = Upload(5)
-            d, connection, transport = self.send(b"PUT", upload)
-            for data in writes:
-                upload.consumer.write(data)
-            if not transport.disconnecting:
-                upload.done.callback(None)
-            self.assertTrue(transport.disconnecting, writes)
-            self.failureResultOf(d, RequestTransmissionFailed)
+    def test_body_too_long(self) -> None:
+        """Bytes past a body's length are never sent: the connection is closed at once."""
+        upload = Upload(5)
+        d, connection, transport = self.send(b"PUT", upload)
+        upload.consumer.write(b"hel")
+        upload.consumer.write(b"lo, and more")
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue(transport.value().endswith(b"\r\n\r\nhel"), transport.value())
+        self.failureResultOf(d, RequestTransmissionFailed)
+
+    def test_body_too_short(self) -> None:
+        """A body that ends before its length is never passed off as whole."""
+        upload = Upload(5)
+        d, connection, transport = self.send(b"PUT", upload)
+        upload.consumer.write(b"shrt")
+        upload.done.callback(None)
+        self.assertTrue(transport.disconnecting)
+        self.failureResultOf(d, RequestTransmissionFailed)
 
     def test_client_gone_mid_body(self) -> None:
         upload = Upload(5)
