@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -106,10 +107,12 @@ def _port_matches(port: int | None, external: ExternalURL) -> bool:
     return port is None or port == external.default_port
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_vhost(host: bytes, external: ExternalURL) -> Target | None:
     """
     Find the target named by a request's C{Host}: C{<uuid>-<port>.<suffix>}, case-insensitive,
-    with or without the ExternalURL's port.
+    with or without the ExternalURL's port.  Answers are kept for the hosts seen last (never a
+    refusal), as every request asks again.
 
     @return: the L{Target}, or C{None} when C{host} is not under the ExternalURL's suffix at all
         (some other site, or the bare suffix).
@@ -293,8 +296,12 @@ def with_upgrade(headers: Headers, protocol: bytes) -> Headers:
     return headers
 
 
-def is_trusted(address: str | None, trusted: Iterable[ipaddress._BaseNetwork]) -> bool:
-    """Whether C{address} (the peer's IP) is inside one of the C{trusted} networks."""
+@functools.lru_cache(maxsize=4096)
+def is_trusted(address: str | None, trusted: tuple[ipaddress._BaseNetwork, ...]) -> bool:
+    """
+    Whether C{address} (the peer's IP) is inside one of the C{trusted} networks.  Answers are
+    kept for the addresses seen last, as every request asks again.
+    """
     if address is None:
         return False
     try:
@@ -433,11 +440,12 @@ def parse_target_port(values: list[bytes] | None) -> int:
 # --- Signing between the hops -------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1024)
 def gateway_secret(system_root_token: str, container_uuid: str) -> str:
     """
     The per-container secret the dispatcher hands the gateway as C{GatewayAuthSecret}:
     C{hex(HMAC-SHA256(key=SystemRootToken, msg=container UUID))}.  A worker node never sees the
-    SystemRootToken.
+    SystemRootToken.  Kept for the containers used last, as every request needs it.
     """
     return hmac.new(
         system_root_token.encode("utf-8"), container_uuid.encode("ascii"), hashlib.sha256
