@@ -121,6 +121,17 @@ class _RawFactory(protocol.Factory):
         self.received: list[bytes] = []
 
 
+class _CloseDelimitedService(_RawService):
+    """Answers like an old HTTP/1.0 server: no length, the body ends when the connection does."""
+
+    ANSWER = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n" + b"old style " * 1000
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if b"\r\n\r\n" in b"".join(self.factory.received):
+            self.transport.loseConnection()
+
+
 def _dechunk(body: bytes) -> bytes:
     """The payload of a chunked body (trailers ignored)."""
     payload = b""
@@ -293,6 +304,27 @@ class WebAppTests(unittest.TestCase):
             self.assertNotIn(b"103", reply.split(b"\r\n")[0])
             self.assertEqual(_dechunk(body), b"hello world")
             self.assertNotIn(b"X-Checksum", body)
+
+        return defer.ensureDeferred(go())
+
+    def test_body_ended_by_closing(self):
+        """
+        A service that ends its answer by closing the connection (HTTP/1.0, no length): the
+        whole body reaches the client, framed for it, and the next request works.
+        """
+
+        async def go():
+            factory = _RawFactory()
+            factory.protocol = _CloseDelimitedService
+            chain = await self._chain(factory)
+            for _ in range(2):
+                factory.received.clear()
+                request = self._request(chain, b"GET / HTTP/1.1\r\nConnection: close")
+                reply = await _raw(chain.controller_port, request, b"\x00")
+                head, _, body = reply.partition(b"\r\n\r\n")
+                self.assertTrue(head.startswith(b"HTTP/1.1 200 "), reply[:200])
+                self.assertIn(b"transfer-encoding: chunked", head.lower())
+                self.assertEqual(_dechunk(body), b"old style " * 1000)
 
         return defer.ensureDeferred(go())
 
