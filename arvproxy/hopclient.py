@@ -17,8 +17,9 @@ the contract they had with C{Agent}.
 The client owns the framing.  A caller's C{Content-Length}, C{Transfer-Encoding} and
 C{Connection} are never sent: a body of known length gets C{Content-Length}, any other body is
 sent chunked.  Of the answers, 1xx other than 101 are skipped; a 101 (never asked for here), bytes
-nobody asked for, and anything llhttp's strict rules refuse (two lengths, a length with
-chunking, a bad chunk) fail the request and close the connection.  A connection is used again
+nobody asked for, more than L{MAX_ANSWER_HEADERS} of headers, and anything llhttp's strict rules
+refuse (two lengths, a length with chunking, a bad chunk) fail the request and close the
+connection.  A connection is used again
 only when both messages are complete and both sides allow it; never after a HEAD, whose answer
 has no body that llhttp could be told about.
 """
@@ -58,6 +59,10 @@ _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
 
 # Framing is the client's business (see the module's docstring).
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+
+# The most header bytes an answer may carry (llhttp sets no limit; Node's is 16 KiB, and
+# nginx's proxy buffers hold 4 to 8 KiB): more closes the connection and fails the request.
+MAX_ANSWER_HEADERS = 64 * 1024
 
 # Methods whose requests announce an empty body explicitly, as Twisted's client does.
 _EMPTY_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
@@ -220,6 +225,7 @@ class HopConnection(Protocol):
         self._phrase = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._headers_done = False
+        self._header_bytes = 0
         self._interim = False
         self._complete = False
         self._keep_alive = False
@@ -340,6 +346,9 @@ class HopConnection(Protocol):
         self._phrase = phrase
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > MAX_ANSWER_HEADERS:
+            raise ProtocolError("the answer's headers (or trailers) are too large")
         if not self._headers_done:  # Trailers are not relayed.
             self._headers.append((name, value))
 
@@ -420,6 +429,7 @@ class HopConnection(Protocol):
             return  # Given up while the answer was being handed over.
         keep = self._keep_alive
         self._headers_done = self._complete = self._announced = self._keep_alive = False
+        self._header_bytes = 0
         self._response = None
         self._writer = None
         if keep and self._pool is not None and not closing(self.transport):
