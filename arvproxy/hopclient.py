@@ -291,13 +291,13 @@ class HopConnection(Protocol):
         if self.transport.producer is not None:
             self.transport.unregisterProducer()
         # The next hop must never take a cut-off body for a whole one.
-        self.transport.abortConnection()
+        self.abandon()
         if self._answer is not None and not self._announced:
             answer, self._answer = self._answer, None
             answer.errback(RequestTransmissionFailed([reason]))
 
     def _stop_body(self) -> None:
-        """The answer is complete while the body is still going: stop sending it."""
+        """Stop sending the request's body: the exchange is over (answered, or failed)."""
         body, self._body = self._body, None
         if body is not None:
             self.transport.unregisterProducer()
@@ -447,8 +447,10 @@ class HopConnection(Protocol):
 
 
 class _AnswerComplete(Exception):
-    """Stops the parser at the end of an answer: after a HEAD answer's head, or before bytes
-    that would start another answer."""
+    """
+    Stops the parser at the end of an answer: after a HEAD answer's head, or before bytes that
+    would start another answer.
+    """
 
 
 class _ConnectionFactory(Factory):
