@@ -29,10 +29,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, iweb, resource, server
-from twisted.web.client import (
-    PotentialDataLoss,
-    ResponseDone,
-)
+from twisted.web.client import PotentialDataLoss, ResponseDone
 from zope.interface import implementer, provider
 
 from arvproxy import pages, policy
