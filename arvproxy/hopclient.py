@@ -167,6 +167,9 @@ class HopResponse:
         if self._connection is not None:
             self._connection.abandon()
 
+    # What twisted.web.client.readBody calls when its Deferred is cancelled.
+    abortConnection = stopProducing
+
 
 @implementer(IConsumer)
 class _BodyWriter:
@@ -329,12 +332,14 @@ class HopConnection(Protocol):
             answer.callback(self._response)
         if self._complete and self._response is not None:
             response, self._response = self._response, None
-            response._ended(Failure(ResponseDone()))
+            # The connection is ready for another request (or closing) before the answer's
+            # reader learns that it is complete and perhaps asks for the next one at once.
             if self._body is not None or self._unusable:
                 self._stop_body()
                 self.abandon()
             else:
                 self._reuse_or_close()
+            response._ended(Failure(ResponseDone()))
 
     # httptools callbacks (called during feed_data).
 

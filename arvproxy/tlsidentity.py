@@ -7,11 +7,10 @@ standard input.  Both ends derive the same P-256 key pair from it (L{derive_priv
 gateway wraps the key in a fresh self-signed certificate at start-up
 (L{make_server_certificate}, L{server_context_factory}); the controller expects exactly that
 public key (L{expected_public_key}) and refuses, during the handshake, any peer that does not
-hold it (L{client_creator}, L{PinnedGatewayPolicy}).  No CA, no stored certificate, no
-fingerprint shipped anywhere: a machine in the middle with any other key fails the handshake
-before a single byte of the request is sent, because TLS buffers application writes until the
-handshake has completed and the handshake cannot complete without our verify callback's
-approval.
+hold it (L{client_creator}).  No CA, no stored certificate, no fingerprint shipped anywhere: a
+machine in the middle with any other key fails the handshake before a single byte of the
+request is sent, because TLS buffers application writes until the handshake has completed and
+the handshake cannot complete without our verify callback's approval.
 
 Why deriving the key is safe: the secret is 256 bits of HMAC-SHA256 output, unknown to anyone
 without the SystemRootToken.  It is run through HKDF-SHA256 with a purpose label, so the
@@ -47,13 +46,10 @@ from twisted.internet.ssl import (
     PrivateCertificate,
     TLSVersion,
 )
-from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 __all__ = [
     "ALPN_PROTOCOLS",
-    "UnpinnedGatewayError",
-    "PinnedGatewayPolicy",
     "client_creator",
     "leaf_is_acceptable",
     "derive_private_key",
@@ -79,14 +75,6 @@ gateway's still accepts it."""
 
 ALPN_PROTOCOLS: tuple[bytes, ...] = (b"http/1.1",)
 """The only application protocol either end offers: the hops speak HTTP/1.1, never h2."""
-
-
-class UnpinnedGatewayError(ValueError):
-    """
-    The controller was asked to connect to a host for which no gateway key was pinned.
-
-    Raised before any connection is attempted; the caller turns it into a 502 page.
-    """
 
 
 def _utcnow() -> datetime:
@@ -299,55 +287,3 @@ def client_creator(
     @raise ValueError: if C{secret} is not 64 lower-case hex characters.
     """
     return _PinnedConnectionCreator(expected_public_key(secret), clock)
-
-
-@implementer(IPolicyForHTTPS)
-class PinnedGatewayPolicy:
-    """
-    The controller's HTTPS policy: each (synthetic) hostname is pinned to one gateway's key.
-
-    The controller puts a synthetic host such as C{b"gw-<container-uuid>-<n>.invalid"} in its
-    Agent URLs, so its connection pool never gives one gateway's connection to another, and pins
-    that host with L{pin} before requesting it.  Asking for any other host raises
-    L{UnpinnedGatewayError}: this policy never connects unpinned.  Connection options are cached
-    per secret, so many hosts pinned to one container share one context.
-    """
-
-    def __init__(self, clock: Callable[[], datetime] = _utcnow) -> None:
-        self._clock = clock
-        self._pins: dict[bytes, str] = {}
-        self._creators: dict[str, IOpenSSLClientConnectionCreator] = {}
-
-    def pin(self, hostname: bytes, secret: str) -> None:
-        """
-        Expect the gateway for C{secret} at C{hostname} from now on, replacing any earlier pin.
-
-        @raise ValueError: if C{secret} is malformed (checked now, not at connection time).
-        """
-        if secret not in self._creators:
-            self._creators[secret] = client_creator(secret, self._clock)
-        previous = self._pins.get(hostname)
-        self._pins[hostname] = secret
-        if previous is not None:
-            self._forget_if_unused(previous)
-
-    def unpin(self, hostname: bytes) -> None:
-        """Stop accepting C{hostname}; doing so for a host never pinned does nothing."""
-        secret = self._pins.pop(hostname, None)
-        if secret is not None:
-            self._forget_if_unused(secret)
-
-    def _forget_if_unused(self, secret: str) -> None:
-        if secret not in self._pins.values():
-            self._creators.pop(secret, None)
-
-    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
-        """
-        Return the pinned connection options for C{hostname}; the port does not matter.
-
-        @raise UnpinnedGatewayError: if C{hostname} was never pinned (or was unpinned).
-        """
-        secret = self._pins.get(hostname)
-        if secret is None:
-            raise UnpinnedGatewayError(f"no gateway key is pinned for host {hostname!r}")
-        return self._creators[secret]

@@ -307,6 +307,25 @@ class ReuseTests(HopTestCase):
         self.answer(cases[0][1])
         self.assertEqual(self.endpoint.attempts, 1)
 
+    def test_next_request_from_the_reader(self) -> None:
+        """
+        A reader told the answer is complete can send the next request at once: the
+        connection is back in the pool by then.
+        """
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"
+        sent: list[defer.Deferred[HopResponse]] = []
+
+        class Next(Body):
+            def connectionLost(this, reason: Failure) -> None:
+                sent.append(self.pool.request("k", self.endpoint, b"GET", b"/2", Headers(), None))
+
+        d, connection, transport = self.send()
+        d.addCallback(lambda response: response.deliverBody(Next()))
+        connection.dataReceived(answer)
+        self.assertEqual(len(sent), 1)
+        self.assertEqual(self.endpoint.attempts, 1)
+        self.assertTrue(transport.value().endswith(b"GET /2 HTTP/1.1\r\n\r\n"))
+
     def test_body_until_the_connection_closes(self) -> None:
         """An answer without length or chunking ends with its connection: possibly cut short."""
         response, body, connection = self.answer(b"HTTP/1.1 200 OK\r\n\r\nsome")

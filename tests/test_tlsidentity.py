@@ -28,18 +28,16 @@ from twisted.internet.ssl import CertificateOptions, PrivateCertificate
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived, readBody
-from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
+from twisted.web.client import ResponseNeverReceived, readBody
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from arvproxy.hopclient import HopPool, HopResponse
 from arvproxy.tlsidentity import (
     CERTIFICATE_LIFETIME,
     CLOCK_SKEW,
-    PinnedGatewayPolicy,
-    UnpinnedGatewayError,
     client_creator,
     derive_private_key,
     expected_public_key,
@@ -231,55 +229,10 @@ class LeafCheckTests(SynchronousTestCase):
             self.assertEqual(leaf_is_acceptable(cert, pinned, when), expected, when)
 
 
-class PolicyTests(SynchronousTestCase):
-    def test_interfaces(self) -> None:
-        """The policy and its creators provide the interfaces Agent and wrapClientTLS expect."""
-        policy = PinnedGatewayPolicy()
-        policy.pin(HOST, SECRET)
-        verifyObject(IPolicyForHTTPS, policy)
-        verifyObject(IOpenSSLClientConnectionCreator, policy.creatorForNetloc(HOST, 443))
+class CreatorTests(SynchronousTestCase):
+    def test_interface(self) -> None:
+        """client_creator gives what wrapClientTLS expects."""
         verifyObject(IOpenSSLClientConnectionCreator, client_creator(SECRET))
-
-    def test_unknown_host(self) -> None:
-        """A host that was never pinned is refused."""
-        policy = PinnedGatewayPolicy()
-        policy.pin(HOST, SECRET)
-        with self.assertRaises(UnpinnedGatewayError):
-            policy.creatorForNetloc(b"gw-other.invalid", 443)
-
-    def test_unpin(self) -> None:
-        """An unpinned host is refused again."""
-        policy = PinnedGatewayPolicy()
-        policy.pin(HOST, SECRET)
-        policy.unpin(HOST)
-        policy.unpin(HOST)
-        with self.assertRaises(UnpinnedGatewayError):
-            policy.creatorForNetloc(HOST, 443)
-
-    def test_shared_per_secret(self) -> None:
-        """Hosts pinned to the same secret share one creator, whatever the port."""
-        policy = PinnedGatewayPolicy()
-        policy.pin(HOST, SECRET)
-        policy.pin(b"gw-again.invalid", SECRET)
-        self.assertIs(
-            policy.creatorForNetloc(HOST, 1), policy.creatorForNetloc(b"gw-again.invalid", 2)
-        )
-
-    def test_repin_replaces(self) -> None:
-        """Pinning a host again replaces its key."""
-        policy = PinnedGatewayPolicy()
-        policy.pin(HOST, SECRET)
-        first = policy.creatorForNetloc(HOST, 443)
-        policy.pin(HOST, OTHER_SECRET)
-        self.assertIsNot(policy.creatorForNetloc(HOST, 443), first)
-
-    def test_malformed_secret_at_pin(self) -> None:
-        """A malformed secret is refused when pinned, not later when connecting."""
-        policy = PinnedGatewayPolicy()
-        with self.assertRaises(ValueError):
-            policy.pin(HOST, "not-a-secret")
-        with self.assertRaises(UnpinnedGatewayError):
-            policy.creatorForNetloc(HOST, 443)
 
 
 class _CountingResource(Resource):
@@ -317,21 +270,6 @@ class _TrackingSite(Site):
         return protocol
 
 
-@implementer(IAgentEndpointFactory)
-class _GatewayEndpoints:
-    """Maps every synthetic gateway host to one loopback port, as the controller does."""
-
-    def __init__(self, policy: PinnedGatewayPolicy, port: int) -> None:
-        self._policy = policy
-        self._port = port
-        self.endpoints_made = 0
-
-    def endpointForURI(self, uri: Any) -> Any:
-        creator = self._policy.creatorForNetloc(uri.host, uri.port)
-        self.endpoints_made += 1
-        return wrapClientTLS(creator, TCP4ClientEndpoint(reactor, "127.0.0.1", self._port))
-
-
 class _Recorder(Protocol):
     """Records what arrives; C{lost} fires on disconnection, with the reason in C{reason}."""
 
@@ -359,8 +297,12 @@ class _Echo(_Recorder):
         self.transport.write(data)  # type: ignore[union-attr]
 
 
-class LoopbackAgentTests(TestCase):
-    """The controller's Agent against a gateway Site over real TLS on 127.0.0.1."""
+class LoopbackClientTests(TestCase):
+    """
+    The front door's client to a gateway (L{HopPool} over C{wrapClientTLS(client_creator())},
+    as L{arvproxy.controller.proxy.GatewayConnector} builds it) against a gateway Site over
+    real TLS on 127.0.0.1.
+    """
 
     async def _serve(self, options: Any) -> tuple[int, _TrackingSite, _CountingResource]:
         resource = _CountingResource()
@@ -375,22 +317,24 @@ class LoopbackAgentTests(TestCase):
         self.addCleanup(lambda: gatherResults(site.lost))
         return cast(IPv4Address, port.getHost()).port, site, resource
 
-    def _agent(self, policy: PinnedGatewayPolicy, port: int) -> tuple[Agent, _GatewayEndpoints]:
-        pool = HTTPConnectionPool(reactor, persistent=True)
+    def _get(self, pool: HopPool, port: int, secret: str = SECRET) -> Deferred[HopResponse]:
+        endpoint = wrapClientTLS(
+            client_creator(secret), TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        )
+        headers = Headers({b"host": [b"gw.example"]})
+        return pool.request(("container", port), endpoint, b"GET", b"/", headers, None)
+
+    def _pool(self) -> HopPool:
+        pool = HopPool(reactor, idle_timeout=60)
         self.addCleanup(pool.closeCachedConnections)
-        endpoints = _GatewayEndpoints(policy, port)
-        return Agent.usingEndpointFactory(reactor, endpoints, pool=pool), endpoints
+        return pool
 
     async def _refused(
         self, options: Any, secret: str = SECRET
     ) -> tuple[ResponseNeverReceived, _TrackingSite, _CountingResource]:
         port, site, resource = await self._serve(options)
-        policy = PinnedGatewayPolicy()
-        policy.pin(HOST, secret)
-        agent, _ = self._agent(policy, port)
-        url = b"https://" + HOST + b":%d/" % (port,)
         try:
-            await agent.request(b"GET", url)
+            await self._get(self._pool(), port, secret)
         except ResponseNeverReceived as error:
             await gatherResults(site.lost)
             return error, site, resource
@@ -407,16 +351,12 @@ class LoopbackAgentTests(TestCase):
 
         async def go() -> None:
             port, site, resource = await self._serve(server_context_factory(SECRET))
-            policy = PinnedGatewayPolicy()
-            policy.pin(HOST, SECRET)
-            agent, endpoints = self._agent(policy, port)
-            url = b"https://" + HOST + b":%d/" % (port,)
+            pool = self._pool()
             for _ in range(2):
-                response = await agent.request(b"GET", url)
+                response = await self._get(pool, port)
                 self.assertEqual(response.code, 200)
                 self.assertEqual(await readBody(response), b"hello from the gateway")
             self.assertEqual(resource.renders, 2)
-            # Agent asks for an endpoint per request; only the server side counts connections.
             self.assertEqual(len(site.lost), 1)
 
         return ensureDeferred(go())
@@ -453,23 +393,6 @@ class LoopbackAgentTests(TestCase):
             expired = make_server_certificate(SECRET, now=long_ago)
             error, site, resource = await self._refused(_options(expired))
             self.assertHandshakeRefused(error)
-            self.assertEqual(resource.renders, 0)
-
-        return ensureDeferred(go())
-
-    def test_unpinned_host_never_connects(self) -> Deferred[None]:
-        """A request for a host that was never pinned fails without connecting."""
-
-        async def go() -> None:
-            port, site, resource = await self._serve(server_context_factory(SECRET))
-            policy = PinnedGatewayPolicy()
-            policy.pin(HOST, SECRET)
-            agent, endpoints = self._agent(policy, port)
-            url = b"https://gw-stranger.invalid:%d/" % (port,)
-            with self.assertRaises(UnpinnedGatewayError):
-                await agent.request(b"GET", url)
-            self.assertEqual(endpoints.endpoints_made, 0)
-            self.assertEqual(site.lost, [])
             self.assertEqual(resource.renders, 0)
 
         return ensureDeferred(go())
