@@ -111,8 +111,6 @@ class HopResponse:
     connection perhaps serves another request) those do nothing.
     """
 
-    version = (b"HTTP", 1, 1)
-
     def __init__(
         self, connection: HopConnection, code: int, phrase: bytes, headers: Headers, length: Any
     ) -> None:
@@ -215,7 +213,7 @@ class HopConnection(Protocol):
 
     transport: Any
 
-    def __init__(self, pool: HopPool | None = None, key: Hashable = None) -> None:
+    def __init__(self, pool: HopPool, key: Hashable) -> None:
         self._pool = pool
         self.key = key
         self.state = _IDLE
@@ -235,7 +233,6 @@ class HopConnection(Protocol):
         self._unusable = False
         self._body: Any = None
         self._writer: _BodyWriter | None = None
-        self._body_sent = True
 
     # Sending.
 
@@ -262,7 +259,6 @@ class HopConnection(Protocol):
 
     def _send_body(self, body: iweb.IBodyProducer) -> None:
         self._body = body
-        self._body_sent = False
         writer = self._writer = _BodyWriter(self, body.length)
         # The socket's backpressure pauses the body's producer (the client's request).
         self.transport.registerProducer(body, True)
@@ -276,20 +272,19 @@ class HopConnection(Protocol):
     def _body_finished(self, _: object) -> None:
         if self._body is None:
             return  # Given up already (the answer came, or the connection went).
-        self._body = None
-        self.transport.unregisterProducer()
         try:
             assert self._writer is not None
             self._writer.finish()
         except ProtocolError:
             self._body_failed(Failure())
             return
-        self._body_sent = True
+        self._body = None
+        self.transport.unregisterProducer()
         send_now(self.transport)
 
     def _body_failed(self, reason: Failure) -> None:
-        if self._body is None and self._body_sent:
-            return
+        if self._body is None:
+            return  # Given up already: stopped, or the connection went.
         self._body = None
         if self.transport.producer is not None:
             self.transport.unregisterProducer()
@@ -437,7 +432,7 @@ class HopConnection(Protocol):
         self._header_bytes = 0
         self._response = None
         self._writer = None
-        if keep and self._pool is not None and not closing(self.transport):
+        if keep and not closing(self.transport):
             self.state = _IDLE
             self._pool._put(self)
         else:
@@ -447,8 +442,7 @@ class HopConnection(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.state = _CLOSED
         self._fail(reason)
-        if self._pool is not None:
-            self._pool._forget(self)
+        self._pool._forget(self)
 
 
 class _AnswerComplete(Exception):
@@ -543,9 +537,10 @@ class HopPool:
         call, connection.idle_call = connection.idle_call, None
         if call is not None and call.active():
             call.cancel()
-        for waiter in [w for w in self._closing if not self._idle]:
-            self._closing.remove(waiter)
-            waiter.callback(None)
+        if not self._idle:
+            waiters, self._closing = self._closing, []
+            for waiter in waiters:
+                waiter.callback(None)
 
     def closeCachedConnections(self) -> defer.Deferred[None]:
         """Close every idle connection; fires once they are gone."""
