@@ -165,18 +165,26 @@ async def start_chain(
     )
 
 
+def read_until(sock: Any, until: bytes) -> bytes:
+    """
+    Read from a blocking socket until C{until} has arrived or the peer closes (call it in a
+    thread: it blocks).
+    """
+    received = b""
+    while until not in received:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
 async def exchange(sock: Any, data: bytes, until: bytes) -> bytes:
     """Send C{data} on a blocking socket, in a thread, and read until C{until} has arrived."""
 
     def work() -> bytes:
         sock.settimeout(20)
         sock.sendall(data)
-        received = b""
-        while until not in received:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            received += chunk
-        return received
+        return read_until(sock, until)
 
     return await deferToThread(work)

@@ -82,11 +82,16 @@ class VersionedCachedClusterTests(SynchronousTestCase):
         self.clock = Clock()
         self.backend = FakeCluster(clock=self.clock.seconds)
         self.version: int | None = 1
-        self.cluster = CachedCluster(self.clock, self.backend, ttl=10, version=lambda: self.version)
+        self.asked: list[int | None] = []  # Every look at the version, with what it saw.
+        self.cluster = CachedCluster(self.clock, self.backend, ttl=10, version=self.look)
         self.user = self.backend.add_user("alice")
         self.container = self.backend.add_container()
         self.request = self.backend.add_container_request(self.user.uuid, self.container.uuid)
         self.token = self.backend.add_token(self.user.uuid)
+
+    def look(self) -> int | None:
+        self.asked.append(self.version)
+        return self.version
 
     def ask_everything(self) -> None:
         self.successResultOf(self.cluster.authenticate(self.token))
@@ -144,37 +149,23 @@ class VersionedCachedClusterTests(SynchronousTestCase):
         The requests of one reactor turn share one look at the version; the next turn looks
         again, and sees a change made during the previous one.
         """
-        asked: list[int | None] = []
-
-        def version() -> int | None:
-            asked.append(self.version)
-            return self.version
-
-        self.cluster = CachedCluster(self.clock, self.backend, ttl=10, version=version)
         self.ask_everything()
         self.ask_everything()
-        self.assertEqual(asked, [1])
+        self.assertEqual(self.asked, [1])
         self.version = 2
         self.ask_everything()
-        self.assertEqual(asked, [1])
+        self.assertEqual(self.asked, [1])
         self.clock.advance(0)
         self.ask_everything()
-        self.assertEqual(asked, [1, 2])
+        self.assertEqual(self.asked, [1, 2])
         self.assertEqual(set(self.lookups().values()), {2})
 
     def test_cannot_tell_is_asked_every_time(self) -> None:
         """While the version cannot be had, every call asks again and nothing kept is used."""
-        asked: list[int | None] = []
         self.version = None
-
-        def version() -> int | None:
-            asked.append(self.version)
-            return self.version
-
-        self.cluster = CachedCluster(self.clock, self.backend, ttl=10, version=version)
         self.ask_everything()
         self.ask_everything()
-        self.assertEqual(len(asked), 10)
+        self.assertEqual(self.asked, [None] * 10)
         self.assertEqual(set(self.lookups().values()), {2})
 
     def test_ttl_still_bounds(self) -> None:

@@ -31,6 +31,7 @@ from arvproxy.streaming import (
     send_now,
 )
 from arvproxy.tlsidentity import server_context_factory
+from tests.chain import read_until
 
 WAIT = 2.0  # seconds a check waits for bytes that should already be there
 
@@ -206,10 +207,12 @@ class MessageEndTests(TestCase):
         first = pool.request("upstream", endpoint, b"GET", b"/1", Headers(), None)
         upstream, _ = await threads.deferToThread(listener.accept)
         self.addCleanup(upstream.close)
-        await threads.deferToThread(read_head, upstream)
+        await threads.deferToThread(read_until, upstream, b"\r\n\r\n")
         upstream.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
         await first
-        await threads.deferToThread(lambda: None)  # The connection goes back to the pool.
+        # The rest of that answer (its end, the connection back in the pool) is handled once
+        # this coroutine lets the reactor go on.
+        await threads.deferToThread(lambda: None)
 
         second = pool.request("upstream", endpoint, b"GET", b"/2", Headers(), None)
         self.assertTrue(arrived(upstream).startswith(b"GET /2 HTTP/1.1\r\n"))
@@ -222,16 +225,5 @@ def read_to_end(sock: socket.socket) -> bytes:
     sock.settimeout(WAIT)
     data = b""
     while chunk := sock.recv(65536):
-        data += chunk
-    return data
-
-
-def read_head(sock: socket.socket) -> bytes:
-    """Read (blocking: call it in a thread) until the end of a request's head."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
         data += chunk
     return data

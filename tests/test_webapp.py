@@ -19,7 +19,7 @@ from twisted.web import resource, server
 from arvproxy.config import Limits
 from arvproxy.streaming import closing
 from arvproxy.tlsidentity import make_server_certificate
-from tests.chain import Chain, exchange, start_chain
+from tests.chain import Chain, exchange, read_until, start_chain
 from tests.wsservice import Client, EchoFactory
 
 
@@ -143,19 +143,13 @@ def _dechunk(body: bytes) -> bytes:
         payload, body = payload + body[:size], body[size + 2 :]
 
 
-def _raw(port: int, data: bytes, until: bytes, half_close: bool = False) -> defer.Deferred[bytes]:
+def _raw(port: int, data: bytes, until: bytes) -> defer.Deferred[bytes]:
     """Send C{data} on a fresh socket and read until C{until} arrives or the server closes."""
 
     def work() -> bytes:
         with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
             sock.sendall(data)
-            received = b""
-            while until not in received:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                received += chunk
-            return received
+            return read_until(sock, until)
 
     return deferToThread(work)
 
@@ -195,23 +189,14 @@ class WebAppTests(unittest.TestCase):
             sock = socket.create_connection(("127.0.0.1", chain.controller_port), timeout=20)
             self.addCleanup(sock.close)
 
-            def read_until(marker: bytes) -> bytes:
-                received = b""
-                while marker not in received:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        break
-                    received += chunk
-                return received
-
             sock.sendall(self._request(chain, b"GET /events HTTP/1.1"))
             # The service writes "second" only after the client has seen "first".
-            first = await deferToThread(read_until, b"data: first")
+            first = await deferToThread(read_until, sock, b"data: first")
             self.assertIn(b"data: first", first)
             self.assertNotIn(b"data: second", first)
             self.assertIn(b"text/event-stream", first)
             events.release.callback(None)
-            rest = await deferToThread(read_until, b"0\r\n\r\n")
+            rest = await deferToThread(read_until, sock, b"0\r\n\r\n")
             self.assertIn(b"data: second", rest)
 
         return defer.ensureDeferred(go())
@@ -250,13 +235,7 @@ class WebAppTests(unittest.TestCase):
                     interim = sock.recv(65536)
                     assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
                     sock.sendall(b"hello")
-                    received = b""
-                    while b"got 5 bytes" not in received:
-                        chunk = sock.recv(65536)
-                        if not chunk:
-                            break
-                        received += chunk
-                    return received
+                    return read_until(sock, b"got 5 bytes")
 
             reply = await deferToThread(work)
             self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
