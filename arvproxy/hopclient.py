@@ -26,7 +26,6 @@ has no body that llhttp could be told about.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Hashable
 from typing import Any
 
@@ -49,13 +48,10 @@ from twisted.web.client import (
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from arvproxy import policy
 from arvproxy.streaming import closing, send_now
 
 log = Logger()
-
-# What a request line may hold (RFC 9110 token; a target of visible ASCII).
-_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_TARGET = re.compile(rb"[\x21-\x7e]+\Z")
 
 # Framing is the client's business (see the module's docstring).
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
@@ -81,7 +77,7 @@ def request_head(
 
     @raise ValueError: the method is not a token, or the target is not visible ASCII.
     """
-    if not _METHOD.match(method) or not _TARGET.match(target):
+    if not policy.is_forwardable_request_line(method, target):
         raise ValueError(f"not a valid request line: {method!r} {target!r}")
     lines = [method, b" ", target, b" HTTP/1.1\r\n"]
     for name, values in headers.getAllRawHeaders():

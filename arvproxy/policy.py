@@ -276,6 +276,18 @@ def upgrade_requested(headers: Headers) -> bytes | None:
     return b", ".join(values)
 
 
+_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_TARGET = re.compile(rb"[\x21-\x7e]+\Z")
+
+
+def is_forwardable_request_line(method: bytes, target: bytes) -> bool:
+    """
+    Whether a request's method is a token and its target visible ASCII (RFC 9110, RFC 9112):
+    only such a request line is passed to the next hop, so none can split or smuggle a request.
+    """
+    return bool(_METHOD.match(method) and _TARGET.match(target))
+
+
 CARRIER_UPGRADE = b"arvproxy-tunnels/1"
 """The upgrade that opens a tunnel carrier between the proxy's hops (see L{arvproxy.carrier})."""
 

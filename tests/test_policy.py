@@ -1141,6 +1141,28 @@ class ProxyCookieTests(SynchronousTestCase):
         self.assertEqual(sent.getRawHeaders(b"cookie"), [b"a=1"])
 
 
+class RequestLineTests(TableMixin, SynchronousTestCase):
+    def test_table(self) -> None:
+        """Only a token method and a visible-ASCII target may go to the next hop."""
+        rows = [
+            ((b"GET", b"/"), True),
+            ((b"PROPFIND", b"/a/b?c=d&e=%20#f"), True),
+            ((b"M-SEARCH", b"*"), True),
+            ((b"GET", b"/a b"), False),
+            ((b"GET", b"/a\tb"), False),
+            ((b"GET", b"/a\x7fb"), False),
+            ((b"GET", b"/a\x00b"), False),
+            ((b"GET", b"/\xc3\xa9"), False),
+            ((b"GET", b"/a\r\nX-Injected: 1"), False),
+            ((b"GET", b""), False),
+            ((b"", b"/"), False),
+            ((b"G ET", b"/"), False),
+            ((b"GET\x7f", b"/"), False),
+            ((b"GET /x HTTP/1.1\r\nHost: evil\r\n\r\nGET", b"/"), False),
+        ]
+        self.assertRows(rows, lambda line: policy.is_forwardable_request_line(*line))
+
+
 class ReservedUpgradeTests(SynchronousTestCase):
     def test_table(self) -> None:
         """Only the proxy's hops may ask for a tunnel carrier, however a client spells it."""

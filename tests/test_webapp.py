@@ -307,6 +307,23 @@ class WebAppTests(unittest.TestCase):
 
         return defer.ensureDeferred(go())
 
+    def test_unforwardable_address(self):
+        """
+        An address Twisted accepts but that could not be a request line to the next hop (a
+        DEL byte) gets 400 saying so, not a proxy error; an upgrade too.
+        """
+
+        async def go():
+            chain = await self._chain(_App())
+            for extra in (b"", b"\r\nConnection: Upgrade\r\nUpgrade: websocket"):
+                head = b"GET /a\x7fb HTTP/1.1" + extra
+                request = self._request(chain, head)
+                reply = await _raw(chain.controller_port, request, b"passed on")
+                self.assertTrue(reply.startswith(b"HTTP/1.1 400 "), reply[:300])
+                self.assertIn(b"cannot be passed on", reply)
+
+        return defer.ensureDeferred(go())
+
     def test_chunked_upload_with_trailer(self):
         """A chunked upload with a trailer field reaches the service whole."""
 
