@@ -213,6 +213,10 @@ class MessageEndTests(TestCase):
         # The rest of that answer (its end, the connection back in the pool) is handled once
         # this coroutine lets the reactor go on.
         await threads.deferToThread(lambda: None)
+        # No Nagle delay on the client's socket either (tune_transport; Twisted's HTTP server
+        # sets it on its own).
+        (connection,) = pool.idle_connections()
+        self.assertTrue(connection.transport.getTcpNoDelay())
 
         second = pool.request("upstream", endpoint, b"GET", b"/2", Headers(), None)
         self.assertTrue(arrived(upstream).startswith(b"GET /2 HTTP/1.1\r\n"))
