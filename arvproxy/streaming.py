@@ -1,9 +1,8 @@
 """
-The streaming machinery both hops share: a twisted.web site that hands each request to a handler
-as soon as its headers have arrived, a request body that streams to the next hop with
-backpressure, and a relay that streams the next hop's response back.
+The streaming machinery both hops share: a request body that streams to the next hop with
+backpressure, and a relay that streams the next hop's response back (the server that parses
+requests is L{arvproxy.httpserver}, the client to the next hop L{arvproxy.hopclient}).
 
-Twisted's own server reads a whole request body before any resource runs, and
 C{twisted.web.proxy} buffers, drops repeated headers and has no backpressure (see the Twisted
 notes in the project's references).  Here nothing is buffered whole: a slow client or a slow
 service pauses the other side's socket.
@@ -11,15 +10,14 @@ service pauses the other side's socket.
 Each hop also sends a finished message at once (L{send_now}) instead of at the reactor's next
 turn, so that a busy chain does not move in convoys.
 
-This module uses private attributes of L{twisted.web.http.HTTPChannel} (C{_command}, C{_path},
-C{_version}), of Twisted's socket transports (their write buffer) and of its TLS transports (their
-write aggregator); Twisted is pinned to one release series and the tests exercise every one of
-them.
+This module uses private attributes of Twisted's socket transports (their write buffer) and of
+its TLS transports (their write aggregator); Twisted is pinned to one release series and the
+tests exercise every one of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import abstract, defer, tcp
@@ -28,21 +26,17 @@ from twisted.internet.interfaces import IConsumer, IPushProducer, IStreamClientE
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, iweb, resource, server
+from twisted.web import http, iweb
 from twisted.web.client import PotentialDataLoss, ResponseDone
-from zope.interface import implementer, provider
+from zope.interface import implementer
 
-from arvproxy import pages, policy
-from arvproxy.config import Limits
-from arvproxy.errors import ProxyError
+from arvproxy import policy
 
 if TYPE_CHECKING:
     from arvproxy.hopclient import HopResponse
+    from arvproxy.httpserver import StreamingRequest
 
 log = Logger()
-
-# A handler serves one request; it returns when the response has been written (or has failed).
-Handler = Callable[["StreamingRequest"], Coroutine[Any, Any, None]]
 
 # Body bytes held while the next hop is not ready for them; past this the client is paused.
 MAX_BUFFERED_BODY = 64 * 1024
@@ -189,6 +183,8 @@ class RequestBody:
 
     def bodyComplete(self) -> None:
         self.complete = True
+        # Whatever the client sends next is another request's business.
+        self._resume_client()
         self._maybe_done()
 
     def clientGone(self, reason: Failure) -> None:
@@ -248,257 +244,14 @@ class RequestBody:
             done.callback(None)
 
     def _pause_client(self) -> None:
-        transport = self._request.client_transport()
-        if transport is not None and not self.complete:
+        if not self.complete and not self._client_paused:
             self._client_paused = True
-            transport.pauseProducing()
+            self._request.pause_client(self)
 
     def _resume_client(self) -> None:
-        transport = self._request.client_transport()
-        if transport is not None and self._client_paused:
+        if self._client_paused:
             self._client_paused = False
-            transport.resumeProducing()
-
-
-@provider(iweb.INonQueuedRequestFactory)
-class StreamingRequest(http.Request):
-    """
-    A request handed to its site's handler as soon as its headers are in.
-
-    Its body streams through L{body}; L{method}, L{uri}, L{path} and L{clientproto} are set
-    before the handler runs.  The handler writes the response with the usual
-    C{setResponseCode}/C{setHeader}/C{write}/C{finish}, or raises a L{ProxyError}.
-    """
-
-    body: RequestBody
-    _expects_continue = False
-
-    def gotLength(self, length: int | None) -> None:
-        channel = self.channel
-        self.method = channel._command
-        self.uri = channel._path
-        self.clientproto = channel._version
-        self.path = self.uri.split(b"?", 1)[0]
-        self.args = {}
-        self.body = RequestBody(self, length)
-        expect = self.requestHeaders.getRawHeaders(b"expect", [])
-        self._expects_continue = bool(
-            expect and expect[0].lower() == b"100-continue" and self.clientproto == b"HTTP/1.1"
-        )
-        self.notifyFinish().addErrback(self.body.clientGone)
-        if not self.body.empty:
-            # Start now, so the body can stream to the next hop as it arrives.
-            self._handle()
-
-    def handleContentChunk(self, data: bytes) -> None:
-        self.body.dataReceived(data)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        self.body.bodyComplete()
-        if self.body.empty:
-            # Without a body, start once the channel is ready for the next request's bytes.
-            self._handle()
-
-    def _handle(self) -> None:
-        channel: Any = self.channel
-        handler = channel.site.handler
-        defer.Deferred.fromCoroutine(handler(self)).addErrback(self._failed)
-
-    def sendContinue(self) -> None:
-        """
-        Tell a client that waits with C{Expect: 100-continue} to send its body: done only when the
-        next hop asks for the body, so a refused request is refused before its body is read.
-        """
-        if self._expects_continue and not self.body.complete and not self.startedWriting:
-            self._expects_continue = False
-            transport = self.client_transport()
-            if transport is not None:
-                transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    def finish(self) -> None:
-        """End the response and send what is left of it at once (L{send_now})."""
-        transport = self.client_transport()
-        super().finish()
-        if transport is not None:
-            send_now(transport)
-
-    def client_transport(self) -> Any:
-        """The client's transport, or C{None} once the client has gone or the response is done."""
-        # http.Request sets channel to None when the client goes, and deletes it once finished.
-        channel = getattr(self, "channel", None)
-        return None if channel is None else channel.transport
-
-    @property
-    def gone(self) -> bool:
-        """Whether the client has disconnected."""
-        return bool(self._disconnected)
-
-    def finishEarly(self) -> None:
-        """
-        Prepare to answer before the whole body has arrived: the connection closes after the
-        response, so that the rest of the body can never be read as a new request.
-        """
-        if not self.body.complete and self.channel is not None:
-            self.channel.persistent = False
-            self.setHeader(b"connection", b"close")
-
-    def _failed(self, failure: Failure) -> None:
-        if self.gone or self.finished:
-            if not failure.check(ProxyError, defer.CancelledError):
-                log.failure("Error after the response started", failure)
-            return
-        if self.startedWriting:
-            log.failure("Error while relaying a response", failure)
-            self.client_transport().abortConnection()
-            return
-        error = failure.value
-        if not isinstance(error, ProxyError):
-            log.failure(
-                "Unexpected error while serving {method} {path}",
-                failure,
-                method=self.method,
-                path=policy.split_query_token(self.path)[0],
-            )
-            error = ProxyError("Something went wrong in the proxy. The error has been logged.")
-        pages.render_error(self, error)
-
-
-_REQUEST_TIMEOUT = (
-    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: text/plain\r\n"
-    b"Content-Length: 58\r\n\r\nThe request's headers did not arrive in time; try again.\r\n"
-)
-_HEADERS_TOO_LARGE = (
-    b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n"
-    b"Content-Type: text/plain\r\nContent-Length: 64\r\n\r\n"
-    b"The request's headers are too large (large cookies?); try again.\r\n"
-)
-
-
-def _ignore(*args: Any) -> None:
-    """Swallow whatever arrives on a connection that is being closed."""
-
-
-class ProxyChannel(http.HTTPChannel):
-    """
-    An HTTP/1.1 channel whose requests may be answered before their bodies have arrived, with a
-    deadline for each request's headers (408) and a limit on their size (431).
-    """
-
-    header_deadline = 30.0
-    _header_timer: Any = None
-    _awaiting_headers = True
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        tune_transport(self.transport)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._awaiting_headers and self._header_timer is None and self.header_deadline:
-            self._header_timer = self.callLater(self.header_deadline, self._headers_too_slow)
-        super().dataReceived(data)
-
-    def lineReceived(self, line: bytes) -> None:
-        if self._awaiting_headers and self._receivedHeaderSize + len(line) > self.totalHeadersSize:
-            self._refuse(_HEADERS_TOO_LARGE)
-            return
-        super().lineReceived(line)
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self._refuse(_HEADERS_TOO_LARGE)
-
-    def allHeadersReceived(self) -> None:
-        self._awaiting_headers = False
-        self._cancel_header_timer()
-        super().allHeadersReceived()
-
-    def requestDone(self, request: Any) -> None:
-        self._awaiting_headers = True
-        super().requestDone(request)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._cancel_header_timer()
-        super().connectionLost(reason)
-
-    def _headers_too_slow(self) -> None:
-        self._header_timer = None
-        if self._awaiting_headers:
-            self._refuse(_REQUEST_TIMEOUT)
-
-    def _cancel_header_timer(self) -> None:
-        if self._header_timer is not None:
-            if self._header_timer.active():
-                self._header_timer.cancel()
-            self._header_timer = None
-
-    def _refuse(self, response: bytes) -> None:
-        """Answer a request that never got as far as its handler, and close."""
-        self._cancel_header_timer()
-        self.dataReceived = self.lineReceived = _ignore  # type: ignore[method-assign,assignment]
-        transport: Any = self.transport
-        if len(self.requests) <= 1:
-            # No earlier response is still being written (the one request, if any, is the one
-            # whose headers are arriving): this answer is next on the wire.
-            transport.write(response)
-        transport.loseConnection()
-
-    def _send100Continue(self) -> None:
-        # StreamingRequest.sendContinue decides when (and whether) to send it.
-        pass
-
-    def allContentReceived(self) -> None:
-        if not self.requests:
-            # Answered early and closing: the rest of the body was discarded.
-            return
-        super().allContentReceived()
-
-
-class ProxySite(server.Site):
-    """
-    A site whose every request goes to C{handler} (see L{StreamingRequest}), over HTTP/1.1 only,
-    within C{limits}.
-
-    The access log never shows a query string (it could hold a token).
-    """
-
-    protocol = ProxyChannel  # type: ignore[assignment]
-
-    def __init__(
-        self,
-        handler: Handler,
-        reactor: Any,
-        limits: Limits | None = None,
-        timeout: float | None = None,
-    ) -> None:
-        self.limits = limits = limits or Limits()
-        super().__init__(
-            resource.Resource(),
-            reactor=reactor,
-            timeout=limits.client_idle if timeout is None else timeout,
-        )
-        self.handler = handler
-        self.requestFactory = StreamingRequest  # type: ignore[assignment]
-        self.access_log = False
-
-    def buildProtocol(self, addr: Any) -> Any:
-        channel = super().buildProtocol(addr)
-        channel.header_deadline = self.limits.request_headers
-        channel.totalHeadersSize = self.limits.max_header_bytes
-        channel.MAX_LENGTH = self.limits.max_header_bytes
-        return channel
-
-    def acceptableProtocols(self) -> list[bytes]:
-        return [b"http/1.1"]
-
-    def log(self, request: Any) -> None:
-        if self.access_log:
-            log.info(
-                "{client} {method} {path} {code} {length}",
-                client=request.getClientAddress(),
-                method=request.method,
-                path=request.path,
-                code=request.code,
-                length=request.sentLength,
-            )
+            self._request.resume_client(self)
 
 
 class Relay(Protocol):

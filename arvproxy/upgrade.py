@@ -28,7 +28,7 @@ from twisted.web.http_headers import Headers
 from arvproxy import policy
 from arvproxy.carrier import Carrier
 from arvproxy.errors import BadGateway
-from arvproxy.streaming import StreamingRequest
+from arvproxy.httpserver import StreamingRequest
 
 log = Logger()
 
@@ -320,8 +320,8 @@ def relay_upgrade(request: StreamingRequest, response: UpgradeResponse) -> defer
         head.extend(name + b": " + value for value in values)
     head.append(b"Connection: Upgrade")
     head.extend(b"Upgrade: " + value for value in response.headers.getRawHeaders(b"upgrade", []))
-    channel: Any = request.channel
-    transport: Any = channel.transport
+    channel = request.channel
+    transport = channel.transport
     splice = _Splice(channel.callLater, transport, upstream, channel.site.limits.tunnel_idle)
     _, buffered = take_over(
         request, b"\r\n".join(head) + b"\r\n\r\n", splice.from_client, splice.client_lost
@@ -345,23 +345,17 @@ def take_over(
     connection_lost: Callable[[Failure], None],
 ) -> tuple[Any, bytes]:
     """
-    Answer C{request} with C{head} (a C{101}) and take its connection from the HTTP channel,
-    as Twisted's own WebSockets do: from now on its bytes go to C{data_received}, and its end
-    to C{connection_lost}.  The request never finishes; nothing waits on it.
+    Answer C{request} with C{head} (a C{101}) and take its connection from the HTTP channel:
+    from now on its bytes go to C{data_received}, and its end to C{connection_lost}.  The
+    request never finishes; nothing waits on it.
 
-    @return: the connection's transport, no longer paused by nor producing for the channel,
-        and the bytes that had already arrived after the request.
+    @return: the connection's transport, still paused by the channel while the request was
+        answered, and the bytes that had already arrived after the request.
     """
-    channel: Any = request.channel
-    transport: Any = channel.transport
+    channel = request.channel
+    transport = channel.transport
     transport.write(head)
-    transport.unregisterProducer()
-    channel.dataReceived = data_received
-    channel.connectionLost = connection_lost
-    buffered = b"".join(channel._dataBuffer)
-    channel._dataBuffer = []
-    channel.requests.clear()
-    return transport, buffered
+    return transport, channel.take_over(data_received, connection_lost)
 
 
 async def open_upgrade_on(

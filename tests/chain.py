@@ -23,7 +23,7 @@ from arvproxy.config import ClusterConfig, ExternalURL, Limits
 from arvproxy.controller.proxy import Controller, GatewayConnector
 from arvproxy.gateway.runtime import HostRuntime
 from arvproxy.gateway.server import Gateway, tls_ports
-from arvproxy.streaming import ProxySite
+from arvproxy.httpserver import ProxySite
 from arvproxy.tlsidentity import server_context_factory
 
 ROOT_TOKEN = "ChainTestRootToken0123456789abcdefghijklmnopqrstuv"

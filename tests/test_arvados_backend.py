@@ -45,9 +45,9 @@ from arvproxy.errors import (
     Unavailable,
 )
 from arvproxy.fakearvados import FakeAPIServer, FakeArvadosAPI, OpenConnections, self_signed
+from arvproxy.httpserver import ProxySite
 from arvproxy.policy import connect_scope
 from arvproxy.service import open_cluster
-from arvproxy.streaming import ProxySite
 from arvproxy.testing import FakeGatewayConnector, FakeResponse
 from tests.test_cluster_contract import GATEWAY, ROOT_TOKEN, T0, decide
 

@@ -20,7 +20,7 @@ from arvproxy.backends import CAN_MANAGE, CAN_READ, CAN_WRITE, CANCELLED, COMPLE
 from arvproxy.config import ClusterConfig, ExternalURL
 from arvproxy.controller.proxy import Controller
 from arvproxy.errors import BadGateway, GatewayTimeout, NotFound, Unauthorized
-from arvproxy.streaming import ProxySite
+from arvproxy.httpserver import ProxySite
 from arvproxy.testing import (
     FakeCluster,
     FakeGatewayConnector,

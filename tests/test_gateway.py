@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from arvproxy import carrier, policy
 from arvproxy.gateway.server import Gateway
-from arvproxy.streaming import ProxySite
+from arvproxy.httpserver import ProxySite
 from arvproxy.testing import FakeRuntime, MemoryClient, ParsedResponse, request_bytes
 
 T0 = 1_700_000_000.0

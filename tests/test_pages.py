@@ -30,7 +30,7 @@ from arvproxy.errors import (
     Unauthorized,
     Unavailable,
 )
-from arvproxy.streaming import ProxySite
+from arvproxy.httpserver import ProxySite
 from arvproxy.testing import FakeCluster, FakeGatewayConnector, MemoryClient, request_bytes
 
 NAVIGATE = ((b"Sec-Fetch-Mode", b"navigate"), (b"Accept", b"text/html,*/*;q=0.8"))

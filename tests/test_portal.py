@@ -23,7 +23,7 @@ from arvproxy.backends.registry import Token
 from arvproxy.config import ClusterConfig, ExternalURL
 from arvproxy.controller import portal, sitedata
 from arvproxy.controller.proxy import Controller
-from arvproxy.streaming import ProxySite
+from arvproxy.httpserver import ProxySite
 from arvproxy.testing import (
     FakeCluster,
     FakeGatewayConnector,

@@ -24,12 +24,8 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from arvproxy.hopclient import HopPool
-from arvproxy.streaming import (
-    ProxySite,
-    StreamingEndpoint,
-    StreamingRequest,
-    send_now,
-)
+from arvproxy.httpserver import ProxySite, StreamingRequest
+from arvproxy.streaming import StreamingEndpoint, send_now
 from arvproxy.tlsidentity import server_context_factory
 from tests.chain import read_until
 

@@ -17,7 +17,8 @@ from twisted.web import iweb
 from twisted.web.client import PotentialDataLoss
 
 from arvproxy.errors import Forbidden
-from arvproxy.streaming import MAX_BUFFERED_BODY, ProxySite, StreamingRequest, relay_response
+from arvproxy.httpserver import EAGER_READ, MAX_PIPELINED, ProxySite, StreamingRequest
+from arvproxy.streaming import MAX_BUFFERED_BODY, relay_response
 from arvproxy.testing import BodyCollector, FakeResponse, MemoryClient, request_bytes
 
 HandlerFunction = Callable[[StreamingRequest], Coroutine[Any, Any, None]]
@@ -261,21 +262,61 @@ class RequestTests(SynchronousTestCase):
         done = handler.requests[0].body.startProducing(BodyCollector())
         self.failureResultOf(done, ConnectionLost, ConnectionDone)
 
-    def test_channel_resume_keeps_bound(self) -> None:
-        """Resuming the client's socket for the channel's own writes keeps the buffer bounded."""
-        handler = Recorder(lambda request: defer.Deferred())  # type: ignore[arg-type,return-value]
+    def test_reads_ahead_a_little_while_serving(self) -> None:
+        """While a request is served, what follows is held up to EAGER_READ, then not read."""
+        waits: list[defer.Deferred[None]] = []
+
+        async def wait(request: StreamingRequest) -> None:
+            waits.append(defer.Deferred())
+            await waits[-1]
+            answer(request, request.path)
+
+        handler = Recorder(wait)
         client = connect(handler)
-        total = 8 * MAX_BUFFERED_BODY
-        client.send(request_bytes(b"PUT", b"/", [(b"Content-Length", b"%d" % total)]))
-        body = handler.requests[0].body
-        piece = b"x" * 4096
-        for _ in range(4):
-            client.protocol.pauseProducing()
-            client.protocol.resumeProducing()
-            while client.transport.producerState == "producing" and body.received < total:
-                client.send(piece)
-            self.assertEqual(client.transport.producerState, "paused")
-        self.assertLess(body.received, 2 * MAX_BUFFERED_BODY)
+        client.send(request_bytes(b"GET", b"/a"))
+        client.send(request_bytes(b"GET", b"/b"))
+        self.assertEqual(client.transport.producerState, "producing")
+        self.assertEqual([r.path for r in handler.requests], [b"/a"])
+        client.send(request_bytes(b"GET", b"/c", [(b"X-Big", b"x" * EAGER_READ)]))
+        self.assertEqual(client.transport.producerState, "paused")
+        waits[0].callback(None)
+        self.assertEqual(client.transport.producerState, "producing")
+        waits[1].callback(None)
+        waits[2].callback(None)
+        self.assertEqual([r.body for r in client.responses()], [b"/a", b"/b", b"/c"])
+
+    def test_too_many_pipelined(self) -> None:
+        """Past MAX_PIPELINED waiting requests, those are answered and the connection closes."""
+        waits: list[defer.Deferred[None]] = []
+
+        async def wait(request: StreamingRequest) -> None:
+            waits.append(defer.Deferred())
+            await waits[-1]
+            answer(request, request.path)
+
+        handler = Recorder(wait)
+        client = connect(handler)
+        client.send(b"".join(request_bytes(b"GET", b"/%d" % i) for i in range(MAX_PIPELINED + 5)))
+        while waits and not client.closed:
+            waits.pop().callback(None)
+        self.assertEqual(len(handler.requests), MAX_PIPELINED)
+        self.assertEqual(len(client.responses()), MAX_PIPELINED)
+        self.assertTrue(client.closed)
+
+    def test_body_complete_while_paused_resumes(self) -> None:
+        """A body that ends while the next hop holds it up does not leave the client paused."""
+        collector = BodyCollector()
+        handler = Recorder(lambda request: consume(request, collector))
+        client = connect(handler)
+        client.send(request_bytes(b"PUT", b"/", [(b"Content-Length", b"6")], b"abc"))
+        handler.requests[0].body.pauseProducing()
+        self.assertEqual(client.transport.producerState, "paused")
+        client.send(b"def" + request_bytes(b"GET", b"/next"))  # already in flight
+        handler.requests[0].body.resumeProducing()
+        self.assertEqual(client.transport.producerState, "producing")
+        # The same collector answers both: the GET adds nothing to it.
+        responses = client.responses([b"PUT", b"GET"])
+        self.assertEqual([r.body for r in responses], [b"abcdef", b"abcdef"])
 
     def test_unexpected_error_page(self) -> None:
         """A handler bug becomes a 500 page that does not show the exception."""
@@ -409,9 +450,9 @@ class RelayTests(SynchronousTestCase):
         client = connect(relay(upstream))
         client.send(request_bytes())
         upstream.write(b"abc")
-        client.protocol.pauseProducing()
+        client.transport.producer.pauseProducing()  # as the client's full socket does
         self.assertEqual(upstream.transport.producerState, "paused")
-        client.protocol.resumeProducing()
+        client.transport.producer.resumeProducing()
         self.assertEqual(upstream.transport.producerState, "producing")
         upstream.finish()
         self.assertTrue(client.response().complete)

@@ -309,18 +309,18 @@ class WebAppTests(unittest.TestCase):
 
     def test_unforwardable_address(self):
         """
-        An address Twisted accepts but that could not be a request line to the next hop (a
-        DEL byte) gets 400 saying so, not a proxy error; an upgrade too.
+        An address that could not be a request line to the next hop (a DEL byte, a byte past
+        ASCII) gets 400 saying why, not a proxy error; an upgrade too.
         """
 
         async def go():
             chain = await self._chain(_App())
             for extra in (b"", b"\r\nConnection: Upgrade\r\nUpgrade: websocket"):
-                head = b"GET /a\x7fb HTTP/1.1" + extra
-                request = self._request(chain, head)
-                reply = await _raw(chain.controller_port, request, b"passed on")
-                self.assertTrue(reply.startswith(b"HTTP/1.1 400 "), reply[:300])
-                self.assertIn(b"cannot be passed on", reply)
+                for target in (b"/a\x7fb", b"/a\xffb"):
+                    request = self._request(chain, b"GET " + target + b" HTTP/1.1" + extra)
+                    reply = await _raw(chain.controller_port, request, b"url")
+                    self.assertTrue(reply.startswith(b"HTTP/1.1 400 "), reply[:300])
+                    self.assertIn(b"Invalid char in url", reply)
 
         return defer.ensureDeferred(go())
 

@@ -13,7 +13,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
-from arvproxy.streaming import StreamingRequest
+from arvproxy.httpserver import StreamingRequest
 from tests.chain import exchange, start_chain
 from tests.wsservice import Client, EchoFactory, Rejected
 

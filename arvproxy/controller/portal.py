@@ -53,7 +53,7 @@ from arvproxy.errors import (
     Unauthorized,
     Unavailable,
 )
-from arvproxy.streaming import StreamingRequest
+from arvproxy.httpserver import StreamingRequest
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 STATIC_FILES = {

@@ -45,8 +45,9 @@ from arvproxy.errors import (
     Unauthorized,
 )
 from arvproxy.hopclient import HopPool, HopResponse
+from arvproxy.httpserver import StreamingRequest
 from arvproxy.limits import ConnectionSlots
-from arvproxy.streaming import StreamingEndpoint, StreamingRequest, relay_response
+from arvproxy.streaming import StreamingEndpoint, relay_response
 from arvproxy.tlsidentity import client_creator
 from arvproxy.upgrade import UpgradeResponse, open_upgrade, open_upgrade_on, relay_upgrade
 

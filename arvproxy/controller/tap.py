@@ -12,8 +12,8 @@ from twisted.python import usage
 from arvproxy.backends.cache import CachedCluster
 from arvproxy.controller.proxy import Controller, GatewayConnector
 from arvproxy.controller.workers import WorkerPool, watch_parent
+from arvproxy.httpserver import ProxySite
 from arvproxy.service import ListeningService, open_cluster, read_config
-from arvproxy.streaming import ProxySite
 
 
 class Options(usage.Options):

@@ -35,8 +35,9 @@ from arvproxy.errors import (
 )
 from arvproxy.gateway.runtime import IRuntime
 from arvproxy.hopclient import HopPool, HopResponse
+from arvproxy.httpserver import StreamingRequest
 from arvproxy.limits import ConnectionSlots
-from arvproxy.streaming import StreamingEndpoint, StreamingRequest, relay_response
+from arvproxy.streaming import StreamingEndpoint, relay_response
 from arvproxy.upgrade import UpgradeResponse, open_upgrade, relay_upgrade, take_over
 
 log = Logger()

@@ -26,8 +26,8 @@ from arvproxy import backends, policy
 from arvproxy.gateway.runtime import HostRuntime, IRuntime
 from arvproxy.gateway.server import Gateway, tls_ports
 from arvproxy.gateway.watch import ContainerWatch, drain
+from arvproxy.httpserver import ProxySite
 from arvproxy.service import ListeningService, fatal, open_cluster, read_config
-from arvproxy.streaming import ProxySite
 from arvproxy.tlsidentity import server_context_factory
 
 log = Logger()
