@@ -240,6 +240,12 @@ class HopConnection(Protocol):
         """
         if self.state is not _IDLE or closing(self.transport):
             return defer.fail(RequestNotSent())
+        return self._send(method, target, headers, body)
+
+    def _send(
+        self, method: bytes, target: bytes, headers: Headers, body: iweb.IBodyProducer | None
+    ) -> defer.Deferred[HopResponse]:
+        """L{request}, on a connection known to be idle and not closing."""
         try:
             head = request_head(method, target, headers, None if body is None else body.length)
         except ValueError:
@@ -490,7 +496,8 @@ class HopPool:
         while idle:
             connection = idle.pop()
             if connection.state is _IDLE and not closing(connection.transport):
-                return connection.request(method, target, headers, body)
+                # Checked just now: request() would walk the transports again (a few µs).
+                return connection._send(method, target, headers, body)
             connection.abandon()
         connecting: defer.Deferred[HopConnection] = endpoint.connect(_ConnectionFactory(self, key))
         return connecting.addCallback(

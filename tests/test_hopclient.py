@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import iweb
 from twisted.web.client import (
     PotentialDataLoss,
+    RequestNotSent,
     RequestTransmissionFailed,
     ResponseDone,
     ResponseFailed,
@@ -356,6 +357,28 @@ class ReuseTests(HopTestCase):
         connection.transport.loseConnection()  # The far end is going away.
         self.send()
         self.assertEqual(self.endpoint.attempts, 2)
+
+    def test_closing_connection_refuses_a_request(self) -> None:
+        """
+        A connection asked directly (not through the pool, which checks before it sends) sends
+        nothing when it is busy or closing, even when only a transport under it is.
+        """
+        for setup in ("busy", "closing", "lower layer closing"):
+            transport = StringTransport()
+            connection = HopConnection(self.pool, "k")
+            connection.makeConnection(transport)
+            if setup == "busy":
+                connection.request(b"GET", b"/", Headers(), None)
+                transport.clear()
+            elif setup == "closing":
+                transport.loseConnection()
+            else:
+                lower = StringTransport()
+                transport.transport = lower  # type: ignore[attr-defined]
+                lower.loseConnection()
+            d = connection.request(b"GET", b"/", Headers(), None)
+            self.failureResultOf(d, RequestNotSent)
+            self.assertEqual(transport.value(), b"", setup)
 
     def test_stopped_after_the_answer_is_complete(self) -> None:
         """
