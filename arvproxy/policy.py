@@ -248,15 +248,18 @@ def connection_listed(headers: Headers) -> frozenset[bytes]:
     return frozenset(names)
 
 
-def forwardable(headers: Headers, drop: Iterable[bytes] = ()) -> Headers:
+def _forwardable(headers: Headers, dropped: frozenset[bytes], listed: frozenset[bytes]) -> Headers:
     """
-    A copy of C{headers} without hop-by-hop headers, the headers named in C{Connection}, and the
-    lower-case names in C{drop}; repeated headers and their order are kept.
+    A copy of C{headers} without the lower-case names in C{dropped} (which always holds
+    L{HOP_BY_HOP}: the callers' sets are module constants, built once), the names in C{listed}
+    (L{connection_listed} of C{headers}, which each caller needs itself) and every
+    C{x-arvados-*} header; repeated headers and their order are kept.
 
     This runs before anything is added for the next hop, so a client can never use
     C{Connection} to remove a header the proxy sets.
     """
-    dropped = HOP_BY_HOP | connection_listed(headers) | frozenset(drop)
+    if listed:
+        dropped = dropped | listed
     result = Headers()
     for name, values in headers.getAllRawHeaders():
         lower = name.lower()
@@ -334,6 +337,16 @@ def scrub_referer(value: bytes) -> bytes:
     return value if token is None else scrubbed
 
 
+# Content-Length frames one hop only: the next hop's is set from the streaming body (a copy
+# would make two, which the gateway rightly refuses with 400).  The client's Host, cookies and
+# X-Forwarded-* are replaced by the proxy's own; its RFC 7239 Forwarded is kept only from a
+# trusted proxy (any other client could claim another address through it).
+_TO_GATEWAY_DROP_TRUSTED = HOP_BY_HOP | {b"host", b"cookie", b"content-length", *FORWARDED_HEADERS}
+_TO_GATEWAY_DROP = _TO_GATEWAY_DROP_TRUSTED | {b"forwarded"}
+_TO_CONTAINER_DROP = HOP_BY_HOP | {b"host", b"content-length"}
+_RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
+
+
 def gateway_request_headers(
     client: Headers,
     *,
@@ -355,16 +368,15 @@ def gateway_request_headers(
     when the peer is a trusted proxy its C{X-Forwarded-For} is extended and its C{-Proto}/C{-Host}
     are kept.
     """
-    # Content-Length frames this hop only: the next hop's is set from the streaming body (a
-    # copy would make two, which the gateway rightly refuses with 400).
-    drop = {b"host", b"cookie", b"content-length", *FORWARDED_HEADERS}
-    if not trusted_peer:
-        drop.add(b"forwarded")  # RFC 7239: a client could claim another address through it.
-    headers = forwardable(client, drop=drop)
+    listed = connection_listed(client)
+    headers = _forwardable(
+        client, _TO_GATEWAY_DROP_TRUSTED if trusted_peer else _TO_GATEWAY_DROP, listed
+    )
     # The proxy's own cookies (the token, the container marker) are the proxy's business only.
-    cookies = strip_token_cookie(client.getRawHeaders(b"cookie", []), PROXY_COOKIES)
-    if cookies and b"cookie" not in connection_listed(client):
-        headers.setRawHeaders(b"cookie", cookies)
+    if b"cookie" not in listed:
+        cookies = strip_token_cookie(client.getRawHeaders(b"cookie", []), PROXY_COOKIES)
+        if cookies:
+            headers.setRawHeaders(b"cookie", cookies)
     referers = headers.getRawHeaders(b"referer")
     if referers:
         headers.setRawHeaders(b"referer", [scrub_referer(value) for value in referers])
@@ -396,7 +408,7 @@ def container_request_headers(gateway: Headers, request_host: bytes) -> Headers:
     The headers the gateway sends to the service in the container: the controller's, without
     hop-by-hop and C{x-arvados-*} headers, with C{Host} set to the original request's host.
     """
-    headers = forwardable(gateway, drop={b"host", b"content-length"})
+    headers = _forwardable(gateway, _TO_CONTAINER_DROP, connection_listed(gateway))
     headers.setRawHeaders(b"host", [request_host])
     return headers
 
@@ -424,7 +436,7 @@ def response_headers(upstream: Headers) -> Headers:
     The headers of an upstream response that may cross a hop back towards the client:
     end-to-end headers only, and the service's cookies scrubbed (L{scrub_set_cookie}).
     """
-    headers = forwardable(upstream, drop={b"content-length"})
+    headers = _forwardable(upstream, _RESPONSE_DROP, connection_listed(upstream))
     cookies = headers.getRawHeaders(b"set-cookie")
     if cookies:
         kept = [c for c in (scrub_set_cookie(value) for value in cookies) if c is not None]
