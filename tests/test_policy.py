@@ -892,6 +892,19 @@ class SignTests(SynchronousTestCase):
             )
         self.assertNotEqual(first.split("+")[0], second.split("+")[0])
 
+    def test_macs_share_no_state(self) -> None:
+        """
+        Each MAC starts afresh from its secret's kept key: signing again, or with other
+        secrets in between (the UTF-8 one longer than a SHA-256 block), gives exactly
+        HMAC-SHA256 of the message alone.
+        """
+        secrets = [CTR_SECRET, "s3cr3t", "é" * 70, CTR_SECRET]
+        for later in range(2):
+            for secret in secrets:
+                value = policy.sign(secret, NOW + later, NONCE)
+                message, mac = value.split(" ")
+                self.assertEqual(mac, mac_of(secret, message), (secret, later))
+
     def test_round_trip(self) -> None:
         """What sign produces, verify accepts with the same secret (it raises otherwise)."""
         nonces = NonceCache(WINDOW)
