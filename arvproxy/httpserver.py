@@ -5,9 +5,10 @@ as soon as its headers are in, so that its body can stream to the next hop as it
 
 Twisted's own server reads a whole request body before any resource runs, and builds a request
 line by line through several layers; in the chain, replacing it with this took 70–90 µs (about
-a fifth) off each process's CPU per small request (make bench, interleaved runs).  Handlers see the part of L{twisted.web.http.Request} they use: C{method}, C{uri}, C{path},
-C{clientproto}, C{requestHeaders}, C{responseHeaders}, C{setResponseCode}, C{setHeader},
-C{getHeader}, C{write}, C{finish}, C{registerProducer}, C{notifyFinish}.
+a fifth) off each process's CPU per small request (make bench, interleaved runs).  Handlers see
+the part of L{twisted.web.http.Request} they use: C{method}, C{uri}, C{path}, C{clientproto},
+C{requestHeaders}, C{responseHeaders}, C{setResponseCode}, C{setHeader}, C{getHeader},
+C{write}, C{finish}, C{registerProducer}, C{notifyFinish}.
 
 What a connection promises:
 
