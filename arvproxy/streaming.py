@@ -129,10 +129,14 @@ class StreamingEndpoint:
 
 def closing(transport: Any) -> bool:
     """Whether C{transport}, or any transport under it (through TLS layers), is closing."""
-    return any(
-        getattr(layer, "disconnecting", False) or getattr(layer, "disconnected", False)
-        for layer in _layers(transport)
-    )
+    # A plain loop: this runs for every request a pooled connection sends.
+    for _ in range(4):
+        if transport is None:
+            return False
+        if getattr(transport, "disconnecting", False) or getattr(transport, "disconnected", False):
+            return True
+        transport = getattr(transport, "transport", None)
+    return False
 
 
 @implementer(iweb.IBodyProducer, IPushProducer)
@@ -300,10 +304,11 @@ async def relay_response(request: StreamingRequest, response: HopResponse) -> No
     """
     request.setResponseCode(response.code, response.phrase)
     headers = policy.response_headers(response.headers)
-    for name, values in headers.getAllRawHeaders():
-        # Added, not set: a cookie the proxy set before relaying (its own) is kept.
+    # A cookie the proxy set before relaying (its own, never one the service may set) is kept.
+    for name, values in request.responseHeaders.getAllRawHeaders():
         for value in values:
-            request.responseHeaders.addRawHeader(name, value)
+            headers.addRawHeader(name, value)
+    request.responseHeaders = headers
     if request.method == b"HEAD":
         length = response.headers.getRawHeaders(b"content-length")
         if length:
