@@ -51,16 +51,45 @@ STREAM_BUFFER = 256 * 1024
 def tune_transport(transport: Any) -> None:
     """
     Give the socket under C{transport} (through any TLS layers) a L{STREAM_BUFFER}-sized
-    write buffer before it pauses its producer, and, for TCP, no Nagle delay: a small message
-    (a server-sent event, a WebSocket frame, the next response) must not wait for the peer to
-    acknowledge the one before.
+    write buffer before it pauses its producer, and, for TCP, no Nagle delay (a small message
+    such as a server-sent event, a WebSocket frame or the next response must not wait for the
+    peer to acknowledge the one before) and writes sent at once when nothing is queued
+    (L{_write_eagerly}).
     """
     for layer in _layers(transport):
         if isinstance(layer, abstract.FileDescriptor):
             layer.bufferSize = STREAM_BUFFER
             if isinstance(layer, tcp.Connection):
                 layer.setTcpNoDelay(True)
+                _write_eagerly(layer)
             return
+
+
+def _write_eagerly(layer: tcp.Connection) -> None:
+    """
+    Make C{layer} send a write at once when nothing is queued before it; what the socket does not
+    take is queued as usual, and any error is left for the reactor to meet.
+
+    Twisted queues every write for the reactor's next turn, registering the socket for writing
+    and unregistering it once sent: two C{epoll_ctl} calls and the reactor's bookkeeping per
+    message, about 4% of a small request's CPU in each process (make bench, interleaved runs).
+    The hops write each message whole (the server a response's head with the start of its body,
+    the client a request's head; a TLS layer gathers its records until L{send_now}), so this
+    sends no more segments than the reactor would.
+    """
+    queue = layer.write
+
+    def write(data: bytes) -> None:
+        if data and not layer._tempDataBuffer and _can_send(layer):
+            sent = layer.writeSomeData(data)
+            if isinstance(sent, int) and sent > 0:
+                if sent == len(data):
+                    return
+                data = data[sent:]
+        queue(data)
+
+    layer.write = write  # type: ignore[method-assign]
+    layer.writeSequence = lambda iovec: write(b"".join(iovec))  # type: ignore[method-assign]
 
 
 def send_now(transport: Any) -> None:

@@ -9,6 +9,7 @@ under test; the test first shows that without it the data would still be queued.
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import ssl
@@ -25,7 +26,7 @@ from zope.interface import implementer
 
 from arvproxy.hopclient import HopPool
 from arvproxy.httpserver import ProxySite, StreamingRequest
-from arvproxy.streaming import StreamingEndpoint, send_now
+from arvproxy.streaming import StreamingEndpoint, send_now, tune_transport
 from arvproxy.tlsidentity import server_context_factory
 from tests.chain import read_until
 
@@ -115,6 +116,35 @@ class SendNowTests(TestCase):
             sock.setblocking(True)
             sock.settimeout(WAIT)
             self.assertEqual(sock.recv(100), b"head body", tls)
+
+    async def test_tuned_write_leaves_at_once(self) -> None:
+        """A tuned socket sends a write (or a sequence, joined) without waiting for the reactor."""
+        server, sock = await self._pair()
+        tune_transport(server.transport)
+        server.transport.write(b"first")
+        self.assertEqual(arrived(sock), b"first")
+        server.transport.writeSequence([b"a", b"b", b"c"])
+        self.assertEqual(arrived(sock), b"abc")
+
+    async def test_tuned_write_behind_queued_data(self) -> None:
+        """Behind bytes the socket could not take, a write is queued: nothing is reordered."""
+        server, sock = await self._pair()
+        tune_transport(server.transport)
+        sent = b""
+        piece = bytes(range(256)) * 256
+        while not server.transport._tempDataBuffer:  # Until the socket is full.
+            server.transport.write(piece)
+            sent += piece
+        # Make room in the socket without letting the reactor send what is queued.
+        sock.setblocking(False)
+        received = b""
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                received += sock.recv(1 << 20)
+        sock.setblocking(True)
+        server.transport.write(b"tail")
+        received += await threads.deferToThread(read_until, sock, b"tail")
+        self.assertEqual(received, sent + b"tail")
 
     async def test_nothing_queued(self) -> None:
         server, sock = await self._pair()
