@@ -48,6 +48,11 @@ MAX_BUFFERED_BODY = 64 * 1024
 STREAM_BUFFER = 256 * 1024
 
 
+# The largest write a tuned socket sends at once (see _write_eagerly): a message's head, a small
+# response, a WebSocket frame.
+EAGER_WRITE_MAX = 8 * 1024
+
+
 def tune_transport(transport: Any) -> None:
     """
     Give the socket under C{transport} (through any TLS layers) a L{STREAM_BUFFER}-sized
@@ -67,20 +72,23 @@ def tune_transport(transport: Any) -> None:
 
 def _write_eagerly(layer: tcp.Connection) -> None:
     """
-    Make C{layer} send a write at once when nothing is queued before it; what the socket does not
-    take is queued as usual, and any error is left for the reactor to meet.
+    Make C{layer} send a write of at most L{EAGER_WRITE_MAX} bytes at once when nothing is queued
+    before it; what the socket does not take is queued as usual, and any error is left for the
+    reactor to meet.
 
     Twisted queues every write for the reactor's next turn, registering the socket for writing
     and unregistering it once sent: two C{epoll_ctl} calls and the reactor's bookkeeping per
     message, about 4% of a small request's CPU in each process (make bench, interleaved runs).
     The hops write each message whole (the server a response's head with the start of its body,
     the client a request's head; a TLS layer gathers its records until L{send_now}), so this
-    sends no more segments than the reactor would.
+    sends no more segments than the reactor would.  Larger writes are the pieces of a stream
+    (a download arrives in TLS records of 16 KiB): those the reactor still gathers, and sends
+    together once per turn (sending each at once cost a download a third of its speed).
     """
     queue = layer.write
 
     def write(data: bytes) -> None:
-        if data and not layer._tempDataBuffer and _can_send(layer):
+        if 0 < len(data) <= EAGER_WRITE_MAX and not layer._tempDataBuffer and _can_send(layer):
             sent = layer.writeSomeData(data)
             if isinstance(sent, int) and sent > 0:
                 if sent == len(data):

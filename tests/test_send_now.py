@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from arvproxy.hopclient import HopPool
 from arvproxy.httpserver import ProxySite, StreamingRequest
-from arvproxy.streaming import StreamingEndpoint, send_now, tune_transport
+from arvproxy.streaming import EAGER_WRITE_MAX, StreamingEndpoint, send_now, tune_transport
 from arvproxy.tlsidentity import server_context_factory
 from tests.chain import read_until
 
@@ -37,6 +37,17 @@ def arrived(sock: socket.socket, size: int = 65536) -> bytes:
     """What C{sock} can read within L{WAIT} seconds, without the reactor turning."""
     readable, _, _ = select.select([sock], [], [], WAIT)
     return sock.recv(size) if readable else b""
+
+
+def read_count(sock: socket.socket, size: int) -> bytes:
+    """Read C{size} bytes from a blocking socket (in a thread: it blocks), or until it closes."""
+    received = b""
+    while len(received) < size:
+        chunk = sock.recv(size - len(received))
+        if not chunk:
+            break
+        received += chunk
+    return received
 
 
 def nothing_yet(sock: socket.socket) -> bool:
@@ -125,6 +136,18 @@ class SendNowTests(TestCase):
         self.assertEqual(arrived(sock), b"first")
         server.transport.writeSequence([b"a", b"b", b"c"])
         self.assertEqual(arrived(sock), b"abc")
+
+    async def test_tuned_large_write_waits(self) -> None:
+        """A larger write (a piece of a stream) waits for the reactor, to leave with the rest."""
+        server, sock = await self._pair()
+        tune_transport(server.transport)
+        server.transport.write(b"x" * (EAGER_WRITE_MAX + 1))
+        self.assertTrue(nothing_yet(sock))
+        send_now(server.transport)
+        self.assertEqual(
+            len(await threads.deferToThread(read_count, sock, EAGER_WRITE_MAX + 1)),
+            EAGER_WRITE_MAX + 1,
+        )
 
     async def test_tuned_write_behind_queued_data(self) -> None:
         """Behind bytes the socket could not take, a write is queued: nothing is reordered."""
