@@ -25,6 +25,7 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IConsumer, IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.protocols.tls import BufferingTLSTransport
 from twisted.python.failure import Failure
 from twisted.web import http, iweb
 from twisted.web.client import PotentialDataLoss, ResponseDone
@@ -62,12 +63,40 @@ def tune_transport(transport: Any) -> None:
     (L{_write_eagerly}).
     """
     for layer in _layers(transport):
+        if isinstance(layer, BufferingTLSTransport):
+            _encrypt_eagerly(layer)
         if isinstance(layer, abstract.FileDescriptor):
             layer.bufferSize = STREAM_BUFFER
             if isinstance(layer, tcp.Connection):
                 layer.setTcpNoDelay(True)
-                _write_eagerly(layer)
+                # A listenSSL socket encrypts in its own write: only the reactor writes to it.
+                if not getattr(layer, "TLS", False):
+                    _write_eagerly(layer)
             return
+
+
+def _encrypt_eagerly(layer: BufferingTLSTransport) -> None:
+    """
+    Make a TLS layer encrypt a write of at most L{EAGER_WRITE_MAX} bytes at once, when it holds
+    nothing gathered before it, instead of gathering it for the reactor's next turn.
+
+    Twisted's TLS layer gathers small writes into one record per turn, and schedules a call for
+    each batch; the hops write each message whole and send it at once (L{send_now}), which
+    flushed the batch early and left the scheduled call with nothing to do.  Larger writes, the
+    pieces of a stream, are gathered as before.  (Twisted installs its gathering the same way,
+    as the instance's C{write}; a lost connection replaces it.)
+    """
+    aggregator = layer._aggregator
+    gather = layer.write
+    encrypt = aggregator._write  # type: ignore[union-attr]  # What the gathering flushes to.
+
+    def write(data: bytes) -> None:
+        if 0 < len(data) <= EAGER_WRITE_MAX and not aggregator._buffer:  # type: ignore[union-attr]
+            encrypt(data)
+        else:
+            gather(data)
+
+    layer.write = write  # type: ignore[method-assign]
 
 
 def _write_eagerly(layer: tcp.Connection) -> None:

@@ -19,6 +19,7 @@ from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IHandshakeListener, IPullProducer
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
@@ -65,7 +66,8 @@ class _Accepted(Protocol):
             self.factory.accepted.callback(self)
 
     def handshakeCompleted(self) -> None:
-        self.factory.accepted.callback(self)
+        if not self.factory.accepted.called:  # Already, when TLS was started later.
+            self.factory.accepted.callback(self)
 
 
 class _AcceptFactory(Factory):
@@ -84,18 +86,23 @@ class SendNowTests(TestCase):
     async def _pair(self, tls: str = "") -> tuple[Any, socket.socket]:
         """
         A Twisted server connection and the client socket at its other end: plain, or TLS as the
-        gateway listens (C{"wrapped"}: a TLS factory around the site) or as an C{ssl:} endpoint
-        does (C{"listenSSL"}).
+        gateway listens (C{"wrapped"}: a TLS factory around the site), as an C{ssl:} endpoint
+        does (C{"listenSSL"}), or started on a plain connection (C{"startTLS"}).
         """
-        factory = _AcceptFactory(bool(tls))
+        factory = _AcceptFactory(tls not in ("", "startTLS"))
         options = server_context_factory("5" * 64)
         if tls == "listenSSL":
             port = reactor.listenSSL(0, factory, options, interface="127.0.0.1")
         else:
-            wrapped = TLSMemoryBIOFactory(options, False, factory) if tls else factory
+            wrapped = TLSMemoryBIOFactory(options, False, factory) if tls == "wrapped" else factory
             port = reactor.listenTCP(0, wrapped, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         sock = socket.create_connection(("127.0.0.1", port.getHost().port))
+        if tls == "startTLS":
+            # TLS started on a plain connection: the socket's own write encrypts.
+            accepted = await factory.accepted
+            accepted.transport.startTLS(options)
+            factory.accepted = defer.succeed(accepted)
         if tls:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             context.check_hostname = False
@@ -136,6 +143,31 @@ class SendNowTests(TestCase):
         self.assertEqual(arrived(sock), b"first")
         server.transport.writeSequence([b"a", b"b", b"c"])
         self.assertEqual(arrived(sock), b"abc")
+
+    async def test_tuned_tls_writes_leave_encrypted(self) -> None:
+        """
+        Through each kind of TLS transport, a tuned connection's writes reach the peer's TLS
+        layer whole, as TLS (a write that skipped the encryption would break the peer's TLS).
+        """
+        for tls in ("wrapped", "listenSSL", "startTLS"):
+            server, sock = await self._pair(tls)
+            tune_transport(server.transport)
+            server.transport.write(b"first")
+            server.transport.write(b"x" * (EAGER_WRITE_MAX + 1))
+            send_now(server.transport)
+            sock.settimeout(WAIT)
+            received = await threads.deferToThread(read_count, sock, EAGER_WRITE_MAX + 6)
+            self.assertEqual(received, b"first" + b"x" * (EAGER_WRITE_MAX + 1), tls)
+
+    async def test_tuned_tls_write_leaves_at_once(self) -> None:
+        """A small write on a tuned TLS connection is encrypted and sent without waiting."""
+        server, sock = await self._pair("wrapped")
+        # What the handshake left (session tickets) goes first, when the reactor turns.
+        await deferLater(reactor, 0.1, lambda: None)
+        tune_transport(server.transport)
+        server.transport.write(b"frame")
+        sock.settimeout(WAIT)
+        self.assertEqual(sock.recv(100), b"frame")
 
     async def test_tuned_large_write_waits(self) -> None:
         """A larger write (a piece of a stream) waits for the reactor, to leave with the rest."""
