@@ -190,6 +190,35 @@ class WebSocketChainTests(unittest.TestCase):
 
         return defer.ensureDeferred(go())
 
+    def test_a_carrier_lost_as_a_tunnel_sets_out_is_replaced(self):
+        """
+        A carrier that drops just after a tunnel was sent on it (as when the gateway closes an
+        idle carrier at that moment) costs the client nothing: the tunnel goes on a new one.
+        """
+
+        async def go():
+            chain = await self._chain()
+            first = await self._connect(chain)
+            await first.accepted
+            pool = chain.controller._gateways.carriers
+            (old,) = [c for cs in pool._carriers.values() for c in cs]
+            open_stream = old.open_stream
+
+            def open_then_drop(protocol):
+                stream = open_stream(protocol)
+                old.transport.abortConnection()
+                return stream
+
+            old.open_stream = open_then_drop
+            second = await self._connect(chain)
+            await second.accepted
+            second.send(TextMessage(data="again"))
+            self.assertEqual(await second.messages.get(), ("text", ("again", 1)))
+            (new,) = [c for cs in pool._carriers.values() for c in cs]
+            self.assertIsNot(new, old)
+
+        return defer.ensureDeferred(go())
+
     def test_carrier_refused_by_a_finished_container(self):
         """A gateway whose container has finished refuses the carrier: the client gets 410."""
 

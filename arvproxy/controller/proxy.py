@@ -140,16 +140,31 @@ class GatewayConnector:
         path: bytes,
         headers: Headers,
     ) -> UpgradeResponse:
-        """Send an upgrade request to a container's gateway, on a stream of a carrier."""
+        """
+        Send an upgrade request to a container's gateway, on a stream of a carrier.
+
+        A carrier lost before the answer came (a gateway closing an idle carrier just as the
+        tunnel set out on it) is retried once on a new carrier, signed again, as an idempotent
+        request would be.
+        """
         headers.setRawHeaders(b"host", [address.encode("ascii")])
         with translate_gateway_errors():
-            tunnels = await self.carriers.get(
-                (container_uuid, address),
-                lambda: defer.Deferred.fromCoroutine(
-                    self._open_carrier(container_uuid, address, secret)
-                ),
-            )
-            return await open_upgrade_on(tunnels, method, path, headers)
+            for retry in (False, True):
+                tunnels = await self.carriers.get(
+                    (container_uuid, address),
+                    lambda: defer.Deferred.fromCoroutine(
+                        self._open_carrier(container_uuid, address, secret)
+                    ),
+                )
+                try:
+                    return await open_upgrade_on(tunnels, method, path, headers)
+                except (CarrierError, BadGateway):
+                    if retry or tunnels.lost is None or method not in RETRYABLE:
+                        raise
+                log.info("A carrier to {address} was lost: trying a new one", address=address)
+                headers.setRawHeaders(
+                    policy.AUTHORIZATION, [policy.sign(secret, self._reactor.seconds()).encode()]
+                )
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _open_carrier(self, container_uuid: str, address: str, secret: str) -> Carrier:
