@@ -86,6 +86,8 @@ def _encrypt_eagerly(layer: BufferingTLSTransport) -> None:
     pieces of a stream, are gathered as before.  (Twisted installs its gathering the same way,
     as the instance's C{write}; a lost connection replaces it.)
     """
+    if _already_eager(layer):
+        return
     aggregator = layer._aggregator
     gather = layer.write
     encrypt = aggregator._write  # type: ignore[union-attr]  # What the gathering flushes to.
@@ -97,6 +99,15 @@ def _encrypt_eagerly(layer: BufferingTLSTransport) -> None:
             gather(data)
 
     layer.write = write  # type: ignore[method-assign]
+    layer.writeSequence = lambda iovec: write(b"".join(iovec))  # type: ignore[method-assign,assignment]
+
+
+def _already_eager(layer: Any) -> bool:
+    """Whether C{layer} writes eagerly already (so that tuning it twice wraps nothing twice)."""
+    if layer.__dict__.get("_arvproxy_eager"):
+        return True
+    layer._arvproxy_eager = True
+    return False
 
 
 def _write_eagerly(layer: tcp.Connection) -> None:
@@ -114,6 +125,8 @@ def _write_eagerly(layer: tcp.Connection) -> None:
     (a download arrives in TLS records of 16 KiB): those the reactor still gathers, and sends
     together once per turn (sending each at once cost a download a third of its speed).
     """
+    if _already_eager(layer):
+        return
     queue = layer.write
 
     def write(data: bytes) -> None:

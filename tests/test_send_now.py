@@ -181,6 +181,18 @@ class SendNowTests(TestCase):
             EAGER_WRITE_MAX + 1,
         )
 
+    async def test_tuning_twice_wraps_once(self) -> None:
+        """A transport tuned twice (two wrappers over one socket) writes through one wrapper."""
+        for tls in ("", "wrapped"):
+            server, sock = await self._pair(tls)
+            tune_transport(server.transport)
+            layers = [server.transport, getattr(server.transport, "transport", None)]
+            writes = [layer.__dict__.get("write") for layer in layers if layer is not None]
+            tune_transport(server.transport)
+            self.assertEqual(
+                [layer.__dict__.get("write") for layer in layers if layer is not None], writes, tls
+            )
+
     async def test_tuned_write_behind_queued_data(self) -> None:
         """Behind bytes the socket could not take, a write is queued: nothing is reordered."""
         server, sock = await self._pair()
