@@ -17,8 +17,9 @@ What a connection promises:
     read together wait (at most L{MAX_PIPELINED}).
   - Only requests llhttp's strict rules accept are served: one length, never with chunking,
     valid chunks, CRLF line ends, token names, no bare CR or LF in values, a method llhttp
-    knows (the IANA registry), HTTP/1.0 or 1.1.  Anything else gets 400 (505 for another
-    version) and the connection closes.  An upgrade request (C{Connection: upgrade}, C{CONNECT}) may
+    knows (the IANA registry), HTTP/1.0 or 1.1, no transfer coding but chunked (and that only
+    in HTTP/1.1).  Anything else gets 400 (505 for another version, 501 for another coding)
+    and the connection closes.  An upgrade request (C{Connection: upgrade}, C{CONNECT}) may
     not have a body: llhttp would take its body for the upgraded protocol's bytes.
   - A request's line and headers must arrive within C{Limits.request_headers} (408) and fit in
     C{Limits.max_header_bytes} (431).  A connection that waits for its client for
@@ -84,6 +85,9 @@ _REQUEST_TIMEOUT = _canned(
 _HEADERS_TOO_LARGE = _canned(
     b"431 Request Header Fields Too Large",
     b"The request's headers are too large (large cookies?); try again.",
+)
+_NOT_CHUNKED = _canned(
+    b"501 Not Implemented", b"A request body's only transfer coding may be chunked."
 )
 _BAD_VERSION = _canned(b"505 HTTP Version Not Supported", b"Only HTTP/1.0 and 1.1 are served.")
 
@@ -469,16 +473,22 @@ class ProxyChannel(Protocol):
             raise _Refusal(_BAD_VERSION)
         headers = Headers()
         length: int | None = 0
+        codings: list[bytes] = []
         for name, value in self._headers:
             headers.addRawHeader(name, value)
             lower = name.lower()
             if lower == b"content-length":
                 length = int(value)  # llhttp has checked it: digits, and only one.
             elif lower == b"transfer-encoding":
-                # llhttp refuses this only after this callback.
-                if value.rsplit(b",", 1)[-1].strip().lower() != b"chunked":
-                    raise _Refusal(_bad_request("a request's body must end chunked."))
-                length = None
+                codings += (coding.strip().lower() for coding in value.split(b","))
+        if codings:
+            # llhttp lets other codings before chunked through (and refuses some only after
+            # this callback); passed on, the next hop would never learn of them.
+            if version == "1.0":
+                raise _Refusal(_bad_request("an HTTP/1.0 request cannot be chunked."))
+            if codings != [b"chunked"]:
+                raise _Refusal(_NOT_CHUNKED)
+            length = None
         if parser.should_upgrade() and length != 0:
             # llhttp would take the body for the upgraded protocol's bytes.
             raise _Refusal(_bad_request("an upgrade request cannot have a body."))

@@ -343,7 +343,13 @@ class SmugglingTests(unittest.TestCase):
                 b"",
                 [[400]],
             ),
-            ("xchunked", head(b"Transfer-Encoding: xchunked") + chunked_inner, b"", [[400]]),
+            ("xchunked", head(b"Transfer-Encoding: xchunked") + chunked_inner, b"", [[501]]),
+            (
+                "a coding before chunked",
+                head(b"Transfer-Encoding: gzip, chunked") + chunked_inner,
+                b"",
+                [[501]],
+            ),
             (
                 "a request in the body",
                 head(b"Content-Length: %d" % len(inner), b"Connection: close") + inner,
