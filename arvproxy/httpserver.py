@@ -17,10 +17,11 @@ What a connection promises:
     read together wait (at most L{MAX_PIPELINED}).
   - Only requests llhttp's strict rules accept are served: one length, never with chunking,
     valid chunks, CRLF line ends, token names, no bare CR or LF in values, a method llhttp
-    knows (the IANA registry), HTTP/1.0 or 1.1, no transfer coding but chunked (and that only
-    in HTTP/1.1).  Anything else gets 400 (505 for another version, 501 for another coding)
-    and the connection closes.  An upgrade request (C{Connection: upgrade}, C{CONNECT}) may
-    not have a body: llhttp would take its body for the upgraded protocol's bytes.
+    knows (the IANA registry), HTTP/1.0 or 1.1; and, checked here, at most one C{Host} and no
+    transfer coding but chunked (and that only in HTTP/1.1).  Anything else gets 400 (505 for
+    another version, 501 for another coding) and the connection closes.  An upgrade request
+    (C{Connection: upgrade}, C{CONNECT}) may not have a body: llhttp would take its body for
+    the upgraded protocol's bytes.
   - A request's line and headers must arrive within C{Limits.request_headers} (408) and fit in
     C{Limits.max_header_bytes} (431).  A connection that waits for its client for
     C{Limits.client_idle} (between requests, or in a request's body) is closed.
@@ -481,6 +482,9 @@ class ProxyChannel(Protocol):
                 length = int(value)  # llhttp has checked it: digits, and only one.
             elif lower == b"transfer-encoding":
                 codings += (coding.strip().lower() for coding in value.split(b","))
+        if len(headers.getRawHeaders(b"host", ())) > 1:
+            # Which one the proxy and the service would each believe is anybody's guess.
+            raise _Refusal(_bad_request("a request may have only one Host header."))
         if codings:
             # llhttp lets other codings before chunked through (and refuses some only after
             # this callback); passed on, the next hop would never learn of them.

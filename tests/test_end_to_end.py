@@ -344,6 +344,7 @@ class SmugglingTests(unittest.TestCase):
                 [[400]],
             ),
             ("xchunked", head(b"Transfer-Encoding: xchunked") + chunked_inner, b"", [[501]]),
+            ("two Hosts", head(b"Host: other.example", b"Content-Length: 0"), b"", [[400]]),
             (
                 "a coding before chunked",
                 head(b"Transfer-Encoding: gzip, chunked") + chunked_inner,

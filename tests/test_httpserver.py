@@ -85,6 +85,7 @@ class RefusalTests(SynchronousTestCase):
         ("space in the target", b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         ("DEL in the target", b"GET /a\x7f HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         ("unknown method", b"FROB / HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        ("two Hosts", HEAD + b"Host: y\r\nContent-Length: 0\r\n\r\n", 400),
         ("HTTP/2 request line", b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
         ("HTTP/0.9 line", b"GET /\r\n\r\n", 505),
         (
