@@ -31,7 +31,6 @@ What a connection promises:
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -327,8 +326,8 @@ class ProxyChannel(Protocol):
         # None after an upgrade request, until it is answered without a tunnel.
         self._parser: Any = httptools.HttpRequestParser(self)
         # Requests in order: the first is being served, the others (parsed from the same read)
-        # wait for it.
-        self._queue: deque[StreamingRequest] = deque()
+        # wait for it.  Lists, here and below: short, and small when a tunnel keeps this object.
+        self._queue: list[StreamingRequest] = []
         # The request whose body is being parsed (the last one queued).
         self._parsing: StreamingRequest | None = None
         # The head being parsed: its target, headers, size (as parsed, and as read in reads
@@ -347,7 +346,7 @@ class ProxyChannel(Protocol):
         self._tunnel: Callable[[bytes], None] | None = None
         self._closing = False
         self._refusal: bytes | None = None
-        self._pauses: set[object] = set()
+        self._pauses: list[object] = []
         self._last_heard = 0.0
         self._timer: Any = None
 
@@ -534,7 +533,7 @@ class ProxyChannel(Protocol):
 
     def request_done(self, request: StreamingRequest) -> None:
         """C{request}'s response is finished: serve the next one, or close."""
-        self._queue.popleft()
+        self._queue.pop(0)
         if self.site.access_log:
             self.site.log(request)
         if not request.persistent or not request.body.complete:
@@ -564,8 +563,11 @@ class ProxyChannel(Protocol):
         self._tunnel = data_received
         held = b"".join(self._held)
         self._held = []
-        self._queue.clear()
-        self._pauses.clear()
+        # Only bytes flow from here on: drop what parsing needed (a notebook may hold thousands
+        # of tunnels for hours).
+        self._parser = None
+        self._queue = []
+        self._pauses = []
         self.dataReceived = data_received  # type: ignore[method-assign,assignment]
         self.connectionLost = connection_lost  # type: ignore[method-assign,assignment]
         return held
@@ -575,11 +577,12 @@ class ProxyChannel(Protocol):
     def pause_reading(self, reason: object) -> None:
         if not self._pauses:
             self.transport.pauseProducing()
-        self._pauses.add(reason)
+        if reason not in self._pauses:
+            self._pauses.append(reason)
 
     def resume_reading(self, reason: object) -> None:
         if reason in self._pauses:
-            self._pauses.discard(reason)
+            self._pauses.remove(reason)
             if not self._pauses and not self._closing:
                 self.transport.resumeProducing()
 
@@ -618,7 +621,7 @@ class ProxyChannel(Protocol):
         self._cancel_timer()
         self._closing = True
         self._held = []
-        queue, self._queue = self._queue, deque()
+        queue, self._queue = self._queue, []
         for request in queue:
             request.connection_lost(reason)
 
