@@ -16,17 +16,17 @@ the contract they had with C{Agent}.
 
 The client owns the framing.  A caller's C{Content-Length}, C{Transfer-Encoding} and
 C{Connection} are never sent: a body of known length gets C{Content-Length}, any other body is
-sent chunked.  Of the answers, 1xx other than 101 are skipped; a 101 (never asked for here), bytes
-nobody asked for, more than L{MAX_ANSWER_HEADERS} of headers, and anything llhttp's strict rules
-refuse (two lengths, a length with chunking, a bad chunk) fail the request and close the
-connection.  A connection is used again
-only when both messages are complete and both sides allow it; never after a HEAD, whose answer
-has no body that llhttp could be told about.
+sent chunked.  Of the answers, interim ones (1xx but 101) go to the caller's C{informational},
+but 100; a 101 (never asked for here), bytes nobody asked for, more than
+L{MAX_ANSWER_HEADERS} of headers, and anything llhttp's strict rules refuse (two lengths, a
+length with chunking, a bad chunk) fail the request and close the connection.  A connection
+is used again only when both messages are complete and both sides allow it; never after a
+HEAD, whose answer has no body that llhttp could be told about.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import httptools
@@ -59,6 +59,9 @@ _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 # The most header bytes an answer may carry (llhttp sets no limit; Node's is 16 KiB, and
 # nginx's proxy buffers hold 4 to 8 KiB): more closes the connection and fails the request.
 MAX_ANSWER_HEADERS = 64 * 1024
+
+# Told of an interim answer: its code, phrase and headers.
+Informational = Callable[[int, bytes, Headers], None]
 
 # Methods whose requests announce an empty body explicitly, as Twisted's client does.
 _EMPTY_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
@@ -224,6 +227,7 @@ class HopConnection(Protocol):
         self._headers_done = False
         self._header_bytes = 0
         self._interim = False
+        self._informational: Informational | None = None
         self._complete = False
         self._keep_alive = False
         self._unusable = False
@@ -233,17 +237,30 @@ class HopConnection(Protocol):
     # Sending.
 
     def request(
-        self, method: bytes, target: bytes, headers: Headers, body: iweb.IBodyProducer | None
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        body: iweb.IBodyProducer | None,
+        informational: Informational | None = None,
     ) -> defer.Deferred[HopResponse]:
         """
         Send a request; the Deferred fires with the answer once its status and headers are in.
+
+        @param informational: called with each interim answer other than 100 (103 Early Hints,
+            say): its code, phrase and headers, before the answer.
         """
         if self.state is not _IDLE or closing(self.transport):
             return defer.fail(RequestNotSent())
-        return self._send(method, target, headers, body)
+        return self._send(method, target, headers, body, informational)
 
     def _send(
-        self, method: bytes, target: bytes, headers: Headers, body: iweb.IBodyProducer | None
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        body: iweb.IBodyProducer | None,
+        informational: Informational | None = None,
     ) -> defer.Deferred[HopResponse]:
         """L{request}, on a connection known to be idle and not closing."""
         try:
@@ -252,6 +269,7 @@ class HopConnection(Protocol):
             return defer.fail()
         self.state = _BUSY
         self._method = method
+        self._informational = informational
         answer = self._answer = defer.Deferred()
         self.transport.write(head)
         if body is not None:
@@ -357,11 +375,18 @@ class HopConnection(Protocol):
     def on_headers_complete(self) -> None:
         code = self._parser.get_status_code()
         if 100 <= code < 200 and code != 101:
-            # An interim answer (100 Continue, 103 Early Hints): not relayed.
+            # An interim answer.  100 Continue answers an Expect this client never sends (each
+            # hop sends its own); the others (103 Early Hints) go to whoever asked for them.
             self._interim = True
+            if code != 100 and self._informational is not None:
+                interim = Headers()
+                for name, value in self._headers:
+                    interim.addRawHeader(name, value)
+                self._informational(code, self._phrase, interim)
             self._headers = []
             return
         self._headers_done = True
+        self._informational = None
         headers = Headers()
         length: Any = iweb.UNKNOWN_LENGTH
         chunked = False
@@ -486,9 +511,11 @@ class HopPool:
         target: bytes,
         headers: Headers,
         body: iweb.IBodyProducer | None,
+        informational: Informational | None = None,
     ) -> defer.Deferred[HopResponse]:
         """
-        Send a request on an idle connection for C{key}, or on a new one from C{endpoint}.
+        Send a request on an idle connection for C{key}, or on a new one from C{endpoint}
+        (see L{HopConnection.request}).
 
         Fails with the endpoint's error when a new connection cannot be made.
         """
@@ -497,11 +524,11 @@ class HopPool:
             connection = idle.pop()
             if connection.state is _IDLE and not closing(connection.transport):
                 # Checked just now: request() would walk the transports again (a few µs).
-                return connection._send(method, target, headers, body)
+                return connection._send(method, target, headers, body, informational)
             connection.abandon()
         connecting: defer.Deferred[HopConnection] = endpoint.connect(_ConnectionFactory(self, key))
         return connecting.addCallback(
-            lambda connection: connection.request(method, target, headers, body)
+            lambda connection: connection.request(method, target, headers, body, informational)
         )
 
     def idle_connections(self) -> list[HopConnection]:

@@ -210,6 +210,20 @@ class StreamingRequest:
             lines += (b"%x\r\n" % (len(data),), data, b"\r\n") if self._chunked else (data,)
         return b"".join(lines)
 
+    def write_informational(self, code: int, phrase: bytes, headers: Headers) -> None:
+        """
+        Send an interim (1xx) response ahead of the response: only to an HTTP/1.1 client, and
+        only before the response has begun (RFC 9110 section 15.2).
+        """
+        if self.gone or self.startedWriting or self.clientproto != b"HTTP/1.1":
+            return
+        lines = [b"HTTP/1.1 %d %s\r\n" % (code, phrase)]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                lines += (name, b": ", value, b"\r\n")
+        lines.append(b"\r\n")
+        self.channel.transport.write(b"".join(lines))
+
     def finish(self) -> None:
         """End the response and send what is left of it at once (L{send_now})."""
         if self.finished:

@@ -17,7 +17,7 @@ tests exercise every one of them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import abstract, defer, tcp
@@ -29,6 +29,7 @@ from twisted.protocols.tls import BufferingTLSTransport
 from twisted.python.failure import Failure
 from twisted.web import http, iweb
 from twisted.web.client import PotentialDataLoss, ResponseDone
+from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from arvproxy import policy
@@ -374,6 +375,18 @@ class Relay(Protocol):
                 log.info("Upstream response ended early: {reason}", reason=reason.value)
                 request.client_transport().abortConnection()
         self.done.callback(None)
+
+
+def relay_informational(request: StreamingRequest) -> Callable[[int, bytes, Headers], None]:
+    """
+    What passes the next hop's interim answers (103 Early Hints) on to C{request}'s client, with
+    the same headers policy as a response.
+    """
+
+    def relay(code: int, phrase: bytes, headers: Headers) -> None:
+        request.write_informational(code, phrase, policy.response_headers(headers))
+
+    return relay
 
 
 async def relay_response(request: StreamingRequest, response: HopResponse) -> None:

@@ -458,6 +458,7 @@ class FakeGatewayConnector:
         path: bytes,
         headers: Headers,
         body: iweb.IBodyProducer | None,
+        informational: Callable[[int, bytes, Headers], None] | None = None,
     ) -> iweb.IResponse:
         call = GatewayCall(container_uuid, address, secret, method, path, headers.copy(), body)
         self.calls.append(call)

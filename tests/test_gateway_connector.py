@@ -30,11 +30,20 @@ class _FlakyPool:
     def __init__(self, error: Exception) -> None:
         self.error = error
         self.sent: list[tuple[bytes, list[bytes]]] = []
+        self.informational: list[Any] = []
 
     def request(
-        self, key: Any, endpoint: Any, method: bytes, target: bytes, headers: Headers, body: Any
+        self,
+        key: Any,
+        endpoint: Any,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        body: Any,
+        informational: Any = None,
     ) -> Any:
         self.sent.append((method, list(headers.getRawHeaders(policy.AUTHORIZATION, []))))
+        self.informational.append(informational)
         if len(self.sent) == 1:
             return defer.fail(self.error)
         return defer.succeed("response")
@@ -49,16 +58,23 @@ class RetryTests(SynchronousTestCase):
         connector.pool = pool  # type: ignore[assignment]
         return connector, pool
 
-    def send(self, connector: GatewayConnector, method: bytes, body: Any = None) -> Any:
+    def send(
+        self, connector: GatewayConnector, method: bytes, body: Any = None, told: Any = None
+    ) -> Any:
         headers = Headers({policy.AUTHORIZATION: [policy.sign(SECRET, 1_700_000_000).encode()]})
         return defer.ensureDeferred(
-            connector.request(UUID, "127.0.0.1:9", SECRET, method, b"/", headers, body)
+            connector.request(UUID, "127.0.0.1:9", SECRET, method, b"/", headers, body, told)
         )
 
     def test_idempotent_request_is_resent_with_a_new_signature(self) -> None:
-        """A GET on a dead pooled connection goes again, with a fresh, valid signature."""
+        """
+        A GET on a dead pooled connection goes again, with a fresh, valid signature (and the
+        same receiver of interim answers).
+        """
         connector, agent = self.connector(ResponseNeverReceived([Failure(ConnectionDone())]))
-        self.assertEqual(self.successResultOf(self.send(connector, b"GET")), "response")
+        told = object()
+        self.assertEqual(self.successResultOf(self.send(connector, b"GET", told=told)), "response")
+        self.assertEqual(agent.informational, [told, told])
         [first], [second] = (headers for _, headers in agent.sent)
         self.assertNotEqual(first, second)
         nonces = policy.NonceCache(300)

@@ -248,16 +248,39 @@ class ResponseTests(HopTestCase):
         self.send()
         self.assertEqual(self.endpoint.attempts, 2)
 
-    def test_interim_answers_skipped(self) -> None:
-        d, connection, _ = self.send()
-        connection.dataReceived(
+    def test_interim_answers(self) -> None:
+        """
+        Interim answers but 100 go to the caller, in order, before the answer, on both a new
+        and a kept connection; without a caller they are dropped.  None is the answer.
+        """
+        interims = (
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
-            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+            b"HTTP/1.1 103 Early Hints\r\nLink: </b>\r\nLink: </c>\r\n\r\n"
         )
-        response = self.successResultOf(d)
-        self.assertEqual(response.code, 200)
-        self.assertFalse(response.headers.hasHeader(b"link"))
-        self.assertEqual(self.pool.idle_connections(), [connection])
+        final = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+        seen: list[tuple[int, bytes, list[bytes]]] = []
+
+        def told(code: int, phrase: bytes, headers: Headers) -> None:
+            seen.append((code, phrase, list(headers.getRawHeaders(b"link", []))))
+
+        for _ in range(2):  # The second time on the kept connection.
+            seen.clear()
+            d = self.pool.request("k", self.endpoint, b"GET", b"/", Headers(), None, told)
+            connection, _ = self.endpoint.connections[-1]
+            connection.dataReceived(interims)
+            self.assertNoResult(d)
+            connection.dataReceived(final)
+            response = self.successResultOf(d)
+            self.assertEqual(
+                seen, [(103, b"Early Hints", [b"</a>"]), (103, b"Early Hints", [b"</b>", b"</c>"])]
+            )
+            self.assertEqual(response.code, 200)
+            self.assertFalse(response.headers.hasHeader(b"link"))
+            self.assertEqual(self.pool.idle_connections(), [connection])
+        self.assertEqual(self.endpoint.attempts, 1)
+        d, connection, _ = self.send()
+        connection.dataReceived(interims + final)
+        self.assertEqual(self.successResultOf(d).code, 200)
 
     def test_no_body_answers(self) -> None:
         """HEAD, 204 and 304 answers have no body, whatever their Content-Length says."""

@@ -10,6 +10,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
 
 from arvproxy.config import Limits
 from arvproxy.httpserver import ProxySite, StreamingRequest
@@ -263,6 +264,25 @@ class FramingTests(SynchronousTestCase):
             self.assertNotIn(b"Transfer-Encoding", client.value(), code)
             self.assertTrue(client.responses([method])[0].complete, code)
             self.assertFalse(client.closed, code)
+
+    def test_informational_before_the_response(self) -> None:
+        """An interim response goes out ahead of the response, to an HTTP/1.1 client only."""
+
+        def write(request: StreamingRequest) -> None:
+            hints = Headers({b"link": [b"</a>; rel=preload"]})
+            request.write_informational(103, b"Early Hints", hints)
+            request.setHeader(b"content-length", b"2")
+            request.write(b"ok")
+            request.write_informational(103, b"Early Hints", hints)  # too late: dropped
+
+        client = self.answer_with(write, request_bytes())
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 103 Early Hints\r\n"))
+        self.assertEqual(client.value().count(b"103"), 1)
+        response = client.response()
+        self.assertEqual((response.informational, response.body), ([103], b"ok"))
+        old = self.answer_with(write, b"GET / HTTP/1.0\r\n\r\n")
+        self.assertTrue(old.value().startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertNotIn(b"103", old.value())
 
     def test_client_asks_to_close(self) -> None:
         client = self.answer_with(

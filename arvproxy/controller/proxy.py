@@ -44,10 +44,10 @@ from arvproxy.errors import (
     ProxyError,
     Unauthorized,
 )
-from arvproxy.hopclient import HopPool, HopResponse
+from arvproxy.hopclient import HopPool, HopResponse, Informational
 from arvproxy.httpserver import StreamingRequest
 from arvproxy.limits import ConnectionSlots
-from arvproxy.streaming import StreamingEndpoint, relay_response
+from arvproxy.streaming import StreamingEndpoint, relay_informational, relay_response
 from arvproxy.tlsidentity import client_creator
 from arvproxy.upgrade import UpgradeResponse, open_upgrade, open_upgrade_on, relay_upgrade
 
@@ -106,9 +106,10 @@ class GatewayConnector:
         path: bytes,
         headers: Headers,
         body: iweb.IBodyProducer | None,
+        informational: Informational | None = None,
     ) -> HopResponse:
         """
-        Send a request to a container's gateway.
+        Send a request to a container's gateway (see L{HopPool.request}).
 
         @raise BadGateway: the gateway cannot be reached, or fails the identity check.
         @raise GatewayTimeout: the connection timed out.
@@ -118,7 +119,9 @@ class GatewayConnector:
         headers.setRawHeaders(b"host", [address.encode("ascii")])
         with translate_gateway_errors():
             try:
-                return await self.pool.request(key, endpoint, method, path, headers, body)
+                return await self.pool.request(
+                    key, endpoint, method, path, headers, body, informational
+                )
             except (RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived) as e:
                 # A pooled connection the gateway had just closed: try once more, on a new
                 # connection, when that is safe (an idempotent request without a body).  The
@@ -128,7 +131,9 @@ class GatewayConnector:
             headers.setRawHeaders(
                 policy.AUTHORIZATION, [policy.sign(secret, self._reactor.seconds()).encode()]
             )
-            return await self.pool.request(key, endpoint, method, path, headers, body)
+            return await self.pool.request(
+                key, endpoint, method, path, headers, body, informational
+            )
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def upgrade(
@@ -507,7 +512,14 @@ class Controller:
         else:
             body = None if request.body.empty else request.body
             response = await self._gateways.request(
-                container_uuid, gateway_address, secret, request.method, request.uri, headers, body
+                container_uuid,
+                gateway_address,
+                secret,
+                request.method,
+                request.uri,
+                headers,
+                body,
+                informational=relay_informational(request),
             )
         reason = response.headers.getRawHeaders(policy.GATEWAY_ERROR)
         if reason:

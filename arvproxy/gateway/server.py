@@ -34,10 +34,10 @@ from arvproxy.errors import (
     Unavailable,
 )
 from arvproxy.gateway.runtime import IRuntime
-from arvproxy.hopclient import HopPool, HopResponse
+from arvproxy.hopclient import HopPool, HopResponse, Informational
 from arvproxy.httpserver import StreamingRequest
 from arvproxy.limits import ConnectionSlots
-from arvproxy.streaming import StreamingEndpoint, relay_response
+from arvproxy.streaming import StreamingEndpoint, relay_informational, relay_response
 from arvproxy.upgrade import UpgradeResponse, open_upgrade, relay_upgrade, take_over
 
 log = Logger()
@@ -89,14 +89,24 @@ class ContainerConnector:
         self._endpoints.clear()
 
     async def request(
-        self, port: int, method: bytes, path: bytes, headers: Any, body: Any
+        self,
+        port: int,
+        method: bytes,
+        path: bytes,
+        headers: Any,
+        body: Any,
+        informational: Informational | None = None,
     ) -> HopResponse:
         """
+        Send a request to C{port} (see L{HopPool.request}).
+
         @raise Unavailable: nothing listens on C{port} (yet).
         @raise BadGateway: the connection failed otherwise.
         """
         with translate_container_errors(port):
-            return await self.pool.request(port, self.endpoint(port), method, path, headers, body)
+            return await self.pool.request(
+                port, self.endpoint(port), method, path, headers, body, informational
+            )
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def upgrade(self, port: int, method: bytes, path: bytes, headers: Any) -> UpgradeResponse:
@@ -281,6 +291,8 @@ class Gateway:
             answer = await self.connector.upgrade(port, request.method, request.uri, headers)
             return relay_upgrade(request, answer)
         body = None if request.body.empty else request.body
-        response = await self.connector.request(port, request.method, request.uri, headers, body)
+        response = await self.connector.request(
+            port, request.method, request.uri, headers, body, relay_informational(request)
+        )
         await relay_response(request, response)
         return None
