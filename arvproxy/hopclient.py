@@ -99,6 +99,10 @@ def request_head(
     return b"".join(lines)
 
 
+# What a response's body went to when it was taken whole.
+_TAKEN = object()
+
+
 @implementer(IPushProducer)
 class HopResponse:
     """
@@ -123,7 +127,22 @@ class HopResponse:
         self._end: Failure | None = None
         self._paused = False
 
+    def complete_body(self) -> bytes | None:
+        """
+        The whole body, taken at once, when all of it has arrived and ended cleanly before
+        anything asked for it (a small answer's usually has); otherwise C{None}, and the body is
+        for L{deliverBody}.
+        """
+        if self._protocol is not None or self._end is None or not self._end.check(ResponseDone):
+            return None
+        self._protocol = _TAKEN
+        body = b"".join(self._held)
+        self._held = []
+        return body
+
     def deliverBody(self, protocol: Any) -> None:
+        if self._protocol is not None:
+            raise RuntimeError("the body was delivered already")
         self._protocol = protocol
         protocol.makeConnection(self)
         held, self._held = self._held, []
@@ -340,21 +359,26 @@ class HopConnection(Protocol):
             # The answer is whole; what followed it (the rest of a HEAD answer, or bytes
             # nobody asked for) is never read: the connection is not used again.
             self._unusable = True
-        if self._response is not None and not self._announced:
-            self._announced = True
-            answer, self._answer = self._answer, None
-            assert answer is not None
-            answer.callback(self._response)
-        if self._complete and self._response is not None:
-            response, self._response = self._response, None
-            # The connection is ready for another request (or closing) before the answer's
-            # reader learns that it is complete and perhaps asks for the next one at once.
+        response = self._response
+        if response is None:
+            return
+        announce = not self._announced
+        self._announced = True
+        if self._complete:
+            # The whole answer is in: the connection is ready for another request (or closing),
+            # and the answer complete, before its reader hears of either and perhaps asks again
+            # at once.  A small answer is then taken whole (HopResponse.complete_body).
+            self._response = None
             if self._body is not None or self._unusable:
                 self._stop_body()
                 self.abandon()
             else:
                 self._reuse_or_close()
             response._ended(Failure(ResponseDone()))
+        if announce:
+            answer, self._answer = self._answer, None
+            assert answer is not None
+            answer.callback(response)
 
     # httptools callbacks (called during feed_data).
 

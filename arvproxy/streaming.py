@@ -401,13 +401,22 @@ async def relay_response(request: StreamingRequest, response: HopResponse) -> No
         for value in values:
             headers.addRawHeader(name, value)
     request.responseHeaders = headers
+    # A small answer has usually arrived whole: it goes out in one write, with its length.
+    body = response.complete_body()
     if request.method == b"HEAD":
         length = response.headers.getRawHeaders(b"content-length")
         if length:
             request.responseHeaders.setRawHeaders(b"content-length", length[-1:])
-    elif response.length is not iweb.UNKNOWN_LENGTH and response.code not in http.NO_BODY_CODES:
-        request.setHeader(b"content-length", b"%d" % (response.length,))
+    elif response.code not in http.NO_BODY_CODES:
+        if body is not None:
+            request.setHeader(b"content-length", b"%d" % (len(body),))
+        elif response.length is not iweb.UNKNOWN_LENGTH:
+            request.setHeader(b"content-length", b"%d" % (response.length,))
     request.finishEarly()
+    if body is not None:
+        request.write(body)
+        request.finish()
+        return
     relay = Relay(request)
     response.deliverBody(relay)
     await relay.done

@@ -337,8 +337,9 @@ class FakeResponse:
     """
     An L{iweb.IResponse} from the next hop.
 
-    With C{body} bytes, L{deliverBody} delivers them and ends the body cleanly.  With C{body=None}
-    the body streams: once delivered, call L{write}, then L{finish} or L{fail}.
+    With C{body} bytes, L{deliverBody} delivers them and ends the body cleanly (or, made
+    C{whole}, L{complete_body} gives them at once).  With C{body=None} the body streams: once
+    delivered, call L{write}, then L{finish} or L{fail}.
 
     @ivar protocol: the protocol the body was delivered to, once it was.
     @ivar transport: the producer that protocol can pause.
@@ -355,8 +356,10 @@ class FakeResponse:
         headers: Headers | Sequence[tuple[bytes, bytes]] = (),
         body: bytes | None = b"",
         length: int | object | None = None,
+        whole: bool = False,
     ) -> None:
         self.code = code
+        self._whole = whole
         self.phrase = phrase
         if isinstance(headers, Headers):
             self.headers = headers
@@ -370,6 +373,10 @@ class FakeResponse:
         self.length = length
         self.protocol: Any = None
         self.transport = FakeBodyTransport()
+
+    def complete_body(self) -> bytes | None:
+        """C{body}, when made C{whole} (arrived whole before anything asked); else C{None}."""
+        return self._body if self._whole else None
 
     def deliverBody(self, protocol: Any) -> None:
         self.protocol = protocol

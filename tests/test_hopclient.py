@@ -420,17 +420,48 @@ class ReuseTests(HopTestCase):
     def test_stopped_while_handed_over(self) -> None:
         """
         A body stopped as its answer is handed over (its client has left) closes the
-        connection, even when the rest of the answer came with the head: never kept.  (A TCP
-        transport being aborted does not say it is disconnecting until it has gone.)
+        connection when the rest of the answer is still to come: never kept.  An answer that
+        came whole with the head was complete, and its connection back in the pool, before
+        anyone heard of it: stopping it then changes nothing.  (A TCP transport being aborted
+        does not say it is disconnecting until it has gone.)
         """
-        transport = _AbortOnly()
-        connection = HopConnection(self.pool, "k")
-        connection.makeConnection(transport)
-        d = connection.request(b"GET", b"/", Headers(), None)
-        d.addCallback(lambda response: response.stopProducing())
-        connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx")
-        self.assertTrue(transport.aborted)
-        self.assertEqual(self.pool.idle_connections(), [])
+        for answer, kept in [
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nx", False),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx", True),
+        ]:
+            self.setUp()
+            transport = _AbortOnly()
+            connection = HopConnection(self.pool, "k")
+            connection.makeConnection(transport)
+            d = connection.request(b"GET", b"/", Headers(), None)
+            d.addCallback(lambda response: response.stopProducing())
+            connection.dataReceived(answer)
+            self.assertEqual(transport.aborted, not kept, answer)
+            self.assertEqual(self.pool.idle_connections(), [connection] if kept else [], answer)
+
+    def test_complete_body(self) -> None:
+        """
+        An answer that arrived whole before anything asked for its body gives it at once,
+        once; otherwise the body is for deliverBody.
+        """
+        response, _, _ = self.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.assertIsNone(response.complete_body())  # delivered already (by answer())
+        d, connection, _ = self.send()
+        connection.dataReceived(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n1\r\nc\r\n0\r\n\r\n"
+        )
+        whole = self.successResultOf(d)
+        self.assertEqual(whole.complete_body(), b"abc")
+        self.assertIsNone(whole.complete_body())
+        self.assertRaises(RuntimeError, whole.deliverBody, Body())
+        d, connection, _ = self.send()
+        connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        partial = self.successResultOf(d)
+        self.assertIsNone(partial.complete_body())
+        body = Body()
+        partial.deliverBody(body)
+        connection.dataReceived(b"cd")
+        self.assertEqual(body.data, b"abcd")
 
     def test_paused_when_complete(self) -> None:
         """A connection paused by a slow reader is resumed before it serves another request."""

@@ -373,6 +373,30 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(response.body, b"hello")
         self.assertFalse(client.closed)
 
+    def test_whole_answer_gets_its_length(self) -> None:
+        """
+        An answer that arrived whole goes out with its length, even one the next hop sent
+        chunked; a HEAD answer keeps the next hop's length, a 304 gets none.
+        """
+        upstream = FakeResponse(headers=[(b"X-A", b"1")], body=b"hello", whole=True)
+        upstream.length = iweb.UNKNOWN_LENGTH  # as the next hop framed it: chunked
+        client = connect(relay(upstream))
+        client.send(request_bytes())
+        response = client.response()
+        self.assertEqual((response.header(b"content-length"), response.body), (b"5", b"hello"))
+        self.assertNotIn(b"transfer-encoding", response.names())
+        self.assertIsNone(upstream.protocol)  # nothing was delivered: it was taken whole
+        self.assertFalse(client.closed)
+        for method, code, length in [(b"HEAD", 200, [b"1234"]), (b"GET", 304, [])]:
+            upstream = FakeResponse(
+                code, headers=[(b"Content-Length", b"1234")], body=b"", length=0, whole=True
+            )
+            client = connect(relay(upstream))
+            client.send(request_bytes(method))
+            response = client.responses([method])[0]
+            self.assertEqual(response.all(b"content-length"), length, method)
+            self.assertTrue(response.complete, method)
+
     def test_unknown_length_is_chunked(self) -> None:
         """A response of unknown length streams chunked as it arrives."""
         upstream = FakeResponse(body=None)
