@@ -49,7 +49,7 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from arvproxy import policy
-from arvproxy.streaming import closing, send_now
+from arvproxy.streaming import closing, parsed_headers, send_now
 
 log = Logger()
 
@@ -403,26 +403,15 @@ class HopConnection(Protocol):
             # hop sends its own); the others (103 Early Hints) go to whoever asked for them.
             self._interim = True
             if code != 100 and self._informational is not None:
-                interim = Headers()
-                for name, value in self._headers:
-                    interim.addRawHeader(name, value)
-                self._informational(code, self._phrase, interim)
+                self._informational(code, self._phrase, parsed_headers(self._headers)[0])
             self._headers = []
             return
         self._headers_done = True
         self._informational = None
-        headers = Headers()
+        headers, content_length, codings = parsed_headers(self._headers)
         length: Any = iweb.UNKNOWN_LENGTH
-        chunked = False
-        for name, value in self._headers:
-            headers.addRawHeader(name, value)
-            lower = name.lower()
-            if lower == b"content-length":
-                length = int(value)  # llhttp has checked it: digits, and only one.
-            elif lower == b"transfer-encoding":
-                chunked = True
-        if chunked:
-            length = iweb.UNKNOWN_LENGTH
+        if content_length is not None and not codings:
+            length = content_length
         if self._method == b"HEAD" or code in (204, 304):
             length = 0
         self._response = HopResponse(self, code, self._phrase, headers, length)

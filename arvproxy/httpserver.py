@@ -46,7 +46,7 @@ from twisted.web.http_headers import Headers
 from arvproxy import pages, policy
 from arvproxy.config import Limits
 from arvproxy.errors import ProxyError
-from arvproxy.streaming import RequestBody, send_now, tune_transport
+from arvproxy.streaming import RequestBody, parsed_headers, send_now, tune_transport
 
 log = Logger()
 
@@ -485,16 +485,9 @@ class ProxyChannel(Protocol):
         version = parser.get_http_version()
         if version not in ("1.1", "1.0"):
             raise _Refusal(_BAD_VERSION)
-        headers = Headers()
-        length: int | None = 0
-        codings: list[bytes] = []
-        for name, value in self._headers:
-            headers.addRawHeader(name, value)
-            lower = name.lower()
-            if lower == b"content-length":
-                length = int(value)  # llhttp has checked it: digits, and only one.
-            elif lower == b"transfer-encoding":
-                codings += (coding.strip().lower() for coding in value.split(b","))
+        headers, length, codings = parsed_headers(self._headers)
+        if length is None:
+            length = 0  # A request without framing has no body.
         if len(headers.getRawHeaders(b"host", ())) > 1:
             # Which one the proxy and the service would each believe is anybody's guess.
             raise _Refusal(_bad_request("a request may have only one Host header."))

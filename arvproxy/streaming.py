@@ -207,6 +207,25 @@ class StreamingEndpoint:
         return protocol
 
 
+def parsed_headers(fields: list[tuple[bytes, bytes]]) -> tuple[Headers, int | None, list[bytes]]:
+    """
+    The header fields llhttp parsed from a message, as L{Headers}, with the framing they
+    declare: the C{Content-Length} (llhttp has checked it: digits, and only one) or C{None},
+    and the transfer codings, lower-case, in order.
+    """
+    headers = Headers()
+    length: int | None = None
+    codings: list[bytes] = []
+    for name, value in fields:
+        headers.addRawHeader(name, value)
+        lower = name.lower()
+        if lower == b"content-length":
+            length = int(value)
+        elif lower == b"transfer-encoding":
+            codings += (coding.strip().lower() for coding in value.split(b","))
+    return headers, length, codings
+
+
 def closing(transport: Any) -> bool:
     """Whether C{transport}, or any transport under it (through TLS layers), is closing."""
     # A plain loop: this runs for every request a pooled connection sends.
