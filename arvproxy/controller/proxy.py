@@ -474,12 +474,6 @@ class Controller:
         @return: for an upgrade, a Deferred that fires when its tunnel (or relayed refusal)
             has ended; nothing once an ordinary response has been relayed.
         """
-        if not policy.is_forwardable_request_line(request.method, request.uri):
-            raise BadRequest(
-                "The request's method or address holds characters that cannot be passed on "
-                "(control characters, spaces or bytes outside ASCII).",
-                hint="Percent-encode such characters in the address.",
-            )
         config = self._config
         secret = policy.gateway_secret(config.system_root_token, container_uuid)
         client_ip = getattr(request.getClientAddress(), "host", None)
