@@ -54,6 +54,17 @@ def connect(handler: Any) -> MemoryClient:
     return MemoryClient(ProxySite(handler, MemoryReactorClock()))
 
 
+def answer_when_told(told: list[defer.Deferred[None]]) -> HandlerFunction:
+    """A behaviour that answers each request with its path once its Deferred in C{told} fires."""
+
+    async def wait(request: StreamingRequest) -> None:
+        told.append(defer.Deferred())
+        await told[-1]
+        answer(request, request.path)
+
+    return wait
+
+
 async def consume(request: StreamingRequest, collector: BodyCollector) -> None:
     """Stream the body into C{collector}, then answer with what arrived."""
     await request.body.startProducing(collector)
@@ -227,20 +238,14 @@ class RequestTests(SynchronousTestCase):
 
     def test_pipelined_in_order(self) -> None:
         """Pipelined body-less requests are served one after another, answered in order."""
-        waits: dict[bytes, defer.Deferred[None]] = {}
-
-        async def wait(request: StreamingRequest) -> None:
-            waits[request.path] = defer.Deferred()
-            await waits[request.path]
-            answer(request, request.path)
-
-        handler = Recorder(wait)
+        waits: list[defer.Deferred[None]] = []
+        handler = Recorder(answer_when_told(waits))
         client = connect(handler)
         client.send(request_bytes(b"GET", b"/a") + request_bytes(b"GET", b"/b"))
         self.assertEqual([r.path for r in handler.requests], [b"/a"])
-        waits[b"/a"].callback(None)
+        waits[0].callback(None)
         self.assertEqual([r.path for r in handler.requests], [b"/a", b"/b"])
-        waits[b"/b"].callback(None)
+        waits[1].callback(None)
         self.assertEqual([r.body for r in client.responses()], [b"/a", b"/b"])
         self.assertFalse(client.closed)
 
@@ -265,13 +270,7 @@ class RequestTests(SynchronousTestCase):
     def test_reads_ahead_a_little_while_serving(self) -> None:
         """While a request is served, what follows is held up to EAGER_READ, then not read."""
         waits: list[defer.Deferred[None]] = []
-
-        async def wait(request: StreamingRequest) -> None:
-            waits.append(defer.Deferred())
-            await waits[-1]
-            answer(request, request.path)
-
-        handler = Recorder(wait)
+        handler = Recorder(answer_when_told(waits))
         client = connect(handler)
         client.send(request_bytes(b"GET", b"/a"))
         client.send(request_bytes(b"GET", b"/b"))
@@ -288,13 +287,7 @@ class RequestTests(SynchronousTestCase):
     def test_too_many_pipelined(self) -> None:
         """Past MAX_PIPELINED waiting requests, those are answered and the connection closes."""
         waits: list[defer.Deferred[None]] = []
-
-        async def wait(request: StreamingRequest) -> None:
-            waits.append(defer.Deferred())
-            await waits[-1]
-            answer(request, request.path)
-
-        handler = Recorder(wait)
+        handler = Recorder(answer_when_told(waits))
         client = connect(handler)
         client.send(b"".join(request_bytes(b"GET", b"/%d" % i) for i in range(MAX_PIPELINED + 5)))
         while waits and not client.closed:

@@ -170,23 +170,35 @@ class WebSocketChainTests(unittest.TestCase):
 
         return defer.ensureDeferred(go())
 
+    async def _tunnel_and_its_carrier(self):
+        """A chain with one open tunnel: the chain, the tunnel's client, and its carrier."""
+        chain = await self._chain()
+        client = await self._connect(chain)
+        await client.accepted
+        (carrier,) = self._carriers(chain)
+        return chain, client, carrier
+
+    async def _works_on_a_new_carrier(self, chain, old):
+        """A new tunnel echoes, on a carrier other than C{old} (the only one)."""
+        client = await self._connect(chain)
+        await client.accepted
+        client.send(TextMessage(data="again"))
+        self.assertEqual(await client.messages.get(), ("text", ("again", 1)))
+        (new,) = self._carriers(chain)
+        self.assertIsNot(new, old)
+
+    def _carriers(self, chain):
+        pool = chain.controller._gateways.carriers
+        return [c for cs in pool._carriers.values() for c in cs]
+
     def test_a_lost_carrier_ends_its_tunnels_and_a_new_one_serves_the_next(self):
         """When a carrier's connection drops, its tunnels close; the next tunnel gets a new one."""
 
         async def go():
-            chain = await self._chain()
-            first = await self._connect(chain)
-            await first.accepted
-            pool = chain.controller._gateways.carriers
-            (old,) = [c for cs in pool._carriers.values() for c in cs]
+            chain, first, old = await self._tunnel_and_its_carrier()
             old.transport.abortConnection()
             self.assertIsNone(await first.closed)
-            second = await self._connect(chain)
-            await second.accepted
-            second.send(TextMessage(data="again"))
-            self.assertEqual(await second.messages.get(), ("text", ("again", 1)))
-            (new,) = [c for cs in pool._carriers.values() for c in cs]
-            self.assertIsNot(new, old)
+            await self._works_on_a_new_carrier(chain, old)
 
         return defer.ensureDeferred(go())
 
@@ -197,11 +209,7 @@ class WebSocketChainTests(unittest.TestCase):
         """
 
         async def go():
-            chain = await self._chain()
-            first = await self._connect(chain)
-            await first.accepted
-            pool = chain.controller._gateways.carriers
-            (old,) = [c for cs in pool._carriers.values() for c in cs]
+            chain, _, old = await self._tunnel_and_its_carrier()
             open_stream = old.open_stream
 
             def open_then_drop(protocol):
@@ -210,12 +218,7 @@ class WebSocketChainTests(unittest.TestCase):
                 return stream
 
             old.open_stream = open_then_drop
-            second = await self._connect(chain)
-            await second.accepted
-            second.send(TextMessage(data="again"))
-            self.assertEqual(await second.messages.get(), ("text", ("again", 1)))
-            (new,) = [c for cs in pool._carriers.values() for c in cs]
-            self.assertIsNot(new, old)
+            await self._works_on_a_new_carrier(chain, old)
 
         return defer.ensureDeferred(go())
 
