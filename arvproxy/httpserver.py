@@ -40,7 +40,7 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http
+from twisted.web.http import OK, RESPONSES
 from twisted.web.http_headers import Headers
 
 from arvproxy import pages, policy
@@ -135,7 +135,7 @@ class StreamingRequest:
         self.responseHeaders = Headers()
         self.body = RequestBody(self, length)
         self.persistent = persistent
-        self.code = http.OK
+        self.code = OK
         self.code_message = b"OK"
         self.sentLength = 0
         self.startedWriting = False
@@ -166,7 +166,7 @@ class StreamingRequest:
 
     def setResponseCode(self, code: int, message: bytes | None = None) -> None:
         self.code = code
-        self.code_message = message if message is not None else http.RESPONSES.get(code, b"")
+        self.code_message = message if message is not None else RESPONSES.get(code, b"")
 
     def setHeader(self, name: bytes, value: bytes) -> None:
         self.responseHeaders.setRawHeaders(name, [value])

@@ -27,8 +27,9 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.tls import BufferingTLSTransport
 from twisted.python.failure import Failure
-from twisted.web import http, iweb
+from twisted.web import iweb
 from twisted.web.client import PotentialDataLoss, ResponseDone
+from twisted.web.http import NO_BODY_CODES
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
@@ -426,7 +427,7 @@ async def relay_response(request: StreamingRequest, response: HopResponse) -> No
         length = response.headers.getRawHeaders(b"content-length")
         if length:
             request.responseHeaders.setRawHeaders(b"content-length", length[-1:])
-    elif response.code not in http.NO_BODY_CODES:
+    elif response.code not in NO_BODY_CODES:
         if body is not None:
             request.setHeader(b"content-length", b"%d" % (len(body),))
         elif response.length is not iweb.UNKNOWN_LENGTH:
