@@ -114,6 +114,10 @@ class Browser:
         @return: that text.
         @raise selenium.common.exceptions.TimeoutException: not within C{timeout} seconds.
         """
+        from selenium.common.exceptions import (
+            NoSuchElementException,
+            StaleElementReferenceException,
+        )
         from selenium.webdriver.common.by import By
         from selenium.webdriver.support.ui import WebDriverWait
 
@@ -122,7 +126,14 @@ class Browser:
                 text = d.find_element(By.CSS_SELECTOR, css).text
                 return text if predicate(text) else False
 
-            return WebDriverWait(driver, timeout, poll_frequency=0.1).until(ready)
+            # A page that renders the element again between the finding and the reading leaves
+            # a stale reference: look again at the next poll, as for one not there yet.
+            return WebDriverWait(
+                driver,
+                timeout,
+                poll_frequency=0.1,
+                ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
+            ).until(ready)
 
         return self.call(wait)
 
