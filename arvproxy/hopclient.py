@@ -255,6 +255,10 @@ class HopConnection(Protocol):
 
     # Sending.
 
+    def usable(self) -> bool:
+        """Whether this connection may send a request now: idle, and not closing."""
+        return self.state is _IDLE and not closing(self.transport)
+
     def request(
         self,
         method: bytes,
@@ -269,19 +273,8 @@ class HopConnection(Protocol):
         @param informational: called with each interim answer other than 100 (103 Early Hints,
             say): its code, phrase and headers, before the answer.
         """
-        if self.state is not _IDLE or closing(self.transport):
+        if not self.usable():
             return defer.fail(RequestNotSent())
-        return self._send(method, target, headers, body, informational)
-
-    def _send(
-        self,
-        method: bytes,
-        target: bytes,
-        headers: Headers,
-        body: iweb.IBodyProducer | None,
-        informational: Informational | None = None,
-    ) -> defer.Deferred[HopResponse]:
-        """L{request}, on a connection known to be idle and not closing."""
         try:
             head = request_head(method, target, headers, None if body is None else body.length)
         except ValueError:
@@ -434,6 +427,11 @@ class HopConnection(Protocol):
 
     # The connection's end.
 
+    def close(self) -> None:
+        """Close this connection once what it has sent is out; it is never used again."""
+        self.state = _CLOSED
+        self.transport.loseConnection()
+
     def abandon(self) -> None:
         """Close this connection at once; it is never used again."""
         if self.state is not _CLOSED:
@@ -476,8 +474,7 @@ class HopConnection(Protocol):
             self.state = _IDLE
             self._pool._put(self)
         else:
-            self.state = _CLOSED
-            self.transport.loseConnection()
+            self.close()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.state = _CLOSED
@@ -535,9 +532,8 @@ class HopPool:
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
-            if connection.state is _IDLE and not closing(connection.transport):
-                # Checked just now: request() would walk the transports again (a few µs).
-                return connection._send(method, target, headers, body, informational)
+            if connection.usable():
+                return connection.request(method, target, headers, body, informational)
             connection.abandon()
         connecting: defer.Deferred[HopConnection] = endpoint.connect(_ConnectionFactory(self, key))
         return connecting.addCallback(
@@ -551,8 +547,7 @@ class HopPool:
     def _put(self, connection: HopConnection) -> None:
         idle = self._idle.setdefault(connection.key, [])
         if len(idle) >= self.max_idle:
-            connection.state = _CLOSED
-            connection.transport.loseConnection()
+            connection.close()
             return
         idle.append(connection)
         # One timer per connection, pushed back (cheaply) each time it goes idle again.
@@ -568,8 +563,7 @@ class HopPool:
         connection.idle_call = None
         if connection.state is _IDLE:
             self._forget(connection)
-            connection.state = _CLOSED
-            connection.transport.loseConnection()
+            connection.close()
 
     def _forget(self, connection: HopConnection) -> None:
         idle = self._idle.get(connection.key)
@@ -593,6 +587,5 @@ class HopPool:
         done: defer.Deferred[None] = defer.Deferred()
         self._closing.append(done)
         for connection in connections:
-            connection.state = _CLOSED
-            connection.transport.loseConnection()
+            connection.close()
         return done
