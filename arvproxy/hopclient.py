@@ -21,7 +21,9 @@ but 100; a 101 (never asked for here), bytes nobody asked for, more than
 L{MAX_ANSWER_HEADERS} of headers, and anything llhttp's strict rules refuse (two lengths, a
 length with chunking, a bad chunk) fail the request and close the connection.  A connection
 is used again only when both messages are complete and both sides allow it; never after a
-HEAD, whose answer has no body that llhttp could be told about.
+HEAD, whose answer has no body that llhttp could be told about.  A request safe to send twice
+that meets the end of a kept connection before its answer goes once more on a new connection
+(L{HopPool.request}).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 
 import httptools
 from twisted.internet import defer
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -62,6 +64,9 @@ MAX_ANSWER_HEADERS = 64 * 1024
 
 # Told of an interim answer: its code, phrase and headers.
 Informational = Callable[[int, bytes, Headers], None]
+
+# Methods a request of which, without a body, may be sent twice (RFC 9110 section 9.2.2).
+RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 # Methods whose requests announce an empty body explicitly, as Twisted's client does.
 _EMPTY_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
@@ -522,10 +527,17 @@ class HopPool:
         headers: Headers,
         body: iweb.IBodyProducer | None,
         informational: Informational | None = None,
+        before_retry: Callable[[Headers], None] | None = None,
     ) -> defer.Deferred[HopResponse]:
         """
         Send a request on an idle connection for C{key}, or on a new one from C{endpoint}
         (see L{HopConnection.request}).
+
+        A kept connection may be closed by the next hop just as a request goes out on it.  A
+        request that is safe to send twice (a method in L{RETRYABLE}, no body) and meets that
+        before its answer is sent once more, on a new connection, after C{before_retry} has
+        renewed in C{headers} whatever must not be sent twice (a signature).  A request on a
+        new connection is never sent again.
 
         Fails with the endpoint's error when a new connection cannot be made.
         """
@@ -533,8 +545,48 @@ class HopPool:
         while idle:
             connection = idle.pop()
             if connection.usable():
-                return connection.request(method, target, headers, body, informational)
+                sent = connection.request(method, target, headers, body, informational)
+                if body is None and method in RETRYABLE:
+                    args = (key, endpoint, method, target, headers, informational, before_retry)
+                    sent.addErrback(self._resend, *args)
+                return sent
             connection.abandon()
+        return self._connect(key, endpoint, method, target, headers, body, informational)
+
+    def _resend(
+        self,
+        failure: Failure,
+        key: Hashable,
+        endpoint: Any,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        informational: Informational | None,
+        before_retry: Callable[[Headers], None] | None,
+    ) -> defer.Deferred[HopResponse] | Failure:
+        """
+        Send a bodiless request once more, on a new connection, if its kept connection was
+        lost before the answer (not when the next hop broke HTTP, nor on a cancel).
+        """
+        failure.trap(RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived)
+        reasons = getattr(failure.value, "reasons", [])
+        if not all(reason.check(ConnectionDone, ConnectionLost) for reason in reasons):
+            return failure
+        if before_retry is not None:
+            before_retry(headers)
+        return self._connect(key, endpoint, method, target, headers, None, informational)
+
+    def _connect(
+        self,
+        key: Hashable,
+        endpoint: Any,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        body: iweb.IBodyProducer | None,
+        informational: Informational | None,
+    ) -> defer.Deferred[HopResponse]:
+        """Send a request on a new connection from C{endpoint}."""
         connecting: defer.Deferred[HopConnection] = endpoint.connect(_ConnectionFactory(self, key))
         return connecting.addCallback(
             lambda connection: connection.request(method, target, headers, body, informational)

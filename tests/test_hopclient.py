@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -506,6 +507,70 @@ class ReuseTests(HopTestCase):
         self.assertNoResult(closed)
         connection.connectionLost(Failure(ConnectionDone()))
         self.successResultOf(closed)
+
+
+class ResendTests(HopTestCase):
+    """
+    A kept connection the next hop closes just as a request goes out on it: a request safe to
+    send twice goes once more on a new connection, after the caller renews its headers.
+    """
+
+    OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+    def test_resend_table(self) -> None:
+        """(kept connection?, method, body?, how the connection ends) → sent again?"""
+        lost, dropped = Failure(ConnectionDone()), Failure(ConnectionLost())
+        cases = [
+            (True, b"GET", False, lost, True),
+            (True, b"HEAD", False, dropped, True),
+            (True, b"DELETE", False, lost, True),
+            (False, b"GET", False, lost, False),  # A new connection's failure is the answer.
+            (True, b"POST", False, lost, False),  # Not safe to send twice.
+            (True, b"PUT", True, lost, False),  # A body cannot be read twice.
+            (True, b"GET", False, Failure(SSL.Error("bad record")), False),  # Not a close.
+            (True, b"GET", False, b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", False),
+        ]
+        for kept, method, with_body, end, resent in cases:
+            self.setUp()
+            if kept:
+                self.answer(self.OK)
+            renewed: list[Headers] = []
+            headers = Headers({b"x-sig": [b"first"]})
+            d = self.pool.request(
+                "k",
+                self.endpoint,
+                method,
+                b"/",
+                headers,
+                Upload(3) if with_body else None,
+                before_retry=renewed.append,
+            )
+            connection, _ = self.endpoint.connections[-1]
+            if isinstance(end, bytes):
+                connection.dataReceived(end)
+            else:
+                connection.connectionLost(end)
+            case = (kept, method, with_body, end)
+            self.assertEqual(self.endpoint.attempts, 1 + resent, case)
+            self.assertEqual(renewed, [headers] if resent else [], case)
+            if resent:
+                self.assertNoResult(d)
+                again, transport = self.endpoint.connections[-1]
+                self.assertTrue(transport.value().startswith(method + b" / HTTP/1.1"), case)
+                again.dataReceived(self.OK)
+                self.assertEqual(self.successResultOf(d).code, 200, case)
+            else:
+                self.failureResultOf(d)
+
+    def test_resent_once(self) -> None:
+        """The new connection failing too is the answer: nothing is sent a third time."""
+        self.answer(self.OK)
+        d, connection, _ = self.send()
+        connection.connectionLost(Failure(ConnectionDone()))
+        again, _ = self.endpoint.connections[-1]
+        again.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(d, ResponseNeverReceived)
+        self.assertEqual(self.endpoint.attempts, 2)
 
 
 class UploadTests(HopTestCase):

@@ -132,6 +132,35 @@ class _CloseDelimitedService(_RawService):
             self.transport.loseConnection()
 
 
+class _OneRequestPerConnection(protocol.Protocol):
+    """
+    Answers a connection's first request and keeps the connection open, then closes it when
+    the next request arrives, unanswered: a server dropping an idle keep-alive connection just
+    as a request goes out on it.
+    """
+
+    answered = False
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.answered:
+            self.transport.loseConnection()
+            return
+        self.answered = True
+        self.factory.answered += 1
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+
+
+class _OneRequestPerConnectionFactory(protocol.Factory):
+    protocol = _OneRequestPerConnection
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.answered = 0
+
+
 def _dechunk(body: bytes) -> bytes:
     """The payload of a chunked body (trailers ignored)."""
     payload = b""
@@ -308,6 +337,27 @@ class WebAppTests(unittest.TestCase):
                 self.assertTrue(head.startswith(b"HTTP/1.1 200 "), reply[:200])
                 self.assertIn(b"transfer-encoding: chunked", head.lower())
                 self.assertEqual(_dechunk(body), b"old style " * 1000)
+
+        return defer.ensureDeferred(go())
+
+    def test_kept_connection_dropped_by_the_service(self):
+        """
+        A GET that goes out on a kept connection the service drops is sent again on a new one:
+        the client gets its answer, not a 502.
+        """
+
+        async def go():
+            factory = _OneRequestPerConnectionFactory()
+            chain = await self._chain(factory)
+            for _ in range(3):
+                reply = await _raw(
+                    chain.controller_port,
+                    self._request(chain, b"GET / HTTP/1.1\r\nConnection: close"),
+                    b"\x00",
+                )
+                self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply[:300])
+                self.assertTrue(reply.endswith(b"hello"), reply[-100:])
+            self.assertEqual((factory.connections, factory.answered), (3, 3))
 
         return defer.ensureDeferred(go())
 

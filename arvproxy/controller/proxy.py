@@ -44,7 +44,7 @@ from arvproxy.errors import (
     ProxyError,
     Unauthorized,
 )
-from arvproxy.hopclient import HopPool, HopResponse, Informational
+from arvproxy.hopclient import RETRYABLE, HopPool, HopResponse, Informational
 from arvproxy.httpserver import StreamingRequest
 from arvproxy.limits import ConnectionSlots
 from arvproxy.streaming import StreamingEndpoint, relay_informational, relay_response
@@ -114,27 +114,28 @@ class GatewayConnector:
         @raise BadGateway: the gateway cannot be reached, or fails the identity check.
         @raise GatewayTimeout: the connection timed out.
         """
-        key = (container_uuid, address)
         endpoint = self.endpoint(container_uuid, address, secret)
         headers.setRawHeaders(b"host", [address.encode("ascii")])
         with translate_gateway_errors():
-            try:
-                return await self.pool.request(
-                    key, endpoint, method, path, headers, body, informational
-                )
-            except (RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived) as e:
-                # A pooled connection the gateway had just closed: try once more, on a new
-                # connection, when that is safe (an idempotent request without a body).  The
-                # same signed headers would be refused as a replay: sign them again.
-                if body is not None or method not in RETRYABLE or _tls_failure(e):
-                    raise
-            headers.setRawHeaders(
-                policy.AUTHORIZATION, [policy.sign(secret, self._reactor.seconds()).encode()]
-            )
+            # A request the pool sends again (its kept connection was lost) is signed again:
+            # the gateway would refuse the same signature as a replay.
             return await self.pool.request(
-                key, endpoint, method, path, headers, body, informational
+                (container_uuid, address),
+                endpoint,
+                method,
+                path,
+                headers,
+                body,
+                informational,
+                before_retry=lambda headers: self._sign_again(headers, secret),
             )
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _sign_again(self, headers: Headers, secret: str) -> None:
+        """Give a request that goes out once more a signature of its own."""
+        headers.setRawHeaders(
+            policy.AUTHORIZATION, [policy.sign(secret, self._reactor.seconds()).encode()]
+        )
 
     async def upgrade(
         self,
@@ -167,9 +168,7 @@ class GatewayConnector:
                     if retry or tunnels.lost is None or method not in RETRYABLE:
                         raise
                 log.info("A carrier to {address} was lost: trying a new one", address=address)
-                headers.setRawHeaders(
-                    policy.AUTHORIZATION, [policy.sign(secret, self._reactor.seconds()).encode()]
-                )
+                self._sign_again(headers, secret)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _open_carrier(self, container_uuid: str, address: str, secret: str) -> Carrier:
@@ -226,10 +225,6 @@ def gateway_refusal(container_uuid: str, code: int, reason: bytes) -> ProxyError
     )
 
 
-# Methods a proxy may send again when a connection fails before the answer (RFC 9110 9.2.2).
-RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-
-
 def _tls_failure(error: Exception) -> bool:
     """Whether a request failed because the TLS handshake (the gateway's identity) failed."""
     return any(r.check(SSL.Error) for r in getattr(error, "reasons", []))
@@ -250,7 +245,7 @@ def translate_gateway_errors() -> Iterator[None]:
             "The container's gateway cannot be reached.",
             hint="The container may have just stopped, or its node is unreachable.",
         ) from e
-    except (ResponseNeverReceived, RequestTransmissionFailed, ResponseFailed) as e:
+    except (RequestNotSent, ResponseNeverReceived, RequestTransmissionFailed, ResponseFailed) as e:
         if _tls_failure(e):
             raise BadGateway(
                 "The container's gateway failed its identity check (TLS); nothing was sent."
