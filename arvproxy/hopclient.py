@@ -51,7 +51,7 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from arvproxy import policy
-from arvproxy.streaming import closing, parsed_headers, send_now
+from arvproxy.streaming import add_field_lines, closing, parsed_headers, send_now
 
 log = Logger()
 
@@ -88,12 +88,7 @@ def request_head(
     if not policy.is_forwardable_request_line(method, target):
         raise ValueError(f"not a valid request line: {method!r} {target!r}")
     lines = [method, b" ", target, b" HTTP/1.1\r\n"]
-    for name, values in headers.getAllRawHeaders():
-        if name.lower() in _FRAMING:
-            continue
-        for value in values:
-            # Headers has already turned any CR or LF in a name or value into a space.
-            lines += (name, b": ", value, b"\r\n")
+    add_field_lines(lines, headers, skip=_FRAMING)
     if length is iweb.UNKNOWN_LENGTH:
         lines.append(b"Transfer-Encoding: chunked\r\n")
     elif isinstance(length, int):

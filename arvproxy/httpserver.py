@@ -46,7 +46,13 @@ from twisted.web.http_headers import Headers
 from arvproxy import pages, policy
 from arvproxy.config import Limits
 from arvproxy.errors import ProxyError
-from arvproxy.streaming import RequestBody, parsed_headers, send_now, tune_transport
+from arvproxy.streaming import (
+    RequestBody,
+    add_field_lines,
+    parsed_headers,
+    send_now,
+    tune_transport,
+)
 
 log = Logger()
 
@@ -199,9 +205,7 @@ class StreamingRequest:
         if not self.persistent:
             headers.setRawHeaders(b"connection", [b"close"])
         lines = [b"HTTP/1.1 %d %s\r\n" % (self.code, self.code_message)]
-        for name, values in headers.getAllRawHeaders():
-            for value in values:
-                lines += (name, b": ", value, b"\r\n")
+        add_field_lines(lines, headers)
         if self._chunked:
             lines.append(b"Transfer-Encoding: chunked\r\n")
         lines.append(b"\r\n")
@@ -218,9 +222,7 @@ class StreamingRequest:
         if self.gone or self.startedWriting or self.clientproto != b"HTTP/1.1":
             return
         lines = [b"HTTP/1.1 %d %s\r\n" % (code, phrase)]
-        for name, values in headers.getAllRawHeaders():
-            for value in values:
-                lines += (name, b": ", value, b"\r\n")
+        add_field_lines(lines, headers)
         lines.append(b"\r\n")
         self.channel.transport.write(b"".join(lines))
 

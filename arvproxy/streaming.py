@@ -227,6 +227,33 @@ def parsed_headers(fields: list[tuple[bytes, bytes]]) -> tuple[Headers, int | No
     return headers, length, codings
 
 
+def add_field_lines(
+    lines: list[bytes], headers: Headers, skip: frozenset[bytes] = frozenset()
+) -> None:
+    """
+    Append C{headers} to C{lines} as they go on the wire (C{Name: value}, CRLF each), but for
+    the lower-case names in C{skip}.  L{Headers} has already turned any CR or LF in a name or
+    value into a space, so no field can end early or add another.
+    """
+    for name, values in headers.getAllRawHeaders():
+        if skip and name.lower() in skip:
+            continue
+        for value in values:
+            lines += (name, b": ", value, b"\r\n")
+
+
+def relay_headers(request: StreamingRequest, upstream: Headers) -> None:
+    """
+    Give C{request}'s response the headers of the next hop's answer that may cross a hop
+    (L{policy.response_headers}); any the proxy set before, its own cookie, are kept.
+    """
+    headers = policy.response_headers(upstream)
+    for name, values in request.responseHeaders.getAllRawHeaders():
+        for value in values:
+            headers.addRawHeader(name, value)
+    request.responseHeaders = headers
+
+
 def closing(transport: Any) -> bool:
     """Whether C{transport}, or any transport under it (through TLS layers), is closing."""
     # A plain loop: this runs for every request a pooled connection sends.
@@ -415,12 +442,7 @@ async def relay_response(request: StreamingRequest, response: HopResponse) -> No
     its body as it arrives.
     """
     request.setResponseCode(response.code, response.phrase)
-    headers = policy.response_headers(response.headers)
-    # A cookie the proxy set before relaying (its own, never one the service may set) is kept.
-    for name, values in request.responseHeaders.getAllRawHeaders():
-        for value in values:
-            headers.addRawHeader(name, value)
-    request.responseHeaders = headers
+    relay_headers(request, response.headers)
     # A small answer has usually arrived whole: it goes out in one write, with its length.
     body = response.complete_body()
     if request.method == b"HEAD":

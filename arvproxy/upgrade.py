@@ -29,6 +29,7 @@ from arvproxy import policy
 from arvproxy.carrier import Carrier
 from arvproxy.errors import BadGateway
 from arvproxy.httpserver import StreamingRequest
+from arvproxy.streaming import add_field_lines, relay_headers
 
 log = Logger()
 
@@ -304,10 +305,7 @@ def relay_upgrade(request: StreamingRequest, response: UpgradeResponse) -> defer
         return defer.succeed(None)
     if response.code != 101:
         request.setResponseCode(response.code, response.reason)
-        for name, values in policy.response_headers(response.headers).getAllRawHeaders():
-            # Added, not set: a cookie the proxy set before relaying (its own) is kept.
-            for value in values:
-                request.responseHeaders.addRawHeader(name, value)
+        relay_headers(request, response.headers)
         length = response.headers.getRawHeaders(b"content-length")
         if length and request.method != b"HEAD":
             request.setHeader(b"content-length", length[-1])
@@ -315,17 +313,16 @@ def relay_upgrade(request: StreamingRequest, response: UpgradeResponse) -> defer
         client.attach(relay)
         return relay.done
 
-    head = [b"HTTP/1.1 101 " + (response.reason or b"Switching Protocols")]
-    for name, values in policy.response_headers(response.headers).getAllRawHeaders():
-        head.extend(name + b": " + value for value in values)
-    head.append(b"Connection: Upgrade")
-    head.extend(b"Upgrade: " + value for value in response.headers.getRawHeaders(b"upgrade", []))
+    head = [b"HTTP/1.1 101 %s\r\n" % (response.reason or b"Switching Protocols",)]
+    add_field_lines(head, policy.response_headers(response.headers))
+    head.append(b"Connection: Upgrade\r\n")
+    for value in response.headers.getRawHeaders(b"upgrade", []):
+        head.append(b"Upgrade: %s\r\n" % (value,))
+    head.append(b"\r\n")
     channel = request.channel
     transport = channel.transport
     splice = _Splice(channel.callLater, transport, upstream, channel.site.limits.tunnel_idle)
-    _, buffered = take_over(
-        request, b"\r\n".join(head) + b"\r\n\r\n", splice.from_client, splice.client_lost
-    )
+    _, buffered = take_over(request, b"".join(head), splice.from_client, splice.client_lost)
     client.attach(_UpstreamSide(splice))
     # From here on only bytes flow: drop what the handshake needed, since a notebook may hold
     # thousands of these tunnels open for hours.

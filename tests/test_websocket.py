@@ -251,7 +251,10 @@ class WebSocketChainTests(unittest.TestCase):
             reply = await exchange(sock, request, b"\r\n0\r\n\r\n")
             self.assertTrue(reply.startswith(b"HTTP/1.1 403 "), reply)
             self.assertIn(b"refused by the service", reply)
-            self.assertNotIn(b"upgrade", reply.lower().split(b"\r\n\r\n")[0])
+            head = reply.lower().split(b"\r\n\r\n")[0]
+            self.assertNotIn(b"upgrade", head)
+            # A first visit: the proxy's own cookie, set before relaying, goes with the answer.
+            self.assertIn(b"set-cookie: arvados_container_uuid=", head)
             # The same connection now carries an ordinary request, authorized as usual.
             again = b"GET / HTTP/1.1\r\nHost: %s\r\nCookie: %s\r\n\r\n" % (chain.host, chain.cookie)
             reply = await exchange(sock, again, b"plain HTTP answer")
