@@ -47,6 +47,7 @@ from twisted.web.client import (
     ResponseFailed,
     ResponseNeverReceived,
 )
+from twisted.web.http import NO_BODY_CODES
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
@@ -405,7 +406,7 @@ class HopConnection(Protocol):
         length: Any = iweb.UNKNOWN_LENGTH
         if content_length is not None and not codings:
             length = content_length
-        if self._method == b"HEAD" or code in (204, 304):
+        if self._method == b"HEAD" or code in NO_BODY_CODES:
             length = 0
         self._response = HopResponse(self, code, self._phrase, headers, length)
         self._headers = []

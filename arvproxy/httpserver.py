@@ -40,7 +40,7 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import OK, RESPONSES
+from twisted.web.http import NO_BODY_CODES, OK, RESPONSES
 from twisted.web.http_headers import Headers
 
 from arvproxy import pages, policy
@@ -72,9 +72,6 @@ _MIN_CHECK_DELAY = 0.01
 
 # Why a connection stops reading (besides a request body's backpressure).
 _HOLDING = "a request is being served"
-
-# Responses that never have a body (RFC 9110 section 6.4.1).
-_NO_BODY_CODES = frozenset({204, 304})
 
 
 def _canned(status: bytes, message: bytes) -> bytes:
@@ -195,7 +192,7 @@ class StreamingRequest:
         """The status line and headers, framed, with C{data} (the start of the body) after."""
         self.startedWriting = True
         headers = self.responseHeaders
-        if self.method == b"HEAD" or self.code in _NO_BODY_CODES or self.code < 200:
+        if self.method == b"HEAD" or self.code in NO_BODY_CODES or self.code < 200:
             self._bodiless = True
         elif not headers.hasHeader(b"content-length"):
             if self.clientproto == b"HTTP/1.1":
