@@ -15,19 +15,28 @@ import socket
 import ssl
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener, IPullProducer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from arvproxy.hopclient import HopPool
 from arvproxy.httpserver import ProxySite, StreamingRequest
-from arvproxy.streaming import EAGER_WRITE_MAX, StreamingEndpoint, send_now, tune_transport
+from arvproxy.streaming import (
+    EAGER_WRITE_MAX,
+    TLS_BATCH,
+    StreamingEndpoint,
+    send_now,
+    tune_transport,
+)
 from arvproxy.tlsidentity import server_context_factory
 from tests.chain import read_until
 
@@ -73,46 +82,58 @@ class _Accepted(Protocol):
 class _AcceptFactory(Factory):
     """Fires C{accepted} with the server's protocol once connected (and TLS is up)."""
 
-    protocol = _Accepted
-
-    def __init__(self, tls: bool) -> None:
+    def __init__(self, tls: bool, protocol: type[_Accepted] = _Accepted) -> None:
         self.tls = tls
+        self.protocol = protocol
         self.accepted: defer.Deferred[_Accepted] = defer.Deferred()
+
+
+async def connected_pair(
+    case: TestCase, tls: str = "", protocol: type[_Accepted] = _Accepted, roomy: bool = False
+) -> tuple[Any, socket.socket]:
+    """
+    A Twisted server connection (a C{protocol}) and the client socket at its other end: plain,
+    or TLS as the gateway listens (C{"wrapped"}: a TLS factory around the site), as an C{ssl:}
+    endpoint does (C{"listenSSL"}), or started on a plain connection (C{"startTLS"}).
+
+    @param roomy: give both sockets 1 MiB buffers from the start (so that what the client sends
+        to a server that does not read waits in the server's socket, to be read at once).
+    """
+    factory = _AcceptFactory(tls not in ("", "startTLS"), protocol)
+    options = server_context_factory("5" * 64)
+    if tls == "listenSSL":
+        port = reactor.listenSSL(0, factory, options, interface="127.0.0.1")
+    else:
+        wrapped = TLSMemoryBIOFactory(options, False, factory) if tls == "wrapped" else factory
+        port = reactor.listenTCP(0, wrapped, interface="127.0.0.1")
+    case.addCleanup(port.stopListening)
+    sock = socket.socket()
+    if roomy:
+        port.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    sock.connect(("127.0.0.1", port.getHost().port))
+    if tls == "startTLS":
+        # TLS started on a plain connection: the socket's own write encrypts.
+        accepted = await factory.accepted
+        accepted.transport.startTLS(options)
+        factory.accepted = defer.succeed(accepted)
+    if tls:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # The key is not what is under test here.
+        # The handshake needs the reactor to run: it blocks a thread, not the reactor.
+        sock = await threads.deferToThread(context.wrap_socket, sock)
+    case.addCleanup(sock.close)
+    server = await factory.accepted
+    case.addCleanup(server.transport.abortConnection)
+    return server, sock
 
 
 class SendNowTests(TestCase):
     """L{send_now} on a Twisted server connection, read by a plain socket."""
 
     async def _pair(self, tls: str = "") -> tuple[Any, socket.socket]:
-        """
-        A Twisted server connection and the client socket at its other end: plain, or TLS as the
-        gateway listens (C{"wrapped"}: a TLS factory around the site), as an C{ssl:} endpoint
-        does (C{"listenSSL"}), or started on a plain connection (C{"startTLS"}).
-        """
-        factory = _AcceptFactory(tls not in ("", "startTLS"))
-        options = server_context_factory("5" * 64)
-        if tls == "listenSSL":
-            port = reactor.listenSSL(0, factory, options, interface="127.0.0.1")
-        else:
-            wrapped = TLSMemoryBIOFactory(options, False, factory) if tls == "wrapped" else factory
-            port = reactor.listenTCP(0, wrapped, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        sock = socket.create_connection(("127.0.0.1", port.getHost().port))
-        if tls == "startTLS":
-            # TLS started on a plain connection: the socket's own write encrypts.
-            accepted = await factory.accepted
-            accepted.transport.startTLS(options)
-            factory.accepted = defer.succeed(accepted)
-        if tls:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE  # The key is not what is under test here.
-            # The handshake needs the reactor to run: it blocks a thread, not the reactor.
-            sock = await threads.deferToThread(context.wrap_socket, sock)
-        self.addCleanup(sock.close)
-        server = await factory.accepted
-        self.addCleanup(server.transport.abortConnection)
-        return server, sock
+        return await connected_pair(self, tls)
 
     async def test_plain_socket(self) -> None:
         server, sock = await self._pair()
@@ -258,6 +279,128 @@ class _PullProducer:
 
     def stopProducing(self) -> None:
         pass
+
+
+# A stream's worth: 64 full records and a few bytes, none of it repeating within a record.
+PAYLOAD = bytes(range(251)) * 4178 + b"tail"
+RECORD = 16 * 1024
+
+
+class _Recorder(_Accepted):
+    """A tuned connection that records what it receives and how it ended."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        # Whether each chunk arrived while the socket was already closing.
+        self.late: list[bool] = []
+        self.ended: defer.Deferred[tuple[bytes, Failure]] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        tune_transport(self.transport)
+        super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.late.append(self.transport.transport.disconnecting)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.ended.callback((b"".join(self.chunks), reason))
+
+
+class _EarlyWriter(_Recorder):
+    """Writes a stream as soon as it is connected, before the TLS handshake."""
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.transport.write(PAYLOAD)
+
+
+class TLSBatchTests(TestCase):
+    """
+    A tuned TLS layer encrypts a large write, and hands on what it decrypts, a few records at a
+    time (C{streaming._tls_in_batches}), with Twisted's handling of everything else.
+    """
+
+    async def _paused_pair(self, protocol: type[_Recorder] = _Recorder) -> Any:
+        """A TLS pair whose server reads nothing until resumed; roomy socket buffers."""
+        server, sock = await connected_pair(self, "wrapped", protocol, roomy=True)
+        server.transport.pauseProducing()
+        return server, sock
+
+    async def test_large_write_leaves_in_batches(self) -> None:
+        server, sock = await connected_pair(self, "wrapped", _Recorder)
+        below = server.transport.transport
+        writes: list[int] = []
+        write = below.write
+
+        def counting(data: bytes) -> None:
+            writes.append(len(data))
+            write(data)
+
+        below.write = counting
+        server.transport.write(b"small ")
+        server.transport.write(PAYLOAD)
+        server.transport.write(b" end")
+        send_now(server.transport)
+        sock.settimeout(WAIT)
+        received = await threads.deferToThread(read_count, sock, len(PAYLOAD) + 10)
+        self.assertEqual(received, b"small " + PAYLOAD + b" end")
+        # Record by record, that would have been 66 writes.
+        self.assertLessEqual(len(writes), len(PAYLOAD) // TLS_BATCH + 3, writes)
+        self.assertLessEqual(max(writes), TLS_BATCH + 4096)
+
+    async def test_records_handed_on_in_batches(self) -> None:
+        server, sock = await self._paused_pair()
+        sent = PAYLOAD[: 5 * RECORD]
+        await threads.deferToThread(sock.sendall, sent)  # Five records, in one read.
+        server.transport.resumeProducing()
+        while sum(map(len, server.chunks)) < len(sent):
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual([len(chunk) for chunk in server.chunks], [TLS_BATCH, RECORD])
+        self.assertEqual(b"".join(server.chunks), sent)
+
+    async def test_write_before_handshake(self) -> None:
+        """A large write made before the handshake waits for it, and arrives whole."""
+        _, sock = await connected_pair(self, "wrapped", _EarlyWriter)
+        sock.settimeout(WAIT)
+        received = await threads.deferToThread(read_count, sock, len(PAYLOAD))
+        self.assertEqual(received, PAYLOAD)
+
+    async def test_encryption_error_ends_the_connection(self) -> None:
+        server, _ = await connected_pair(self, "wrapped", _Recorder)
+
+        def refuse(data: bytes) -> int:
+            raise SSL.Error([("SSL routines", "", "simulated failure")])
+
+        server.transport._tlsConnection.send = refuse
+        server.transport.write(PAYLOAD)
+        _, reason = await server.ended
+        self.assertTrue(reason.check(SSL.Error), reason)
+
+    async def test_data_before_tls_close_arrives_first(self) -> None:
+        """What was sent before a TLS close, read together with it, arrives before the end."""
+        server, sock = await self._paused_pair()
+        await threads.deferToThread(sock.sendall, PAYLOAD[:40000])
+        sock.setblocking(False)
+        with self.assertRaises(ssl.SSLWantReadError):
+            sock.unwrap()  # Sends close_notify; the answer will not come while paused.
+        server.transport.resumeProducing()
+        received, reason = await server.ended
+        self.assertEqual(received, PAYLOAD[:40000])
+        self.assertNotIn(True, server.late, "data handed on after the connection began to close")
+        self.assertTrue(reason.check(ConnectionDone), reason)
+
+    async def test_data_before_broken_record_arrives_first(self) -> None:
+        """What was sent before a record that fails to decrypt arrives, then the TLS error."""
+        server, sock = await self._paused_pair()
+        await threads.deferToThread(sock.sendall, PAYLOAD[:40000])
+        # An application-data record that cannot decrypt, sent past the TLS layer.
+        socket.socket.send(sock, b"\x17\x03\x03\x00\x20" + b"\x00" * 32)
+        server.transport.resumeProducing()
+        received, reason = await server.ended
+        self.assertEqual(received, PAYLOAD[:40000])
+        self.assertNotIn(True, server.late, "data handed on after the connection began to close")
+        self.assertTrue(reason.check(SSL.Error), reason)
 
 
 class MessageEndTests(TestCase):

@@ -335,8 +335,13 @@ class WebAppTests(unittest.TestCase):
                 reply = await _raw(chain.controller_port, request, b"\x00")
                 head, _, body = reply.partition(b"\r\n\r\n")
                 self.assertTrue(head.startswith(b"HTTP/1.1 200 "), reply[:200])
-                self.assertIn(b"transfer-encoding: chunked", head.lower())
-                self.assertEqual(_dechunk(body), b"old style " * 1000)
+                # Framed for the client: chunked while it streams, or with its length when the
+                # front door had it whole before relaying it.
+                if b"transfer-encoding: chunked" in head.lower():
+                    body = _dechunk(body)
+                else:
+                    self.assertIn(b"content-length: 10000\r\n", head.lower() + b"\r\n")
+                self.assertEqual(body, b"old style " * 1000)
 
         return defer.ensureDeferred(go())
 
