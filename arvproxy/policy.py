@@ -261,10 +261,12 @@ def _forwardable(headers: Headers, dropped: frozenset[bytes], listed: frozenset[
     if listed:
         dropped = dropped | listed
     result = Headers()
+    # Copied as they are: a Headers' names are canonical and its values scrubbed already.
+    fields = result._rawHeaders
     for name, values in headers.getAllRawHeaders():
         lower = name.lower()
         if lower not in dropped and not lower.startswith(ARVADOS_HEADER_PREFIX):
-            result.setRawHeaders(name, list(values))
+            fields[name] = list(values)
     return result
 
 

@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from twisted.web import iweb
 from twisted.web.client import PotentialDataLoss, ResponseDone
 from twisted.web.http import NO_BODY_CODES
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, _nameEncoder
 from zope.interface import implementer
 
 from arvproxy import policy
@@ -307,18 +307,30 @@ def parsed_headers(fields: list[tuple[bytes, bytes]]) -> tuple[Headers, int | No
     The header fields llhttp parsed from a message, as L{Headers}, with the framing they
     declare: the C{Content-Length} (llhttp has checked it: digits, and only one) or C{None},
     and the transfer codings, lower-case, in order.
+
+    llhttp has refused any name that is not a token and any CR, LF or NUL in a value, so the
+    fields go into the L{Headers} as they are, under its canonical names, without the scrubbing
+    of each value that L{Headers.addRawHeader} does (about a third of the cost of parsing a
+    request's headers).
     """
-    headers = Headers()
-    length: int | None = None
-    codings: list[bytes] = []
+    fields_by_name: dict[bytes, list[bytes]] = {}
+    canonical = _nameEncoder.encode
     for name, value in fields:
-        headers.addRawHeader(name, value)
-        lower = name.lower()
-        if lower == b"content-length":
-            length = int(value)
-        elif lower == b"transfer-encoding":
-            codings += (coding.strip().lower() for coding in value.split(b","))
-    return headers, length, codings
+        name = canonical(name)
+        values = fields_by_name.get(name)
+        if values is None:
+            fields_by_name[name] = [value]
+        else:
+            values.append(value)
+    lengths = fields_by_name.get(b"Content-Length")
+    codings = [
+        coding.strip().lower()
+        for value in fields_by_name.get(b"Transfer-Encoding", ())
+        for coding in value.split(b",")
+    ]
+    headers = Headers()
+    headers._rawHeaders = fields_by_name
+    return headers, int(lengths[-1]) if lengths else None, codings
 
 
 def add_field_lines(

@@ -15,10 +15,11 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import iweb
 from twisted.web.client import PotentialDataLoss
+from twisted.web.http_headers import Headers
 
 from arvproxy.errors import Forbidden
 from arvproxy.httpserver import EAGER_READ, MAX_PIPELINED, ProxySite, StreamingRequest
-from arvproxy.streaming import MAX_BUFFERED_BODY, relay_response
+from arvproxy.streaming import MAX_BUFFERED_BODY, parsed_headers, relay_response
 from arvproxy.testing import BodyCollector, FakeResponse, MemoryClient, request_bytes
 
 HandlerFunction = Callable[[StreamingRequest], Coroutine[Any, Any, None]]
@@ -473,3 +474,46 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(upstream.transport.producerState, "producing")
         upstream.finish()
         self.assertTrue(client.response().complete)
+
+
+class ParsedHeadersTests(SynchronousTestCase):
+    """
+    L{parsed_headers} builds its L{Headers} without Twisted's per-value scrubbing (llhttp has
+    refused what that would scrub): the result must be the same as Twisted's, field for field.
+    """
+
+    CASES = [
+        # fields as llhttp hands them, the length, the codings
+        ([], None, []),
+        ([(b"Host", b"a")], None, []),
+        ([(b"content-length", b"12"), (b"Content-Type", b"text/plain")], 12, []),
+        ([(b"Content-Length", b"0")], 0, []),
+        ([(b"Transfer-Encoding", b"gzip, Chunked")], None, [b"gzip", b"chunked"]),
+        (
+            [(b"transfer-encoding", b"gzip"), (b"TRANSFER-ENCODING", b"chunked")],
+            None,
+            [b"gzip", b"chunked"],
+        ),
+        # Repeated, in different cases: one name, values in order.
+        ([(b"X-A", b"1"), (b"Cookie", b"c=1"), (b"x-a", b"2"), (b"COOKIE", b"d=2")], None, []),
+        # Names Twisted spells its own way, and an empty value.
+        ([(b"etag", b'"x"'), (b"www-authenticate", b"Basic"), (b"x-empty", b"")], None, []),
+        ([(b"X-Arvados-Target-Uuid", b"u"), (b"x-arvados-target-port", b"80")], None, []),
+    ]
+
+    def test_same_as_twisted(self) -> None:
+        for fields, length, codings in self.CASES:
+            expected = Headers()
+            for name, value in fields:
+                expected.addRawHeader(name, value)
+            headers, parsed_length, parsed_codings = parsed_headers(fields)
+            self.assertEqual(list(headers.getAllRawHeaders()), list(expected.getAllRawHeaders()))
+            self.assertEqual(headers, expected, fields)
+            self.assertEqual((parsed_length, parsed_codings), (length, codings), fields)
+
+    def test_lookups_by_any_case(self) -> None:
+        headers, _, _ = parsed_headers([(b"x-a", b"1"), (b"X-A", b"2")])
+        self.assertEqual(headers.getRawHeaders(b"X-a"), [b"1", b"2"])
+        self.assertTrue(headers.hasHeader(b"x-A"))
+        headers.addRawHeader(b"x-a", b"3")
+        self.assertEqual(headers.getRawHeaders(b"x-a"), [b"1", b"2", b"3"])
