@@ -8,6 +8,8 @@ person at the other end, so they must never contain a token or a secret.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class ProxyError(Exception):
     """
@@ -94,3 +96,24 @@ class Unavailable(ProxyError):
 class GatewayTimeout(ProxyError):
     status = 504
     title = "Gateway timeout"
+
+
+class Translating:
+    """
+    A context manager that raises, from the exception that ended its block, whatever
+    C{translate} makes of it (a L{ProxyError} the client should see); exceptions it returns
+    C{None} for pass unchanged.  A class, not a C{@contextmanager} generator: one wraps every
+    request each hop forwards.
+    """
+
+    def __init__(self, translate: Callable[[Exception], Exception | None]) -> None:
+        self._translate = translate
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
+        if isinstance(error, Exception):
+            translated = self._translate(error)
+            if translated is not None:
+                raise translated from error

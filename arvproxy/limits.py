@@ -5,8 +5,6 @@ Limits that protect a container's service from being swamped through the proxy.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from twisted.internet import defer
@@ -16,17 +14,24 @@ from arvproxy.errors import Unavailable
 
 class Slot:
     """
-    One request's or tunnel's place among a container's connections.
+    One request's or tunnel's place among a container's connections, held by a C{with} block.
 
-    It is given back when the block that took it ends, or, after L{keep_until}, when a Deferred
-    fires: a tunnel keeps its slot for as long as it is open, without keeping the handler (and
-    the request it no longer needs) alive.
+    It is given back when the block ends, or, after L{keep_until}, when a Deferred fires: a
+    tunnel keeps its slot for as long as it is open, without keeping the handler (and the
+    request it no longer needs) alive.
     """
 
     def __init__(self, slots: ConnectionSlots, container_uuid: str) -> None:
         self._slots = slots
         self._uuid = container_uuid
         self.kept = False
+
+    def __enter__(self) -> Slot:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self.kept:
+            self.give_back()
 
     def keep_until(self, done: defer.Deferred[Any]) -> None:
         """Hold on past the block, until C{done} fires (with a result or a failure)."""
@@ -55,10 +60,10 @@ class ConnectionSlots:
         """How many requests and tunnels are open to C{container_uuid}."""
         return self._open[container_uuid]
 
-    @contextmanager
-    def hold(self, container_uuid: str) -> Iterator[Slot]:
+    def hold(self, container_uuid: str) -> Slot:
         """
-        Hold one slot for C{container_uuid} while the block runs (or longer: L{Slot.keep_until}).
+        Take one slot for C{container_uuid}, to hold in a C{with} block (and longer:
+        L{Slot.keep_until}).  A class, not a generator: this runs for every request.
 
         @raise Unavailable: all C{cap} slots are taken.
         """
@@ -69,12 +74,7 @@ class ConnectionSlots:
                 retry_after=2,
             )
         self._open[container_uuid] += 1
-        slot = Slot(self, container_uuid)
-        try:
-            yield slot
-        finally:
-            if not slot.kept:
-                slot.give_back()
+        return Slot(self, container_uuid)
 
     def _release(self, container_uuid: str) -> None:
         self._open[container_uuid] -= 1

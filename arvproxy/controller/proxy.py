@@ -10,8 +10,6 @@ then streams the answer back (L{arvproxy.streaming}).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from OpenSSL import SSL
@@ -42,6 +40,7 @@ from arvproxy.errors import (
     Gone,
     NotFound,
     ProxyError,
+    Translating,
     Unauthorized,
 )
 from arvproxy.hopclient import RETRYABLE, HopPool, HopResponse, Informational
@@ -116,7 +115,7 @@ class GatewayConnector:
         """
         endpoint = self.endpoint(container_uuid, address, secret)
         headers.setRawHeaders(b"host", [address.encode("ascii")])
-        with translate_gateway_errors():
+        with translate_gateway_errors:
             # A request the pool sends again (its kept connection was lost) is signed again:
             # the gateway would refuse the same signature as a replay.
             return await self.pool.request(
@@ -154,7 +153,7 @@ class GatewayConnector:
         request would be.
         """
         headers.setRawHeaders(b"host", [address.encode("ascii")])
-        with translate_gateway_errors():
+        with translate_gateway_errors:
             for retry in (False, True):
                 tunnels = await self.carriers.get(
                     (container_uuid, address),
@@ -230,37 +229,45 @@ def _tls_failure(error: Exception) -> bool:
     return any(r.check(SSL.Error) for r in getattr(error, "reasons", []))
 
 
-@contextmanager
-def translate_gateway_errors() -> Iterator[None]:
-    """Turn failures to reach or talk to a gateway into the errors the client should see."""
-    try:
-        yield
-    except net_error.TimeoutError as e:
-        raise GatewayTimeout(
+def gateway_error(error: Exception) -> ProxyError | None:
+    """
+    The error the client should see for a failure to reach or talk to a gateway, or C{None}
+    for an exception that is not one.
+    """
+    if isinstance(error, net_error.TimeoutError):
+        return GatewayTimeout(
             "The container's gateway did not answer in time.",
             hint="The worker node may be overloaded or unreachable; try again shortly.",
-        ) from e
-    except (net_error.ConnectError, net_error.DNSLookupError) as e:
-        raise BadGateway(
+        )
+    if isinstance(error, (net_error.ConnectError, net_error.DNSLookupError)):
+        return BadGateway(
             "The container's gateway cannot be reached.",
             hint="The container may have just stopped, or its node is unreachable.",
-        ) from e
-    except (RequestNotSent, ResponseNeverReceived, RequestTransmissionFailed, ResponseFailed) as e:
-        if _tls_failure(e):
-            raise BadGateway(
+        )
+    if isinstance(
+        error, (RequestNotSent, ResponseNeverReceived, RequestTransmissionFailed, ResponseFailed)
+    ):
+        if _tls_failure(error):
+            return BadGateway(
                 "The container's gateway failed its identity check (TLS); nothing was sent."
-            ) from e
+            )
         log.warn(
             "A request to a container's gateway failed: {reasons}",
-            reasons="; ".join(r.getErrorMessage() for r in getattr(e, "reasons", [])) or repr(e),
+            reasons="; ".join(r.getErrorMessage() for r in getattr(error, "reasons", []))
+            or repr(error),
         )
-        raise BadGateway("The connection to the container's gateway failed.") from e
-    except SSL.Error as e:
-        raise BadGateway(
+        return BadGateway("The connection to the container's gateway failed.")
+    if isinstance(error, SSL.Error):
+        return BadGateway(
             "The container's gateway failed its identity check (TLS); nothing was sent."
-        ) from e
-    except CarrierError as e:
-        raise BadGateway("The connection to the container's gateway was lost.") from e
+        )
+    if isinstance(error, CarrierError):
+        return BadGateway("The connection to the container's gateway was lost.")
+    return None
+
+
+# Turns failures to reach or talk to a gateway into the errors the client should see.
+translate_gateway_errors = Translating(gateway_error)
 
 
 class Controller:

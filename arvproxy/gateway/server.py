@@ -5,8 +5,8 @@ container, then proxy them to the target port inside the container.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+import functools
+from collections.abc import Iterable
 from typing import Any
 
 from OpenSSL import SSL
@@ -30,6 +30,7 @@ from arvproxy.errors import (
     GatewayTimeout,
     Gone,
     ProxyError,
+    Translating,
     Unauthorized,
     Unavailable,
 )
@@ -137,29 +138,36 @@ def tls_ports(published_ports: dict[str, dict[str, Any]]) -> list[int]:
     return [int(port) for port, spec in published_ports.items() if spec.get("protocol") == "https"]
 
 
-@contextmanager
-def translate_container_errors(port: int) -> Iterator[None]:
-    """Turn failures to reach the service on C{port} into the errors the client should see."""
-    try:
-        yield
-    except net_error.ConnectionRefusedError as e:
-        raise Unavailable(
+def container_error(port: int, error: Exception) -> ProxyError | None:
+    """
+    The error the client should see for a failure to reach the service on C{port}, or C{None}
+    for an exception that is not one.
+    """
+    if isinstance(error, net_error.ConnectionRefusedError):
+        return Unavailable(
             f"Nothing in the container is listening on port {port} yet. "
             "This page will retry by itself.",
             hint="If the service should be up by now, check that it listens on this port.",
-        ) from e
-    except net_error.TimeoutError as e:
-        raise GatewayTimeout(
-            f"The service on port {port} did not accept a connection in time."
-        ) from e
-    except (
-        net_error.ConnectError,
-        RequestNotSent,
-        ResponseNeverReceived,
-        RequestTransmissionFailed,
-        ResponseFailed,
-    ) as e:
-        raise BadGateway(f"The connection to the service on port {port} failed.") from e
+        )
+    if isinstance(error, net_error.TimeoutError):
+        return GatewayTimeout(f"The service on port {port} did not accept a connection in time.")
+    if isinstance(
+        error,
+        (
+            net_error.ConnectError,
+            RequestNotSent,
+            ResponseNeverReceived,
+            RequestTransmissionFailed,
+            ResponseFailed,
+        ),
+    ):
+        return BadGateway(f"The connection to the service on port {port} failed.")
+    return None
+
+
+def translate_container_errors(port: int) -> Translating:
+    """Turns failures to reach the service on C{port} into the errors the client should see."""
+    return Translating(functools.partial(container_error, port))
 
 
 class Gateway:
