@@ -103,6 +103,10 @@ def request_head(
 # What a response's body went to when it was taken whole.
 _TAKEN = object()
 
+# How every complete body ends: one Failure for all, as Twisted's own connectionDone is (building
+# one per answer cost about 2% of a hop's CPU per small request).
+_RESPONSE_DONE = Failure(ResponseDone())
+
 
 @implementer(IPushProducer)
 class HopResponse:
@@ -368,7 +372,7 @@ class HopConnection(Protocol):
                 self.abandon()
             else:
                 self._reuse_or_close()
-            response._ended(Failure(ResponseDone()))
+            response._ended(_RESPONSE_DONE)
         if announce:
             answer, self._answer = self._answer, None
             assert answer is not None
