@@ -31,6 +31,7 @@ from zope.interface import implementer
 from arvproxy.hopclient import HopPool
 from arvproxy.httpserver import ProxySite, StreamingRequest
 from arvproxy.streaming import (
+    EAGER_SEND_MAX,
     EAGER_WRITE_MAX,
     TLS_BATCH,
     StreamingEndpoint,
@@ -190,16 +191,26 @@ class SendNowTests(TestCase):
         sock.settimeout(WAIT)
         self.assertEqual(sock.recv(100), b"frame")
 
+    async def test_tuned_batch_leaves_at_once(self) -> None:
+        """A batch of a stream (TLS records, or their plaintext) is sent without waiting."""
+        server, sock = await connected_pair(self, roomy=True)  # Room for all of it at once.
+        tune_transport(server.transport)
+        server.transport.write(PAYLOAD[:EAGER_SEND_MAX])
+        self.assertEqual(server.transport._tempDataBuffer, [])
+        sock.settimeout(WAIT)
+        received = await threads.deferToThread(read_count, sock, EAGER_SEND_MAX)
+        self.assertEqual(received, PAYLOAD[:EAGER_SEND_MAX])
+
     async def test_tuned_large_write_waits(self) -> None:
-        """A larger write (a piece of a stream) waits for the reactor, to leave with the rest."""
+        """A larger write waits for the reactor, to leave with the rest."""
         server, sock = await self._pair()
         tune_transport(server.transport)
-        server.transport.write(b"x" * (EAGER_WRITE_MAX + 1))
+        server.transport.write(b"x" * (EAGER_SEND_MAX + 1))
         self.assertTrue(nothing_yet(sock))
         send_now(server.transport)
         self.assertEqual(
-            len(await threads.deferToThread(read_count, sock, EAGER_WRITE_MAX + 1)),
-            EAGER_WRITE_MAX + 1,
+            len(await threads.deferToThread(read_count, sock, EAGER_SEND_MAX + 1)),
+            EAGER_SEND_MAX + 1,
         )
 
     async def test_tuning_twice_wraps_once(self) -> None:
