@@ -541,27 +541,28 @@ class HopPool:
 
         Fails with the endpoint's error when a new connection cannot be made.
         """
+
+        def send(connection: HopConnection) -> defer.Deferred[HopResponse]:
+            return connection.request(method, target, headers, body, informational)
+
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
             if connection.usable():
-                sent = connection.request(method, target, headers, body, informational)
+                sent = send(connection)
                 if body is None and method in RETRYABLE:
-                    args = (key, endpoint, method, target, headers, informational, before_retry)
-                    sent.addErrback(self._resend, *args)
+                    sent.addErrback(self._resend, key, endpoint, send, headers, before_retry)
                 return sent
             connection.abandon()
-        return self._connect(key, endpoint, method, target, headers, body, informational)
+        return self._connect(key, endpoint, send)
 
     def _resend(
         self,
         failure: Failure,
         key: Hashable,
         endpoint: Any,
-        method: bytes,
-        target: bytes,
+        send: Callable[[HopConnection], defer.Deferred[HopResponse]],
         headers: Headers,
-        informational: Informational | None,
         before_retry: Callable[[Headers], None] | None,
     ) -> defer.Deferred[HopResponse] | Failure:
         """
@@ -574,23 +575,17 @@ class HopPool:
             return failure
         if before_retry is not None:
             before_retry(headers)
-        return self._connect(key, endpoint, method, target, headers, None, informational)
+        return self._connect(key, endpoint, send)
 
     def _connect(
         self,
         key: Hashable,
         endpoint: Any,
-        method: bytes,
-        target: bytes,
-        headers: Headers,
-        body: iweb.IBodyProducer | None,
-        informational: Informational | None,
+        send: Callable[[HopConnection], defer.Deferred[HopResponse]],
     ) -> defer.Deferred[HopResponse]:
-        """Send a request on a new connection from C{endpoint}."""
+        """Make a new connection from C{endpoint} and C{send} the request on it."""
         connecting: defer.Deferred[HopConnection] = endpoint.connect(_ConnectionFactory(self, key))
-        return connecting.addCallback(
-            lambda connection: connection.request(method, target, headers, body, informational)
-        )
+        return connecting.addCallback(send)
 
     def idle_connections(self) -> list[HopConnection]:
         """The connections kept for reuse now."""
