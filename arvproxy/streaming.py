@@ -79,7 +79,7 @@ def tune_transport(transport: Any) -> None:
     and handles a stream's records in batches (L{_tls_in_batches}).
     """
     for layer in _layers(transport):
-        if isinstance(layer, BufferingTLSTransport) and not _already_eager(layer):
+        if isinstance(layer, BufferingTLSTransport) and not _already_tuned(layer):
             _encrypt_eagerly(layer)
             _tls_in_batches(layer)
         if isinstance(layer, abstract.FileDescriptor):
@@ -202,11 +202,11 @@ def _deliver(layer: BufferingTLSTransport, gathered: list[bytes]) -> None:
             ProtocolWrapper.dataReceived(layer, data)
 
 
-def _already_eager(layer: Any) -> bool:
-    """Whether C{layer} writes eagerly already (so that tuning it twice wraps nothing twice)."""
-    if layer.__dict__.get("_arvproxy_eager"):
+def _already_tuned(layer: Any) -> bool:
+    """Whether C{layer} has been tuned already (so that tuning it twice wraps nothing twice)."""
+    if layer.__dict__.get("_arvproxy_tuned"):
         return True
-    layer._arvproxy_eager = True
+    layer._arvproxy_tuned = True
     return False
 
 
@@ -227,7 +227,7 @@ def _write_eagerly(layer: tcp.Connection) -> None:
     (interleaved rounds).  (When a stream came in single 16 KiB records, sending each at once
     cost a download a third of its speed; larger writes are still queued.)
     """
-    if _already_eager(layer):
+    if _already_tuned(layer):
         return
     queue = layer.write
 
