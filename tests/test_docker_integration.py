@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import docker.errors
 from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
@@ -181,9 +182,13 @@ class DockerChainTests(unittest.TestCase):
         self.assertIn("signal 9", container.runtime_status.get("error", ""))
 
         def leftovers() -> list[Any]:
-            return dockerhelp.client().containers.list(
-                all=True, filters={"label": f"{LABEL}={uuid}"}
-            )
+            try:
+                return dockerhelp.client().containers.list(
+                    all=True, filters={"label": f"{LABEL}={uuid}"}
+                )
+            except docker.errors.NotFound:
+                # Listed, then removed before docker-py read it: still going, look again.
+                return [None]
 
         async def removed() -> bool:
             return not await deferToThread(leftovers)
