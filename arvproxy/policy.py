@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, _nameEncoder
 
 from arvproxy.config import ExternalURL
 from arvproxy.errors import BadRequest
@@ -56,6 +56,26 @@ HOP_BY_HOP = frozenset(
 
 # Set by the controller from what it knows; never taken from a client unless trusted.
 FORWARDED_HEADERS = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
+
+# A hop's headers are read and written a dozen times per request, so the rules below use a
+# L{Headers}' fields directly (C{_rawHeaders}: canonical name to list of values) under these
+# names, put in Twisted's canonical form once, here.  Every value they read came through
+# llhttp (which refuses CR, LF and NUL) or through L{Headers}' own scrubbing, and every value
+# they write is made of such values or of the proxy's own ASCII, so none can end a field early.
+_canonical = _nameEncoder.encode
+_CONNECTION = _canonical(b"connection")
+_COOKIE = _canonical(b"cookie")
+_REFERER = _canonical(b"referer")
+_HOST_FIELD = _canonical(b"host")
+_UPGRADE = _canonical(b"upgrade")
+_SET_COOKIE = _canonical(b"set-cookie")
+_X_FORWARDED_FOR = _canonical(b"x-forwarded-for")
+_X_FORWARDED_PROTO = _canonical(b"x-forwarded-proto")
+_X_FORWARDED_HOST = _canonical(b"x-forwarded-host")
+_TARGET_UUID = _canonical(TARGET_UUID)
+_TARGET_PORT = _canonical(TARGET_PORT)
+_REQUEST_HOST = _canonical(REQUEST_HOST)
+_AUTHORIZATION = _canonical(AUTHORIZATION)
 
 UUID_PATTERN = rb"[a-z0-9]{5}-[a-z0-9]{5}-[a-z0-9]{15}"
 _VHOST_LABEL = re.compile(rb"^(" + UUID_PATTERN + rb")-([0-9]{1,5})\Z")
@@ -209,13 +229,18 @@ def _cookie_pairs(header: bytes) -> Iterable[tuple[bytes, bytes]]:
 
 def token_from_cookies(headers: Headers) -> bytes | None:
     """The token in the first C{arvados_api_token} cookie that decodes, or C{None}."""
-    for header in headers.getRawHeaders(b"cookie", []):
+    for header in headers._rawHeaders.get(_COOKIE, ()):
         for name, pair in _cookie_pairs(header):
             if name == TOKEN_COOKIE:
                 token = decode_token_cookie(pair.partition(b"=")[2].strip().strip(b'"'))
                 if token:
                     return token
     return None
+
+
+def cookie_values(headers: Headers) -> list[bytes] | None:
+    """The values of C{headers}' C{Cookie} fields, as they hold them, or C{None}."""
+    return headers._rawHeaders.get(_COOKIE)
 
 
 def strip_token_cookie(
@@ -240,7 +265,7 @@ def strip_token_cookie(
 def connection_listed(headers: Headers) -> frozenset[bytes]:
     """The lower-case header names listed in every C{Connection} header."""
     names = set()
-    for value in headers.getRawHeaders(b"connection", []):
+    for value in headers._rawHeaders.get(_CONNECTION, ()):
         for token in value.split(b","):
             token = token.strip().lower()
             if token:
@@ -258,16 +283,35 @@ def _forwardable(headers: Headers, dropped: frozenset[bytes], listed: frozenset[
     This runs before anything is added for the next hop, so a client can never use
     C{Connection} to remove a header the proxy sets.
     """
-    if listed:
+    decisions: dict[bytes, bool] | None = None
+    if listed and not listed <= dropped:
+        # Names the client listed: decided afresh, as they are the client's to choose.
         dropped = dropped | listed
+    else:
+        decisions = _decisions.get(dropped)
+        if decisions is None and len(_decisions) < _MAX_DROPPED_SETS:
+            decisions = _decisions[dropped] = {}
     result = Headers()
     # Copied as they are: a Headers' names are canonical and its values scrubbed already.
     fields = result._rawHeaders
-    for name, values in headers.getAllRawHeaders():
-        lower = name.lower()
-        if lower not in dropped and not lower.startswith(ARVADOS_HEADER_PREFIX):
+    for name, values in headers._rawHeaders.items():
+        keep = decisions.get(name) if decisions is not None else None
+        if keep is None:
+            lower = name.lower()
+            keep = lower not in dropped and not lower.startswith(ARVADOS_HEADER_PREFIX)
+            if decisions is not None and len(decisions) < _MAX_DECISIONS:
+                decisions[name] = keep
+        if keep:
             fields[name] = list(values)
     return result
+
+
+# Whether each (canonical) name passes, per set of dropped names (the callers' module constants):
+# the same names come back with nearly every request.  The names are the clients' to choose, so
+# at most _MAX_DECISIONS are kept per set; the others are decided each time.
+_MAX_DECISIONS = 1000
+_MAX_DROPPED_SETS = 16
+_decisions: dict[frozenset[bytes], dict[bytes, bool]] = {}
 
 
 def upgrade_requested(headers: Headers) -> bytes | None:
@@ -275,7 +319,7 @@ def upgrade_requested(headers: Headers) -> bytes | None:
     The protocol a request asks to switch to (C{Upgrade}, with C{upgrade} listed in
     C{Connection}), or C{None}.
     """
-    values = headers.getRawHeaders(b"upgrade")
+    values = headers._rawHeaders.get(_UPGRADE)
     if not values or b"upgrade" not in connection_listed(headers):
         return None
     return b", ".join(values)
@@ -374,34 +418,32 @@ def gateway_request_headers(
     headers = _forwardable(
         client, _TO_GATEWAY_DROP_TRUSTED if trusted_peer else _TO_GATEWAY_DROP, listed
     )
+    given = client._rawHeaders
+    fields = headers._rawHeaders
     # The proxy's own cookies (the token, the container marker) are the proxy's business only.
     if b"cookie" not in listed:
-        cookies = strip_token_cookie(client.getRawHeaders(b"cookie", []), PROXY_COOKIES)
+        cookies = strip_token_cookie(given.get(_COOKIE, ()), PROXY_COOKIES)
         if cookies:
-            headers.setRawHeaders(b"cookie", cookies)
-    referers = headers.getRawHeaders(b"referer")
+            fields[_COOKIE] = cookies
+    referers = fields.get(_REFERER)
     if referers:
-        headers.setRawHeaders(b"referer", [scrub_referer(value) for value in referers])
+        fields[_REFERER] = [scrub_referer(value) for value in referers]
 
-    prior_for = client.getRawHeaders(b"x-forwarded-for", []) if trusted_peer else []
+    prior_for = given.get(_X_FORWARDED_FOR, ()) if trusted_peer else ()
     chain = [v.strip() for v in b", ".join(prior_for).split(b",") if v.strip()]
     if client_ip:
         chain.append(client_ip.encode("ascii"))
     if chain:
-        headers.setRawHeaders(b"x-forwarded-for", [b", ".join(chain)])
-    forwarded_proto = client.getRawHeaders(b"x-forwarded-proto") if trusted_peer else None
-    headers.setRawHeaders(
-        b"x-forwarded-proto", [forwarded_proto[-1] if forwarded_proto else proto.encode("ascii")]
-    )
-    forwarded_host = client.getRawHeaders(b"x-forwarded-host") if trusted_peer else None
-    headers.setRawHeaders(
-        b"x-forwarded-host", [forwarded_host[-1] if forwarded_host else request_host]
-    )
+        fields[_X_FORWARDED_FOR] = [b", ".join(chain)]
+    forwarded_proto = given.get(_X_FORWARDED_PROTO) if trusted_peer else None
+    fields[_X_FORWARDED_PROTO] = [forwarded_proto[-1] if forwarded_proto else proto.encode("ascii")]
+    forwarded_host = given.get(_X_FORWARDED_HOST) if trusted_peer else None
+    fields[_X_FORWARDED_HOST] = [forwarded_host[-1] if forwarded_host else request_host]
 
-    headers.setRawHeaders(TARGET_UUID, [target_uuid.encode("ascii")])
-    headers.setRawHeaders(TARGET_PORT, [b"%d" % (target_port,)])
-    headers.setRawHeaders(REQUEST_HOST, [request_host])
-    headers.setRawHeaders(AUTHORIZATION, [authorization.encode("ascii")])
+    fields[_TARGET_UUID] = [target_uuid.encode("ascii")]
+    fields[_TARGET_PORT] = [b"%d" % (target_port,)]
+    fields[_REQUEST_HOST] = [request_host]
+    fields[_AUTHORIZATION] = [authorization.encode("ascii")]
     return headers
 
 
@@ -411,7 +453,7 @@ def container_request_headers(gateway: Headers, request_host: bytes) -> Headers:
     hop-by-hop and C{x-arvados-*} headers, with C{Host} set to the original request's host.
     """
     headers = _forwardable(gateway, _TO_CONTAINER_DROP, connection_listed(gateway))
-    headers.setRawHeaders(b"host", [request_host])
+    headers._rawHeaders[_HOST_FIELD] = [request_host]
     return headers
 
 
@@ -439,7 +481,7 @@ def response_headers(upstream: Headers) -> Headers:
     end-to-end headers only, and the service's cookies scrubbed (L{scrub_set_cookie}).
     """
     headers = _forwardable(upstream, _RESPONSE_DROP, connection_listed(upstream))
-    cookies = headers.getRawHeaders(b"set-cookie")
+    cookies = headers._rawHeaders.get(_SET_COOKIE)
     if cookies:
         kept = [c for c in (scrub_set_cookie(value) for value in cookies) if c is not None]
         if kept:

@@ -320,9 +320,10 @@ def parsed_headers(fields: list[tuple[bytes, bytes]]) -> tuple[Headers, int | No
     request's headers).
     """
     fields_by_name: dict[bytes, list[bytes]] = {}
+    known = _nameEncoder._canonicalHeaderCache.get
     canonical = _nameEncoder.encode
     for name, value in fields:
-        name = canonical(name)
+        name = known(name) or canonical(name)
         values = fields_by_name.get(name)
         if values is None:
             fields_by_name[name] = [value]

@@ -675,6 +675,62 @@ class GatewayRequestHeaderTests(TableMixin, SynchronousTestCase):
         self.assertEqual(as_dict(client), before)
 
 
+class ForwardableDecisionTests(SynchronousTestCase):
+    """
+    L{policy._forwardable} keeps whether each name passes: kept answers must be the answers,
+    whatever the spelling, with or without names listed in C{Connection}, and when no more
+    can be kept.
+    """
+
+    ATTACKS = [
+        [(b"X-Arvados-Target-Uuid", OTHER_CTR.encode("ascii")), (b"Accept", b"*/*")],
+        [(b"x-arvados-target-port", b"22"), (b"X-ARVADOS-AUTHORIZATION", b"forged")],
+        [(b"Connection", b"x-keep, accept"), (b"X-Keep", b"1"), (b"Accept", b"*/*")],
+        [(b"Connection", b"keep-alive"), (b"Keep-Alive", b"timeout=5"), (b"TE", b"trailers")],
+        [(b"Transfer-Encoding", b"chunked"), (b"Proxy-Authorization", b"x"), (b"Host", b"e")],
+        [(b"Cookie", b"a=1"), (b"Content-Length", b"5"), (b"Forwarded", b"for=6.6.6.6")],
+        [(b"X-Forwarded-For", b"6.6.6.6"), (b"X-Keep", b"2"), (b"Upgrade", b"websocket")],
+    ]
+
+    def answers(self) -> list[object]:
+        results: list[object] = []
+        for pairs in self.ATTACKS:
+            client = headers_of(*pairs)
+            results.append(to_gateway(client))
+            results.append(to_gateway(client, trusted_peer=True))
+            results.append(as_dict(policy.container_request_headers(client, REQUEST_HOST)))
+            results.append(as_dict(policy.response_headers(client)))
+        return results
+
+    def test_kept_answers_are_the_answers(self) -> None:
+        """Cold, warm, and with nothing kept, every attack gets the same headers through."""
+        self.patch(policy, "_decisions", {})
+        cold = self.answers()
+        self.assertTrue(policy._decisions)
+        self.assertEqual(self.answers(), cold)
+        self.patch(policy, "_decisions", {})
+        self.patch(policy, "_MAX_DECISIONS", 0)
+        self.patch(policy, "_MAX_DROPPED_SETS", 0)
+        self.assertEqual(self.answers(), cold)
+        self.assertEqual(policy._decisions, {})
+        # What passes is what the rules say, not just the same every time.
+        self.assertNotIn(b"accept", cold[8])
+        self.assertNotIn(b"x-keep", cold[8])
+        self.assertEqual(cold[0][b"x-arvados-target-uuid"], [CTR.encode("ascii")])
+
+    def test_bounded(self) -> None:
+        """A client inventing names fills the kept answers only up to their bound."""
+        self.patch(policy, "_decisions", {})
+        self.patch(policy, "_MAX_DECISIONS", 5)
+        for i in range(50):
+            client = headers_of((b"X-Name-%d" % i, b"1"), (b"X-Arvados-Target-Port-%d" % i, b"2"))
+            self.assertEqual(
+                as_dict(policy.container_request_headers(client, REQUEST_HOST)),
+                {b"x-name-%d" % i: [b"1"], b"host": [REQUEST_HOST]},
+            )
+        self.assertEqual([len(kept) for kept in policy._decisions.values()], [5])
+
+
 class RefererTests(TableMixin, SynchronousTestCase):
     """L{policy.scrub_referer}: the page a browser came from may have had the token in its URL."""
 
