@@ -362,6 +362,8 @@ class ProxyChannel(Protocol):
         self._pauses: list[object] = []
         self._last_heard = 0.0
         self._timer: Any = None
+        # What the site's handler keeps about this connection from one request to the next.
+        self.kept: Any = None
 
     def connectionMade(self) -> None:
         tune_transport(self.transport)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, cast
 
 from twisted.internet.address import IPv4Address
@@ -17,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from arvproxy import policy
 from arvproxy.backends import CAN_MANAGE, CAN_READ, CAN_WRITE, CANCELLED, COMPLETE, LOCKED, QUEUED
+from arvproxy.backends.cache import CachedCluster
 from arvproxy.config import ClusterConfig, ExternalURL
 from arvproxy.controller.proxy import Controller
 from arvproxy.errors import BadGateway, GatewayTimeout, NotFound, Unauthorized
@@ -407,6 +409,171 @@ class ContainerStateTests(ControllerTestCase):
             self.assertError(response, 404)
             answers.append(response.body.replace(uuid.encode(), b"UUID"))
         self.assertEqual(answers[0], answers[1])
+
+
+class KeptDecisionTests(ControllerTestCase):
+    """
+    The decision kept on a connection (L{Controller._decided}) lets a request through without
+    its checks only when they would decide the same: the same Host and cookies, nothing changed
+    in the cluster (a L{CachedCluster} with a version), and the token not expired.  Each row
+    opens a connection, lets alice through once, then sends its second request on it.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.version = 1
+        self.cached = CachedCluster(self.clock, self.cluster, 60.0, version=lambda: self.version)
+        self.site = ProxySite(
+            Controller(self.clock, self.config, self.cached, cast(Any, self.gateways)), self.clock
+        )
+        self.decided = 0
+        controller: Any = self.site.handler
+        decide = controller._decide
+
+        def counted(*args: Any) -> Any:
+            self.decided += 1
+            return decide(*args)
+
+        controller._decide = counted
+
+    def on(self, client: MemoryClient, host: bytes, target: bytes = b"/", cookies: Any = ()) -> int:
+        """Send one more request on C{client}'s connection; its status."""
+        client.transport.clear()
+        client.send(request_bytes(b"GET", target, list(cookies), b"", host=host))
+        response = client.response()
+        self.assertNoSecrets(response)
+        return response.status
+
+    def changed(self) -> None:
+        """The registry's data changed; the cache looks again in the next reactor turn."""
+        self.version += 1
+        self.clock.advance(0)
+
+    def revoke(self) -> None:
+        self.cluster.revoke_token(self.tokens["alice"])
+        self.changed()
+
+    def finish(self) -> None:
+        self.cluster.update_container(self.container.uuid, state=COMPLETE)
+        self.changed()
+
+    def unshare(self) -> None:
+        self.cluster.container_requests[self.cr.uuid] = replace(self.cr, owner_uuid=self.dave.uuid)
+        self.changed()
+
+    def test_table(self) -> None:
+        rows: list[tuple[str, Any, Any, int]] = [
+            # (what happens between the requests, the second request, its status)
+            ("nothing", None, lambda alice, host, other: (host, b"/", [alice]), 200),
+            (
+                "another user's token",
+                None,
+                lambda alice, host, other: (host, b"/", [cookie(self.tokens["dave"])]),
+                404,
+            ),
+            ("no token", None, lambda alice, host, other: (host, b"/", []), 401),
+            (
+                "another vhost",
+                None,
+                lambda alice, host, other: (self.host(other.uuid), b"/", [alice]),
+                404,
+            ),
+            (
+                "another port",
+                None,
+                lambda alice, host, other: (self.host(self.cr.uuid, 9999), b"/", [alice]),
+                200,
+            ),
+            (
+                "a token in the query",
+                None,
+                lambda alice, host, other: (
+                    host,
+                    b"/?arvados_api_token=" + self.tokens["alice"].encode(),
+                    [alice],
+                ),
+                303,
+            ),
+            (
+                "a previous container's cookie",
+                None,
+                lambda alice, host, other: (
+                    host,
+                    b"/",
+                    [
+                        alice,
+                        (b"Cookie", b"arvados_container_uuid=" + other.container_uuid.encode()),
+                    ],
+                ),
+                303,
+            ),
+            ("token revoked", self.revoke, lambda alice, host, other: (host, b"/", [alice]), 401),
+            (
+                "container finished",
+                self.finish,
+                lambda alice, host, other: (host, b"/", [alice]),
+                410,
+            ),
+            (
+                "request no longer alice's",
+                self.unshare,
+                lambda alice, host, other: (host, b"/", [alice]),
+                404,
+            ),
+        ]
+        for name, between, second, status in rows:
+            self.setUp()  # A fresh cluster and front door for each row.
+            other = self.cluster.add_container_request(
+                self.dave.uuid, self.cluster.add_container(gateway_address=GATEWAY).uuid
+            )
+            alice, host = cookie(self.tokens["alice"]), self.host(self.cr.uuid)
+            client = MemoryClient(self.site, IPv4Address("TCP", "127.0.0.1", 40000))
+            self.assertEqual(self.on(client, host, cookies=[alice]), 200, name)
+            self.assertEqual(self.decided, 1, name)
+            if between is not None:
+                between()
+            second_host, target, cookies = second(alice, host, other)
+            self.assertEqual(self.on(client, second_host, target, cookies), status, name)
+            # Only the unchanged request goes through on the kept decision.
+            self.assertEqual(self.decided, 1 if name == "nothing" else 2, name)
+
+    def test_expired_token(self) -> None:
+        """A token that expires is refused on the connection that was let through with it."""
+        short = cookie(self.cluster.add_token(self.alice.uuid, ttl=30))
+        client = MemoryClient(self.site, IPv4Address("TCP", "127.0.0.1", 40000))
+        host = self.host(self.cr.uuid)
+        self.assertEqual(self.on(client, host, cookies=[short]), 200)
+        self.clock.advance(29)
+        self.assertEqual(self.on(client, host, cookies=[short]), 200)
+        self.assertEqual(self.decided, 1)
+        self.clock.advance(1)
+        self.assertEqual(self.on(client, host, cookies=[short]), 401)
+
+    def test_per_connection(self) -> None:
+        """A decision is its connection's: another connection is checked on its own."""
+        host = self.host(self.cr.uuid)
+        first = MemoryClient(self.site, IPv4Address("TCP", "127.0.0.1", 40000))
+        self.assertEqual(self.on(first, host, cookies=[cookie(self.tokens["alice"])]), 200)
+        second = MemoryClient(self.site, IPv4Address("TCP", "127.0.0.1", 40001))
+        self.assertEqual(self.on(second, host, cookies=[cookie(self.tokens["dave"])]), 404)
+        self.assertEqual(self.on(second, host, cookies=[cookie(self.tokens["alice"])]), 200)
+        self.assertEqual(self.decided, 3)
+
+    def test_not_kept_without_version(self) -> None:
+        """A cluster that cannot say when its answers change gets every request checked."""
+        self.cached = CachedCluster(self.clock, self.cluster, 60.0)
+        self.site = ProxySite(
+            Controller(self.clock, self.config, self.cached, cast(Any, self.gateways)), self.clock
+        )
+        client = MemoryClient(self.site, IPv4Address("TCP", "127.0.0.1", 40000))
+        calls = len(self.cluster.called("authenticate"))
+        for _ in range(3):
+            self.assertEqual(
+                self.on(client, self.host(self.cr.uuid), cookies=[cookie(self.tokens["alice"])]),
+                200,
+            )
+        self.assertEqual(len(self.cluster.called("authenticate")), calls + 1)
+        self.assertIsNone(client.protocol.kept)
 
 
 class ForwardingTests(ControllerTestCase):

@@ -175,6 +175,7 @@ class CachedCluster:
         self._version = version
         self._seen: object | None = None
         self._checked = False
+        self._generation = 0
         self._containers: AnswerCache[Container] | None = None
         self._caches: list[AnswerCache[Any]] = [
             self._credentials,
@@ -201,14 +202,29 @@ class CachedCluster:
         current = self._version()
         if current is None or current != self._seen:
             self._seen = current
-            for cache in self._caches:
-                cache.clear()
+            self._forget_all()
         if current is not None:
             self._checked = True
             self._clock.callLater(0, self._next_turn)
 
     def _next_turn(self) -> None:
         self._checked = False
+
+    def _forget_all(self) -> None:
+        self._generation += 1
+        for cache in self._caches:
+            cache.clear()
+
+    def generation(self) -> int | None:
+        """
+        A number that stays the same only while every answer this cluster gives stays the same
+        (checked as L{_revalidate} does: once per reactor turn); C{None} without C{version},
+        when answers may change unseen (for up to C{ttl}), so no decision may outlive a request.
+        """
+        if self._version is None:
+            return None
+        self._revalidate()
+        return self._generation
 
     def authenticate(self, token: str) -> Deferred[Credentials]:
         self._revalidate()
@@ -253,11 +269,13 @@ class CachedCluster:
 
     def exchange_token(self, token: str, ttl: float) -> Deferred[str]:
         """Exchange, and forget the used-up token at once (see L{RegistryStore.exchange_token})."""
+        self._generation += 1  # Decisions made with the used-up token no longer hold.
         self._credentials.forget(token_key(token))
         d: Deferred[str] = self._cluster.exchange_token(token, ttl)
         return d.addBoth(self._forgetting, token_key(token))
 
     def _forgetting(self, result: Any, key: str) -> Any:
+        self._generation += 1
         self._credentials.forget(key)
         return result
 

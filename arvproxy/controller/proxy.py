@@ -10,6 +10,8 @@ then streams the answer back (L{arvproxy.streaming}).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from OpenSSL import SSL
@@ -288,6 +290,8 @@ class Controller:
         self._gateways = gateways
         self._slots = ConnectionSlots(config.limits.max_connections_per_container)
         self.portal = Portal(reactor, config, cluster)
+        # Decisions are kept only with a cluster that says when its answers change.
+        self._generation: Callable[[], int | None] | None = getattr(cluster, "generation", None)
 
     async def __call__(self, request: StreamingRequest) -> None:
         external = self._config.external_url
@@ -305,6 +309,38 @@ class Controller:
             )
 
         uri, query_token = policy.split_query_token(request.uri)
+        decided = self._decided(request, host) if query_token is None else None
+        if decided is None:
+            decided = await self._decide(request, target, host, uri, query_token)
+            if decided is None:
+                return  # Answered already: a redirect.
+        container, seen = decided
+        remember = seen != container.uuid.encode("ascii")
+        with self._slots.hold(container.uuid) as slot:
+            tunnel = await self._forward(
+                request, target, container.uuid, container.gateway_address, host, remember
+            )
+            if tunnel is not None:
+                # The open tunnel keeps the slot; this handler (and the request) can go.
+                slot.keep_until(tunnel)
+
+    async def _decide(
+        self,
+        request: StreamingRequest,
+        target: policy.Target,
+        host: bytes,
+        uri: bytes,
+        query_token: bytes | None,
+    ) -> tuple[Any, bytes | None] | None:
+        """
+        Whether C{request} may reach the service C{target} names: check the token and the
+        user's permission, and find the running container.
+
+        @return: the container, and the one the browser says it saw last (its cookie); C{None}
+            when the request has been answered instead (a redirect that moves a query token
+            into a cookie, or that clears a previous container's state).
+        @raise ProxyError: the request is refused.
+        """
         seen = sitedata.seen_container(request.requestHeaders)
         found: tuple[Any, list[Any]] | None = None
         if query_token is not None or seen is not None:
@@ -320,14 +356,10 @@ class Controller:
                 if query_token:
                     query_token = await self._session_token(query_token)
                 self._redirect(request, uri, query_token, new)
-                return
+                return None
 
         token = policy.token_from_cookies(request.requestHeaders)
-        refusal: ProxyError = Unauthorized(
-            "You need to sign in to open this container's service.",
-            hint="Open the link with your token (?arvados_api_token=...) once, "
-            "or ask the container's owner to share the container request with you.",
-        )
+        refusal: ProxyError | None = None
         credentials = None
         if token is not None:
             try:
@@ -341,7 +373,11 @@ class Controller:
             # Only a public port opens without a valid token; nothing else is revealed.
             found = found or await self._try_resolve(target.uuid)
             if found is None or not permissions.is_public(target.uuid, target.port, *found):
-                raise refusal
+                raise refusal or Unauthorized(
+                    "You need to sign in to open this container's service.",
+                    hint="Open the link with your token (?arvados_api_token=...) once, "
+                    "or ask the container's owner to share the container request with you.",
+                )
             container, requests = found
         else:
             try:
@@ -362,14 +398,53 @@ class Controller:
                         )
                 permissions.check_access(credentials, target.uuid, requests, levels)
         permissions.check_running(container, target.uuid)
-        remember = seen != container.uuid.encode("ascii")
-        with self._slots.hold(container.uuid) as slot:
-            tunnel = await self._forward(
-                request, target, container.uuid, container.gateway_address, host, remember
-            )
-            if tunnel is not None:
-                # The open tunnel keeps the slot; this handler (and the request) can go.
-                slot.keep_until(tunnel)
+        self._keep(request, host, container, seen, credentials)
+        return container, seen
+
+    # The last decision on each connection: a browser or client sends request after request
+    # with the same Host and cookies, and while the cluster's answers stay the same (the cache's
+    # generation) and the token has not expired, the same checks would decide the same.
+
+    def _keep(
+        self,
+        request: StreamingRequest,
+        host: bytes,
+        container: Any,
+        seen: bytes | None,
+        credentials: Any,
+    ) -> None:
+        """Keep the decision to let C{request} through on its connection."""
+        generation = self._generation() if self._generation is not None else None
+        if generation is None:
+            return
+        expires = credentials.expires_at if credentials is not None else None
+        request.channel.kept = _Decision(
+            host,
+            policy.cookie_values(request.requestHeaders),
+            generation,
+            expires.timestamp() if expires is not None else None,
+            container,
+            seen,
+        )
+
+    def _decided(self, request: StreamingRequest, host: bytes) -> tuple[Any, bytes | None] | None:
+        """
+        The decision kept on C{request}'s connection, when it holds for C{request}: the same
+        Host and cookies, nothing in the cluster changed since, and the token still valid.
+        """
+        kept: _Decision | None = request.channel.kept
+        if kept is None:
+            return None
+        assert self._generation is not None
+        if (
+            kept.host != host
+            or kept.cookies != policy.cookie_values(request.requestHeaders)
+            or kept.generation != self._generation()
+            or (kept.expires is not None and kept.expires <= self._reactor.seconds())
+        ):
+            request.channel.kept = None
+            return None
+        return kept.container, kept.seen
 
     async def _session_token(self, query_token: bytes) -> bytes:
         """
@@ -533,6 +608,18 @@ class Controller:
             return relay_upgrade(request, response)
         await relay_response(request, response)
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Decision:
+    """A connection's last decision (see L{Controller._keep})."""
+
+    host: bytes
+    cookies: list[bytes] | None
+    generation: int
+    expires: float | None
+    container: Any
+    seen: bytes | None
 
 
 class _Discard(Protocol):
