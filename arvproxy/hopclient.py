@@ -52,7 +52,13 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from arvproxy import policy
-from arvproxy.streaming import add_field_lines, closing, parsed_headers, send_now
+from arvproxy.streaming import (
+    add_field_lines,
+    add_parsed_field,
+    closing,
+    parsed_headers,
+    send_now,
+)
 
 log = Logger()
 
@@ -247,7 +253,7 @@ class HopConnection(Protocol):
         self._announced = False
         self._method = b""
         self._phrase = b""
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._headers: dict[bytes, list[bytes]] = {}
         self._headers_done = False
         self._header_bytes = 0
         self._interim = False
@@ -392,7 +398,7 @@ class HopConnection(Protocol):
         if self._header_bytes > MAX_ANSWER_HEADERS:
             raise ProtocolError("the answer's headers (or trailers) are too large")
         if not self._headers_done:  # Trailers are not relayed.
-            self._headers.append((name, value))
+            add_parsed_field(self._headers, name, value)
 
     def on_headers_complete(self) -> None:
         code = self._parser.get_status_code()
@@ -402,7 +408,7 @@ class HopConnection(Protocol):
             self._interim = True
             if code != 100 and self._informational is not None:
                 self._informational(code, self._phrase, parsed_headers(self._headers)[0])
-            self._headers = []
+            self._headers = {}
             return
         self._headers_done = True
         self._informational = None
@@ -413,7 +419,7 @@ class HopConnection(Protocol):
         if self._method == b"HEAD" or code in NO_BODY_CODES:
             length = 0
         self._response = HopResponse(self, code, self._phrase, headers, length)
-        self._headers = []
+        self._headers = {}
         if self._method == b"HEAD":
             self._complete = True
             raise _AnswerComplete()

@@ -49,6 +49,7 @@ from arvproxy.errors import ProxyError
 from arvproxy.streaming import (
     RequestBody,
     add_field_lines,
+    add_parsed_field,
     parsed_headers,
     send_now,
     tune_transport,
@@ -346,7 +347,7 @@ class ProxyChannel(Protocol):
         # The head being parsed: its target, headers, size (as parsed, and as read in reads
         # that ended inside it) and when it began.
         self._url: list[bytes] = []
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._headers: dict[bytes, list[bytes]] = {}
         self._head_bytes = 0
         self._head_read = 0
         self._head_began: float | None = None
@@ -477,7 +478,7 @@ class ProxyChannel(Protocol):
         if self._head_bytes > self._max_header_bytes:
             raise _Refusal(_HEADERS_TOO_LARGE)
         if self._parsing is None:  # Trailers are not passed on.
-            self._headers.append((name, value))
+            add_parsed_field(self._headers, name, value)
 
     def _count(self, size: int) -> None:
         self._head_bytes += size
@@ -516,7 +517,7 @@ class ProxyChannel(Protocol):
             parser.should_keep_alive(),
         )
         self._url = []
-        self._headers = []
+        self._headers = {}
         self._head_began = None
         self._parsing = request
         self._queue.append(request)

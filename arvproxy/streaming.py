@@ -308,35 +308,42 @@ class StreamingEndpoint:
         return protocol
 
 
-def parsed_headers(fields: list[tuple[bytes, bytes]]) -> tuple[Headers, int | None, list[bytes]]:
+_known_field_name = _nameEncoder._canonicalHeaderCache.get
+_canonical_field_name = _nameEncoder.encode
+
+
+def add_parsed_field(fields: dict[bytes, list[bytes]], name: bytes, value: bytes) -> None:
     """
-    The header fields llhttp parsed from a message, as L{Headers}, with the framing they
-    declare: the C{Content-Length} (llhttp has checked it: digits, and only one) or C{None},
-    and the transfer codings, lower-case, in order.
+    Gather a header field llhttp parsed (in a parser's C{on_header}) under its name in
+    Twisted's canonical form, for L{parsed_headers}.
+    """
+    name = _known_field_name(name) or _canonical_field_name(name)
+    values = fields.get(name)
+    if values is None:
+        fields[name] = [value]
+    else:
+        values.append(value)
+
+
+def parsed_headers(fields: dict[bytes, list[bytes]]) -> tuple[Headers, int | None, list[bytes]]:
+    """
+    The header fields llhttp parsed from a message, gathered by L{add_parsed_field}, as
+    L{Headers}, with the framing they declare: the C{Content-Length}
+    (llhttp has checked it: digits, and only one) or C{None}, and the transfer codings,
+    lower-case, in order.
 
     llhttp has refused any name that is not a token and any CR, LF or NUL in a value, so the
-    fields go into the L{Headers} as they are, under its canonical names, without the scrubbing
-    of each value that L{Headers.addRawHeader} does (about a third of the cost of parsing a
-    request's headers).
+    fields go into the L{Headers} as they are, without the scrubbing of each value that
+    L{Headers.addRawHeader} does (about a third of the cost of parsing a request's headers).
     """
-    fields_by_name: dict[bytes, list[bytes]] = {}
-    known = _nameEncoder._canonicalHeaderCache.get
-    canonical = _nameEncoder.encode
-    for name, value in fields:
-        name = known(name) or canonical(name)
-        values = fields_by_name.get(name)
-        if values is None:
-            fields_by_name[name] = [value]
-        else:
-            values.append(value)
-    lengths = fields_by_name.get(b"Content-Length")
+    lengths = fields.get(b"Content-Length")
     codings = [
         coding.strip().lower()
-        for value in fields_by_name.get(b"Transfer-Encoding", ())
+        for value in fields.get(b"Transfer-Encoding", ())
         for coding in value.split(b",")
     ]
     headers = Headers()
-    headers._rawHeaders = fields_by_name
+    headers._rawHeaders = fields
     return headers, int(lengths[-1]) if lengths else None, codings
 
 

@@ -165,8 +165,12 @@ def container_error(port: int, error: Exception) -> ProxyError | None:
     return None
 
 
+@functools.lru_cache(maxsize=256)
 def translate_container_errors(port: int) -> Translating:
-    """Turns failures to reach the service on C{port} into the errors the client should see."""
+    """
+    Turns failures to reach the service on C{port} into the errors the client should see (one
+    for each port, made once: it wraps every request).
+    """
     return Translating(functools.partial(container_error, port))
 
 
