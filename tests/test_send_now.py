@@ -33,6 +33,7 @@ from arvproxy.httpserver import ProxySite, StreamingRequest
 from arvproxy.streaming import (
     EAGER_SEND_MAX,
     EAGER_WRITE_MAX,
+    SEND_BATCH,
     TLS_BATCH,
     StreamingEndpoint,
     send_now,
@@ -59,6 +60,11 @@ def read_count(sock: socket.socket, size: int) -> bytes:
             break
         received += chunk
     return received
+
+
+async def next_turn() -> None:
+    """Let the reactor end its turn (and send what tuned sockets hold)."""
+    await deferLater(reactor, 0, lambda: None)
 
 
 def nothing_yet(sock: socket.socket) -> bool:
@@ -157,14 +163,70 @@ class SendNowTests(TestCase):
             sock.settimeout(WAIT)
             self.assertEqual(sock.recv(100), b"head body", tls)
 
-    async def test_tuned_write_leaves_at_once(self) -> None:
-        """A tuned socket sends a write (or a sequence, joined) without waiting for the reactor."""
+    async def test_tuned_write_leaves_this_turn(self) -> None:
+        """
+        A tuned socket sends a write (or a sequence, joined) when the reactor's turn ends, with
+        what followed it in the turn, never queued for the socket to be reported writable.
+        """
         server, sock = await self._pair()
         tune_transport(server.transport)
         server.transport.write(b"first")
-        self.assertEqual(arrived(sock), b"first")
         server.transport.writeSequence([b"a", b"b", b"c"])
-        self.assertEqual(arrived(sock), b"abc")
+        self.assertTrue(nothing_yet(sock), "sent before the turn ended")
+        self.assertEqual(server.transport._tempDataBuffer, [])
+        self.assertNotIn(server.transport, reactor.getWriters())
+        await next_turn()
+        self.assertEqual(arrived(sock), b"firstabc")
+
+    async def test_batch_of_sockets_leaves_at_once(self) -> None:
+        """When SEND_BATCH tuned sockets hold a message, all of them send without waiting."""
+        pairs = [await self._pair() for _ in range(SEND_BATCH)]
+        for i, (server, _) in enumerate(pairs):
+            tune_transport(server.transport)
+            server.transport.write(b"message %d" % (i,))
+        self.assertEqual(
+            [arrived(sock) for _, sock in pairs],
+            [b"message %d" % (i,) for i in range(SEND_BATCH)],
+        )
+
+    async def test_held_write_then_close(self) -> None:
+        """
+        A connection closed in the turn of a write sends it first, then closes: also from a
+        timed call, after which the reactor would meet the closing socket before the turn's end.
+        """
+        server, sock = await self._pair()
+        tune_transport(server.transport)
+
+        def last_words() -> None:
+            server.transport.write(b"last words")
+            server.transport.loseConnection()
+
+        reactor.callLater(0, last_words)
+        self.assertEqual(await threads.deferToThread(read_to_end, sock), b"last words")
+
+    async def test_held_write_then_abort(self) -> None:
+        """A connection aborted in the turn of a write never sends it, nor queues it."""
+        server, sock = await self._pair()
+        tune_transport(server.transport)
+        sent: list[bytes] = []
+        server.transport.writeSomeData = sent.append
+        server.transport.write(b"never")
+        server.transport.abortConnection()
+        await next_turn()
+        self.assertEqual((sent, server.transport._tempDataBuffer), ([], []))
+        self.assertTrue(server.transport.disconnected)
+
+    async def test_held_writes_keep_their_order(self) -> None:
+        """Writes of any size in one turn behind a held one arrive in order, all of them."""
+        server, sock = await connected_pair(self, roomy=True)
+        tune_transport(server.transport)
+        big = PAYLOAD[: EAGER_SEND_MAX + 1]
+        writes = [b"head", big, b"middle", big, big, b"tail"]
+        for data in writes:
+            server.transport.write(data)
+        expected = b"".join(writes)
+        received = await threads.deferToThread(read_count, sock, len(expected))
+        self.assertEqual(received, expected)
 
     async def test_tuned_tls_writes_leave_encrypted(self) -> None:
         """
@@ -181,22 +243,25 @@ class SendNowTests(TestCase):
             received = await threads.deferToThread(read_count, sock, EAGER_WRITE_MAX + 6)
             self.assertEqual(received, b"first" + b"x" * (EAGER_WRITE_MAX + 1), tls)
 
-    async def test_tuned_tls_write_leaves_at_once(self) -> None:
-        """A small write on a tuned TLS connection is encrypted and sent without waiting."""
+    async def test_tuned_tls_write_leaves_this_turn(self) -> None:
+        """A small write on a tuned TLS connection is encrypted and sent as the turn ends."""
         server, sock = await self._pair("wrapped")
         # What the handshake left (session tickets) goes first, when the reactor turns.
         await deferLater(reactor, 0.1, lambda: None)
         tune_transport(server.transport)
         server.transport.write(b"frame")
+        self.assertNotIn(server.transport.transport, reactor.getWriters())
+        await next_turn()
         sock.settimeout(WAIT)
         self.assertEqual(sock.recv(100), b"frame")
 
-    async def test_tuned_batch_leaves_at_once(self) -> None:
-        """A batch of a stream (TLS records, or their plaintext) is sent without waiting."""
+    async def test_tuned_batch_leaves_this_turn(self) -> None:
+        """A batch of a stream (TLS records, or their plaintext) is never queued."""
         server, sock = await connected_pair(self, roomy=True)  # Room for all of it at once.
         tune_transport(server.transport)
         server.transport.write(PAYLOAD[:EAGER_SEND_MAX])
         self.assertEqual(server.transport._tempDataBuffer, [])
+        self.assertNotIn(server.transport, reactor.getWriters())
         sock.settimeout(WAIT)
         received = await threads.deferToThread(read_count, sock, EAGER_SEND_MAX)
         self.assertEqual(received, PAYLOAD[:EAGER_SEND_MAX])
@@ -207,6 +272,7 @@ class SendNowTests(TestCase):
         tune_transport(server.transport)
         server.transport.write(b"x" * (EAGER_SEND_MAX + 1))
         self.assertTrue(nothing_yet(sock))
+        self.assertIn(server.transport, reactor.getWriters())
         send_now(server.transport)
         self.assertEqual(
             len(await threads.deferToThread(read_count, sock, EAGER_SEND_MAX + 1)),
@@ -415,7 +481,10 @@ class TLSBatchTests(TestCase):
 
 
 class MessageEndTests(TestCase):
-    """Both hops send each finished message at once: a response, and a request's head."""
+    """
+    Both hops send each finished message in the reactor's turn that finished it (never queued
+    for the socket to be reported writable): a response, and a request's head.
+    """
 
     async def test_response_sent_when_finished(self) -> None:
         seen: list[bytes] = []
@@ -425,7 +494,11 @@ class MessageEndTests(TestCase):
             request.setHeader(b"content-length", b"2")
             request.write(b"ok")
             request.finish()
-            # Still inside the reactor's turn that read the request.
+            # Still inside the reactor's turn that read the request: it leaves when it ends.
+            transport = request.channel.transport
+            self.assertEqual(transport._tempDataBuffer, [])
+            self.assertNotIn(transport, reactor.getWriters())
+            await next_turn()
             seen.append(arrived(client[0]))
 
         port = reactor.listenTCP(0, ProxySite(handler, reactor), interface="127.0.0.1")
@@ -466,6 +539,9 @@ class MessageEndTests(TestCase):
         self.assertTrue(connection.transport.getTcpNoDelay())
 
         second = pool.request("upstream", endpoint, b"GET", b"/2", Headers(), None)
+        self.assertEqual(connection.transport._tempDataBuffer, [])
+        self.assertNotIn(connection.transport, reactor.getWriters())
+        await next_turn()
         self.assertTrue(arrived(upstream).startswith(b"GET /2 HTTP/1.1\r\n"))
         upstream.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
         await second
