@@ -490,7 +490,7 @@ class RequestBody:
     """
 
     def __init__(self, request: StreamingRequest, length: int | None) -> None:
-        self._request = request
+        self._request: StreamingRequest | None = request
         self.length: int | object = iweb.UNKNOWN_LENGTH if length is None else length
         self.complete = False
         self.received = 0
@@ -526,6 +526,10 @@ class RequestBody:
         self.complete = True
         # Whatever the client sends next is another request's business.
         self._resume_client()
+        # Nothing more is asked of the request (no pause, no 100 Continue): without the cycle
+        # between the two, a request and its headers go when it ends, not when the garbage
+        # collector next runs (that cost each hop about a tenth of its CPU per small request).
+        self._request = None
         self._maybe_done()
 
     def clientGone(self, reason: Failure) -> None:
@@ -544,7 +548,8 @@ class RequestBody:
             # The client left before the next hop asked: the body will never be complete.
             return defer.fail(self._gone)
         self._consumer = consumer
-        self._request.sendContinue()
+        if self._request is not None:
+            self._request.sendContinue()
         # Kept here: _maybe_done may fire and forget self._done before this returns.
         done = self._done = defer.Deferred()
         self._flush()
@@ -587,11 +592,13 @@ class RequestBody:
     def _pause_client(self) -> None:
         if not self.complete and not self._client_paused:
             self._client_paused = True
+            assert self._request is not None  # Until complete.
             self._request.pause_client(self)
 
     def _resume_client(self) -> None:
         if self._client_paused:
             self._client_paused = False
+            assert self._request is not None  # Until complete.
             self._request.resume_client(self)
 
 

@@ -5,6 +5,8 @@ and how it frames responses.  In memory, with a fake clock.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 from twisted.internet import defer
@@ -323,3 +325,27 @@ class UpgradeTests(SynchronousTestCase):
         client.send(self.UPGRADE + b"first")
         client.send(b"second")
         self.assertEqual(b"".join(tunnel), b"firstsecond")
+
+
+class ReferenceCycleTests(SynchronousTestCase):
+    """A served request leaves no reference cycle: it goes when it ends, not when the GC runs."""
+
+    def test_requests_go_when_answered(self) -> None:
+        gc.disable()
+        self.addCleanup(gc.enable)
+        served: list[weakref.ref[StreamingRequest]] = []
+
+        async def handler(request: StreamingRequest) -> None:
+            served.append(weakref.ref(request))
+            if not request.body.empty:
+                await request.body.startProducing(BodyCollector())
+            request.setHeader(b"content-length", b"2")
+            request.write(b"ok")
+            request.finish()
+
+        client, _ = connect(handler)
+        client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        client.send(HEAD + b"Content-Length: 4\r\n\r\nbody")
+        client.send(HEAD + b"Transfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n")
+        self.assertEqual([r.status for r in client.responses()], [200, 200, 200])
+        self.assertEqual([ref() for ref in served], [None, None, None])
