@@ -5,6 +5,7 @@ backend, and a listening service that says where it listens.
 
 from __future__ import annotations
 
+import gc
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,6 +19,16 @@ from twisted.python import usage
 from arvproxy.config import ClusterConfig, ConfigError, load_config
 
 log = Logger()
+
+
+def freeze_start_up(reactor: Any) -> None:
+    """
+    Once the reactor's first turn is done (the services have started), put everything made so
+    far (modules, classes, the service tree: hundreds of thousands of objects that live as long
+    as the process) out of the garbage collector's way.  Its full collections walked all of
+    them, about 30 ms each, a few times a minute under load.
+    """
+    reactor.callWhenRunning(reactor.callLater, 0, gc.freeze)
 
 
 def read_config(path: str | None) -> ClusterConfig:

@@ -13,7 +13,7 @@ from arvproxy.backends.cache import CachedCluster
 from arvproxy.controller.proxy import Controller, GatewayConnector
 from arvproxy.controller.workers import WorkerPool, watch_parent
 from arvproxy.httpserver import ProxySite
-from arvproxy.service import ListeningService, open_cluster, read_config
+from arvproxy.service import ListeningService, freeze_start_up, open_cluster, read_config
 
 
 class Options(usage.Options):
@@ -65,6 +65,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    freeze_start_up(reactor)
     config = options["cluster"]
     top = MultiService()
     cluster = open_cluster(reactor, config)

@@ -27,7 +27,13 @@ from arvproxy.gateway.runtime import HostRuntime, IRuntime
 from arvproxy.gateway.server import Gateway, tls_ports
 from arvproxy.gateway.watch import ContainerWatch, drain
 from arvproxy.httpserver import ProxySite
-from arvproxy.service import ListeningService, fatal, open_cluster, read_config
+from arvproxy.service import (
+    ListeningService,
+    fatal,
+    freeze_start_up,
+    open_cluster,
+    read_config,
+)
 from arvproxy.tlsidentity import server_context_factory
 
 log = Logger()
@@ -236,6 +242,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    freeze_start_up(reactor)
     config = options["cluster"]
     uuid = options["container-uuid"]
     host, port, secret = options["host"], options["port"], options["secret"]
