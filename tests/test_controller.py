@@ -537,6 +537,26 @@ class KeptDecisionTests(ControllerTestCase):
             # Only the unchanged request goes through on the kept decision.
             self.assertEqual(self.decided, 1 if name == "nothing" else 2, name)
 
+    def test_change_while_deciding(self) -> None:
+        """
+        A decision during which the cluster changed is not kept: its answers may be from before
+        the change (here the token is revoked between the token check and the permission check).
+        """
+        permission_level = self.cached.permission_level
+
+        def revoking(*args: Any, **kwargs: Any) -> Any:
+            answer = permission_level(*args, **kwargs)
+            if self.tokens["alice"].split("/")[1] in self.cluster.tokens:
+                self.revoke()
+            return answer
+
+        self.cached.permission_level = revoking  # type: ignore[method-assign]
+        client = MemoryClient(self.site, IPv4Address("TCP", "127.0.0.1", 40000))
+        host, alice = self.host(self.cr.uuid), cookie(self.tokens["alice"])
+        self.assertEqual(self.on(client, host, cookies=[alice]), 200)  # In flight already.
+        self.assertEqual(self.on(client, host, cookies=[alice]), 401)
+        self.assertEqual(self.decided, 2)
+
     def test_expired_token(self) -> None:
         """A token that expires is refused on the connection that was let through with it."""
         short = cookie(self.cluster.add_token(self.alice.uuid, ttl=30))

@@ -341,6 +341,8 @@ class Controller:
             into a cookie, or that clears a previous container's state).
         @raise ProxyError: the request is refused.
         """
+        # Kept only if nothing changed in the cluster while the lookups below were made.
+        generation = self._generation() if self._generation is not None else None
         seen = sitedata.seen_container(request.requestHeaders)
         found: tuple[Any, list[Any]] | None = None
         if query_token is not None or seen is not None:
@@ -398,7 +400,7 @@ class Controller:
                         )
                 permissions.check_access(credentials, target.uuid, requests, levels)
         permissions.check_running(container, target.uuid)
-        self._keep(request, host, container, seen, credentials)
+        self._keep(request, host, container, seen, credentials, generation)
         return container, seen
 
     # The last decision on each connection: a browser or client sends request after request
@@ -412,10 +414,13 @@ class Controller:
         container: Any,
         seen: bytes | None,
         credentials: Any,
+        generation: int | None,
     ) -> None:
-        """Keep the decision to let C{request} through on its connection."""
-        generation = self._generation() if self._generation is not None else None
-        if generation is None:
+        """
+        Keep the decision to let C{request} through on its connection, if the cluster's answers
+        were all of one C{generation} (the one when the decision began).
+        """
+        if generation is None or self._generation is None or self._generation() != generation:
             return
         expires = credentials.expires_at if credentials is not None else None
         request.channel.kept = _Decision(
