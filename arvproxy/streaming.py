@@ -327,7 +327,12 @@ class _HeldSends:
     def send(self) -> None:
         senders, self._senders = self._senders, []
         for send in senders:
-            send()
+            try:
+                send()
+            except Exception:
+                # One connection's failure (a write of something other than bytes, say) must
+                # not keep the others' messages.
+                log.failure("Sending a held message failed")
 
 
 _held_sends = _HeldSends()

@@ -189,6 +189,22 @@ class SendNowTests(TestCase):
             [b"message %d" % (i,) for i in range(SEND_BATCH)],
         )
 
+    async def test_one_failed_send_keeps_no_other(self) -> None:
+        """A held message that fails to go (its socket raises) holds up no other socket's."""
+        (broken, _), (server, sock) = await self._pair(), await self._pair()
+        for pair in (broken, server):
+            tune_transport(pair.transport)
+
+        def fails(data: bytes) -> int:
+            raise RuntimeError("broken socket")
+
+        broken.transport.writeSomeData = fails
+        broken.transport.write(b"lost")
+        server.transport.write(b"delivered")
+        await next_turn()
+        self.assertEqual(arrived(sock), b"delivered")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     async def test_held_write_then_close(self) -> None:
         """
         A connection closed in the turn of a write sends it first, then closes: also from a
