@@ -473,10 +473,7 @@ class ProxyChannel(Protocol):
         self._count(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # _count, inlined: this runs for every header line.
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > self._max_header_bytes:
-            raise _Refusal(_HEADERS_TOO_LARGE)
+        self._count(len(name) + len(value) + 4)
         if self._parsing is None:  # Trailers are not passed on.
             add_parsed_field(self._headers, name, value)
 

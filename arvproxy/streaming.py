@@ -7,8 +7,9 @@ C{twisted.web.proxy} buffers, drops repeated headers and has no backpressure (se
 notes in the project's references).  Here nothing is buffered whole: a slow client or a slow
 service pauses the other side's socket.
 
-Each hop also sends a finished message at once (L{send_now}) instead of at the reactor's next
-turn, so that a busy chain does not move in convoys.
+Each hop also sends a finished message in the reactor's turn that finished it (L{send_now}),
+a few sockets' messages together (L{_HeldSends}), instead of at the reactor's next turn, so
+that a busy chain neither moves in convoys nor switches processes after every message.
 
 This module uses private attributes of Twisted's socket transports (their write buffer) and of
 its TLS transports (their write aggregator, and the two methods that move records through
@@ -79,7 +80,7 @@ def tune_transport(transport: Any) -> None:
     Give the socket under C{transport} (through any TLS layers) a L{STREAM_BUFFER}-sized
     write buffer before it pauses its producer, and, for TCP, no Nagle delay (a small message
     such as a server-sent event, a WebSocket frame or the next response must not wait for the
-    peer to acknowledge the one before) and writes sent at once when nothing is queued
+    peer to acknowledge the one before) and writes sent in the same turn when nothing is queued
     (L{_write_eagerly}); a TLS layer also encrypts small writes at once (L{_encrypt_eagerly})
     and handles a stream's records in batches (L{_tls_in_batches}).
     """
