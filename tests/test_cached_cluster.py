@@ -4,6 +4,9 @@ The controller's short-lived cache in front of the embedded registry (CachedClus
 
 from __future__ import annotations
 
+import itertools
+
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -174,3 +177,47 @@ class VersionedCachedClusterTests(SynchronousTestCase):
         self.clock.advance(10)
         self.ask_everything()
         self.assertEqual(set(self.lookups().values()), {2})
+
+
+class GenerationTests(SynchronousTestCase):
+    """
+    L{CachedCluster.generation}: what the front door keeps a decision by.  It must move with
+    every change the cache would notice, and there must be none without a version.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.backend = FakeCluster(clock=self.clock.seconds)
+        self.version: int | None = 1
+        self.cluster = CachedCluster(self.clock, self.backend, ttl=10, version=lambda: self.version)
+
+    def test_versions(self) -> None:
+        """(versions seen in three reactor turns) → whether the generation moved at each."""
+        cases = [
+            ("unchanged", [1, 1, 1], [False, False]),
+            ("changed once", [1, 2, 2], [True, False]),
+            ("changed every time", [1, 2, 3], [True, True]),
+            ("cannot tell", [None, None, None], [True, True]),
+        ]
+        for name, versions, moved in cases:
+            self.setUp()
+            seen = []
+            for version in versions:
+                self.version = version
+                seen.append(self.cluster.generation())
+                self.clock.advance(0)  # The next look is in a later reactor turn.
+            self.assertEqual([a != b for a, b in itertools.pairwise(seen)], moved, name)
+
+    def test_moves_when_a_token_is_used_up(self) -> None:
+        """An exchanged token's decisions go at once, and again once the exchange is done."""
+        exchanged: defer.Deferred[str] = defer.Deferred()
+        self.backend.exchange_token = lambda token, ttl: exchanged  # type: ignore[attr-defined]
+        before = self.cluster.generation()
+        self.cluster.exchange_token("v2/zzzzz-gj3su-000000000000001/secret", 60)
+        during = self.cluster.generation()
+        exchanged.callback("new token")
+        self.assertEqual(len({before, during, self.cluster.generation()}), 3)
+
+    def test_none_without_version(self) -> None:
+        """Without a version, answers may change unseen: no generation to keep anything by."""
+        self.assertIsNone(CachedCluster(self.clock, self.backend, ttl=10).generation())
