@@ -13,7 +13,8 @@ HTTP channel (which verifies the tunnel's own signed request) on the other.
 After the handshake the connection carries frames: a 9-byte header (type, stream id, payload
 length; network byte order), then the payload.
 
-  - C{OPEN} (front door to gateway): a new stream; stream ids only grow.
+  - C{OPEN} (front door to gateway): a new stream; stream ids only grow, and at most
+    L{MAX_STREAMS} streams are open at once.
   - C{DATA}: 1 to 65,536 bytes of a stream, within the receiver's window.
   - C{WINDOW}: 4 bytes, how many more bytes of the stream its sender will now accept.
   - C{CLOSE}: the stream is over in both directions; sent once, by whichever end closes first.
@@ -56,6 +57,10 @@ WINDOW_SIZE = 256 * 1024
 # A receiver gives credit back in batches of at least this much (or when it resumes).
 _GRANT_BATCH = WINDOW_SIZE // 4
 _MAX_ID = 2**32 - 1
+
+MAX_STREAMS = 1000
+"""How many tunnels one carrier carries at most: the front door opens no more on it, and the
+gateway's end ends a carrier that opens more (its memory is the gateway's to guard)."""
 
 
 class CarrierError(Exception):
@@ -269,7 +274,8 @@ class Carrier(Protocol):
     One end of a carrier connection, once its handshake is done.
 
     The front door's end opens streams (L{open_stream}); the gateway's end is given
-    C{accept}, which makes the protocol for each stream the other end opens.
+    C{accept}, which makes the protocol for each stream the other end opens, and ends the
+    carrier when that would make more than C{max_streams} open at once.
 
     @ivar paused: the connection's write buffer is full; streams hold their bytes.
     @ivar lost: why the connection went, once it has.
@@ -278,9 +284,15 @@ class Carrier(Protocol):
 
     transport: Any
 
-    def __init__(self, call_later: Any, accept: Callable[[Stream], None] | None = None) -> None:
+    def __init__(
+        self,
+        call_later: Any,
+        accept: Callable[[Stream], None] | None = None,
+        max_streams: int = MAX_STREAMS,
+    ) -> None:
         self.call_later = call_later
         self._accept = accept
+        self._max_streams = max_streams
         self._streams: dict[int, Stream] = {}
         self._highest = 0
         self._buffer = b""
@@ -375,6 +387,8 @@ class Carrier(Protocol):
             raise CarrierError("an OPEN frame sent to the end that opens streams")
         if payload or stream_id <= self._highest:
             raise CarrierError(f"a bad OPEN frame for stream {stream_id}")
+        if len(self._streams) >= self._max_streams:
+            raise CarrierError(f"stream {stream_id} opened beyond {self._max_streams} open streams")
         self._highest = stream_id
         stream = Stream(self, stream_id)
         self._streams[stream_id] = stream
@@ -423,7 +437,9 @@ class CarrierPool:
     without any for C{idle_timeout} seconds is closed.
     """
 
-    def __init__(self, clock: Any, max_streams: int = 1000, idle_timeout: float = 240.0) -> None:
+    def __init__(
+        self, clock: Any, max_streams: int = MAX_STREAMS, idle_timeout: float = 240.0
+    ) -> None:
         self._clock = clock
         self.max_streams = max_streams
         self.idle_timeout = idle_timeout

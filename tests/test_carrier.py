@@ -20,10 +20,12 @@ from arvproxy.carrier import (
     DATA,
     HEADER,
     MAX_PAYLOAD,
+    MAX_STREAMS,
     OPEN,
     WINDOW,
     WINDOW_SIZE,
     Carrier,
+    CarrierPool,
     Stream,
 )
 
@@ -241,14 +243,18 @@ class StreamTests(SynchronousTestCase):
 class FrameAttackTests(SynchronousTestCase):
     """Frames that break the rules end the carrier (both ends are ours: a bug or an intruder)."""
 
-    def carrier(self, accepting: bool) -> tuple[Carrier, StringTransport, list[Stream]]:
+    def carrier(
+        self, accepting: bool, max_streams: int = MAX_STREAMS
+    ) -> tuple[Carrier, StringTransport, list[Stream]]:
         opened: list[Stream] = []
 
         def accept(stream: Stream) -> None:
             stream.protocol = Recorder()
             opened.append(stream)
 
-        carrier = Carrier(Clock().callLater, accept=accept if accepting else None)
+        carrier = Carrier(
+            Clock().callLater, accept=accept if accepting else None, max_streams=max_streams
+        )
         transport = StringTransport()
         carrier.makeConnection(transport)
         return carrier, transport, opened
@@ -284,6 +290,36 @@ class FrameAttackTests(SynchronousTestCase):
                     stream.pauseProducing()
             self.assertTrue(transport.disconnecting, name)
             self.flushLoggedErrors()
+
+    def test_stream_limit(self) -> None:
+        """(frames, max 2 streams open) → whether the gateway's end ends the carrier."""
+        cases = [
+            ([frame(OPEN, 1), frame(OPEN, 2)], False),
+            ([frame(OPEN, 1), frame(OPEN, 2), frame(OPEN, 3)], True),
+            ([frame(OPEN, 1), frame(OPEN, 2), frame(CLOSE, 1), frame(OPEN, 3)], False),
+            (
+                [frame(OPEN, 1), frame(CLOSE, 1), frame(OPEN, 2), frame(OPEN, 3), frame(OPEN, 4)],
+                True,
+            ),
+        ]
+        for frames, ended in cases:
+            carrier, transport, opened = self.carrier(accepting=True, max_streams=2)
+            for data in frames:
+                carrier.dataReceived(data)
+            self.assertEqual(transport.disconnecting, ended, frames)
+            if not ended:
+                self.assertEqual(len(carrier), 2)
+            self.flushLoggedErrors()
+
+    def test_default_stream_limit(self) -> None:
+        """Both ends hold to L{MAX_STREAMS}: the pool opens no more; the gateway takes no more."""
+        self.assertEqual(CarrierPool(Clock()).max_streams, MAX_STREAMS)
+        carrier, transport, opened = self.carrier(accepting=True)
+        carrier.dataReceived(b"".join(frame(OPEN, i) for i in range(1, MAX_STREAMS + 1)))
+        self.assertFalse(transport.disconnecting)
+        carrier.dataReceived(frame(OPEN, MAX_STREAMS + 1))
+        self.assertTrue(transport.disconnecting)
+        self.flushLoggedErrors()
 
     def test_open_towards_the_opening_end(self) -> None:
         """The front door's end never accepts streams: an OPEN sent to it ends the carrier."""
