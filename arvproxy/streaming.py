@@ -243,6 +243,9 @@ def _write_eagerly(layer: tcp.Connection) -> None:
 
     def write(data: bytes) -> None:
         nonlocal held_size
+        if not isinstance(data, bytes):
+            queue(data)  # Twisted's write refuses it, to the caller, as without tuning.
+            return
         if held:
             # Behind what is held already; past a batch's worth it all goes (or is queued, and
             # counts against the buffer that pauses a producer).
@@ -331,8 +334,7 @@ class _HeldSends:
             try:
                 send()
             except Exception:
-                # One connection's failure (a write of something other than bytes, say) must
-                # not keep the others' messages.
+                # One socket's unexpected failure must not keep the others' messages.
                 log.failure("Sending a held message failed")
 
 

@@ -205,6 +205,20 @@ class SendNowTests(TestCase):
         self.assertEqual(arrived(sock), b"delivered")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
+    async def test_write_of_text_refused_at_once(self) -> None:
+        """
+        A write that is not bytes raises Twisted's TypeError to its caller, as on an untuned
+        socket, and what the socket held before it still goes.
+        """
+        server, sock = await self._pair()
+        tune_transport(server.transport)
+        server.transport.write(b"held")
+        with self.assertRaises(TypeError):
+            server.transport.write("text")  # type: ignore[arg-type]
+        await next_turn()
+        self.assertEqual(arrived(sock), b"held")
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     async def test_held_write_then_close(self) -> None:
         """
         A connection closed in the turn of a write sends it first, then closes: also from a
