@@ -462,6 +462,7 @@ class KeptDecisionTests(ControllerTestCase):
         self.changed()
 
     def test_table(self) -> None:
+        """(what changes between two requests on a connection, the second) → its status."""
         rows: list[tuple[str, Any, Any, int]] = [
             # (what happens between the requests, the second request, its status)
             ("nothing", None, lambda alice, host, other: (host, b"/", [alice]), 200),

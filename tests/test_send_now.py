@@ -435,6 +435,7 @@ class TLSBatchTests(TestCase):
         return server, sock
 
     async def test_large_write_leaves_in_batches(self) -> None:
+        """A large write goes to the socket a batch of records at a time, not record by record."""
         server, sock = await connected_pair(self, "wrapped", _Recorder)
         below = server.transport.transport
         writes: list[int] = []
@@ -457,6 +458,7 @@ class TLSBatchTests(TestCase):
         self.assertLessEqual(max(writes), TLS_BATCH + 4096)
 
     async def test_records_handed_on_in_batches(self) -> None:
+        """Five records read at once reach the protocol as a batch of four, then the fifth."""
         server, sock = await self._paused_pair()
         sent = PAYLOAD[: 5 * RECORD]
         await threads.deferToThread(sock.sendall, sent)  # Five records, in one read.
@@ -474,6 +476,7 @@ class TLSBatchTests(TestCase):
         self.assertEqual(received, PAYLOAD)
 
     async def test_encryption_error_ends_the_connection(self) -> None:
+        """An OpenSSL error while a large write is encrypted ends the connection with it."""
         server, _ = await connected_pair(self, "wrapped", _Recorder)
 
         def refuse(data: bytes) -> int:

@@ -515,6 +515,7 @@ class ParsedHeadersTests(SynchronousTestCase):
     ]
 
     def test_same_as_twisted(self) -> None:
+        """Each case's fields and framing come out as Twisted's own Headers would hold them."""
         for fields, length, codings in self.CASES:
             expected = Headers()
             for name, value in fields:
@@ -525,6 +526,7 @@ class ParsedHeadersTests(SynchronousTestCase):
             self.assertEqual((parsed_length, parsed_codings), (length, codings), fields)
 
     def test_lookups_by_any_case(self) -> None:
+        """The parsed fields answer lookups and take additions in any spelling of a name."""
         headers, _, _ = parse([(b"x-a", b"1"), (b"X-A", b"2")])
         self.assertEqual(headers.getRawHeaders(b"X-a"), [b"1", b"2"])
         self.assertTrue(headers.hasHeader(b"x-A"))
