@@ -69,9 +69,9 @@ _RECORD = 16 * 1024
 # to be encrypted at once, and a batch of TLS records or the plaintext of one, with framing.
 EAGER_SEND_MAX = TLS_BATCH + 4 * 1024
 
-# How many tuned sockets may hold a message before all of them send (see _HeldSends): 4 and 8
-# did equally well for small requests through the chain, 2 less well, and waiting for the end
-# of the reactor's turn alone idled the next hop.
+# How many small messages tuned sockets may hold before all of them send (see _HeldSends): 4
+# and 8 did equally well for small requests through the chain, 2 less well, and waiting for the
+# end of the reactor's turn alone idled the next hop.
 SEND_BATCH = 4
 
 
@@ -115,6 +115,10 @@ def _encrypt_eagerly(layer: BufferingTLSTransport) -> None:
 
     def write(data: bytes) -> None:
         if 0 < len(data) <= EAGER_WRITE_MAX and not aggregator._buffer:  # type: ignore[union-attr]
+            encrypt(data)
+        elif len(data) > aggregator.MAX_BUFFER_SIZE:  # type: ignore[union-attr]
+            # More than the gathering holds: it would copy it and encrypt it at once anyway.
+            aggregator.flush()
             encrypt(data)
         else:
             gather(data)
@@ -220,9 +224,10 @@ def _write_eagerly(layer: tcp.Connection) -> None:
     """
     Make C{layer} send a write of at most L{EAGER_SEND_MAX} bytes in the reactor's current
     turn when nothing is queued before it: held with what follows it in the same turn (up to
-    about as much again), and sent at the turn's end, or at once when L{SEND_BATCH} sockets
-    hold one (L{_HeldSends}).  What the socket does not take is queued as usual, and any error
-    is left for the reactor to meet; closing sends what is held first, aborting drops it.
+    about as much again), and sent at the turn's end, or at once when sockets hold
+    L{SEND_BATCH} small messages (L{_HeldSends}).  What the socket does not take is queued as
+    usual, and any error is left for the reactor to meet; closing sends what is held first,
+    aborting drops it.
 
     Twisted queues every write for the reactor's next turn, registering the socket for writing
     and unregistering it once sent: two C{epoll_ctl} calls and the reactor's bookkeeping per
@@ -253,6 +258,10 @@ def _write_eagerly(layer: tcp.Connection) -> None:
             held_size += len(data)
             if held_size > EAGER_SEND_MAX:
                 send_held()
+            elif len(data) <= EAGER_WRITE_MAX:
+                # A small message counts towards the batch (a carrier's socket holds many); the
+                # pieces of a stream go once there are enough of them.
+                _held_sends.hold(layer.reactor, send_held)
         elif 0 < len(data) <= EAGER_SEND_MAX and not layer._tempDataBuffer and _can_send(layer):
             held.append(data)
             held_size = len(data)
@@ -300,7 +309,8 @@ def _write_eagerly(layer: tcp.Connection) -> None:
 class _HeldSends:
     """
     The tuned sockets holding a message (see L{_write_eagerly}): all of them send at the end of
-    the reactor's turn, or at once when L{SEND_BATCH} of them hold one.
+    the reactor's turn, or at once when they hold L{SEND_BATCH} small messages (a carrier's
+    socket may hold several: the requests, or the answers, of several streams).
 
     Sent as each was finished (one C{send} per message, as a hop serves the requests that one
     turn read), every message woke the process at the other end, which took a core from the

@@ -189,6 +189,29 @@ class SendNowTests(TestCase):
             [b"message %d" % (i,) for i in range(SEND_BATCH)],
         )
 
+    async def test_messages_held_by_one_socket_count_towards_the_batch(self) -> None:
+        """
+        SEND_BATCH small messages held by one socket (a carrier's, say) leave without waiting
+        for the turn's end; the larger pieces of a stream do not count, and wait.
+        """
+        cases = [(EAGER_WRITE_MAX, True), (EAGER_WRITE_MAX + 1, False)]
+        for size, sent_at_once in cases:
+            server, sock = await connected_pair(self, roomy=True)
+            tune_transport(server.transport)
+            messages = [bytes([65 + i]) * size for i in range(SEND_BATCH)]
+            for message in messages:
+                server.transport.write(message)
+            if sent_at_once:
+                # Read without letting the reactor turn: they left already.
+                self.assertEqual(arrived(sock, size * SEND_BATCH), b"".join(messages), size)
+            else:
+                self.assertTrue(nothing_yet(sock), size)
+                await next_turn()
+                self.assertEqual(
+                    await threads.deferToThread(read_count, sock, size * SEND_BATCH),
+                    b"".join(messages),
+                )
+
     async def test_one_failed_send_keeps_no_other(self) -> None:
         """A held message that fails to go (its socket raises) holds up no other socket's."""
         (broken, _), (server, sock) = await self._pair(), await self._pair()
@@ -456,6 +479,34 @@ class TLSBatchTests(TestCase):
         # Record by record, that would have been 66 writes.
         self.assertLessEqual(len(writes), len(PAYLOAD) // TLS_BATCH + 3, writes)
         self.assertLessEqual(max(writes), TLS_BATCH + 4096)
+
+    async def test_write_larger_than_gathering_keeps_order(self) -> None:
+        """
+        A write larger than Twisted's gathering holds is encrypted at once, after what was
+        gathered before it (which it would otherwise have copied into the gathering first).
+        """
+        server, sock = await connected_pair(self, "wrapped", _Recorder, roomy=True)
+        tune_transport(server.transport)
+        aggregator = server.transport._aggregator
+        encrypted: list[bytes] = []
+        encrypt = server.transport._write
+
+        def spy(data: bytes) -> None:
+            encrypted.append(data)
+            encrypt(data)
+
+        server.transport._write = spy
+        medium = b"m" * (EAGER_WRITE_MAX + 1)  # Gathered: larger than what goes at once.
+        large = PAYLOAD[: aggregator.MAX_BUFFER_SIZE + 1]
+        server.transport.write(medium)
+        server.transport.write(large)
+        self.assertEqual(encrypted, [medium, large])
+        self.assertIs(encrypted[1], large)  # Not a copy.
+        server.transport.write(b" end")
+        send_now(server.transport)
+        sock.settimeout(WAIT)
+        received = await threads.deferToThread(read_count, sock, len(medium) + len(large) + 4)
+        self.assertEqual(received, medium + large + b" end")
 
     async def test_records_handed_on_in_batches(self) -> None:
         """Five records read at once reach the protocol as a batch of four, then the fifth."""
