@@ -238,9 +238,15 @@ _IDLE, _BUSY, _CLOSED = "idle", "busy", "closed"
 
 
 class HopConnection(Protocol):
-    """One connection to the next hop, serving one request at a time (see the module)."""
+    """
+    One connection to the next hop, serving one request at a time (see the module).
+
+    @ivar kept: whether this new connection rides on one kept open already (a stream on a
+        carrier), which the next hop may have closed just before: see L{HopPool.request}.
+    """
 
     transport: Any
+    kept = False
 
     def __init__(self, pool: HopPool, key: Hashable) -> None:
         self._pool = pool
@@ -543,7 +549,8 @@ class HopPool:
         request that is safe to send twice (a method in L{RETRYABLE}, no body) and meets that
         before its answer is sent once more, on a new connection, after C{before_retry} has
         renewed in C{headers} whatever must not be sent twice (a signature).  A request on a
-        new connection is never sent again.
+        new connection is never sent again, unless that rides on one kept open (see
+        L{HopConnection.kept}); no request is sent a third time.
 
         Fails with the endpoint's error when a new connection cannot be made.
         """
@@ -551,16 +558,19 @@ class HopPool:
         def send(connection: HopConnection) -> defer.Deferred[HopResponse]:
             return connection.request(method, target, headers, body, informational)
 
+        def send_on(connection: HopConnection, kept: bool = False) -> defer.Deferred[HopResponse]:
+            sent = send(connection)
+            if (kept or connection.kept) and body is None and method in RETRYABLE:
+                sent.addErrback(self._resend, key, endpoint, send, headers, before_retry)
+            return sent
+
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
             if connection.usable():
-                sent = send(connection)
-                if body is None and method in RETRYABLE:
-                    sent.addErrback(self._resend, key, endpoint, send, headers, before_retry)
-                return sent
+                return send_on(connection, kept=True)
             connection.abandon()
-        return self._connect(key, endpoint, send)
+        return self._connect(key, endpoint, send_on)
 
     def _resend(
         self,

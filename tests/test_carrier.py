@@ -14,6 +14,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
 
 from arvproxy.carrier import (
     CLOSE,
@@ -21,12 +22,17 @@ from arvproxy.carrier import (
     HEADER,
     MAX_PAYLOAD,
     MAX_STREAMS,
+    MAX_WINDOW,
     OPEN,
+    STREAM_WINDOW,
     WINDOW,
+    WINDOW_HEADER,
     WINDOW_SIZE,
     Carrier,
+    CarrierError,
     CarrierPool,
     Stream,
+    announced_window,
 )
 
 
@@ -240,24 +246,32 @@ class StreamTests(SynchronousTestCase):
         self.assertIsNone(pair.gateway.lost)
 
 
+def on_string_transport(
+    accepting: bool, max_streams: int = MAX_STREAMS, announced: int | None = None
+) -> tuple[Carrier, StringTransport, list[Stream]]:
+    """
+    One end of a carrier (the gateway's when C{accepting}) on a C{StringTransport}, and the
+    streams it accepts (each with a L{Recorder}).
+    """
+    opened: list[Stream] = []
+
+    def accept(stream: Stream) -> None:
+        stream.protocol = Recorder()
+        opened.append(stream)
+
+    carrier = Carrier(
+        Clock().callLater,
+        accept=accept if accepting else None,
+        max_streams=max_streams,
+        announced=announced,
+    )
+    transport = StringTransport()
+    carrier.makeConnection(transport)
+    return carrier, transport, opened
+
+
 class FrameAttackTests(SynchronousTestCase):
     """Frames that break the rules end the carrier (both ends are ours: a bug or an intruder)."""
-
-    def carrier(
-        self, accepting: bool, max_streams: int = MAX_STREAMS
-    ) -> tuple[Carrier, StringTransport, list[Stream]]:
-        opened: list[Stream] = []
-
-        def accept(stream: Stream) -> None:
-            stream.protocol = Recorder()
-            opened.append(stream)
-
-        carrier = Carrier(
-            Clock().callLater, accept=accept if accepting else None, max_streams=max_streams
-        )
-        transport = StringTransport()
-        carrier.makeConnection(transport)
-        return carrier, transport, opened
 
     def test_broken_frames(self) -> None:
         """(what, frames sent to the gateway's end) → the connection is aborted."""
@@ -274,13 +288,17 @@ class FrameAttackTests(SynchronousTestCase):
             ("DATA for a stream never opened", [frame(DATA, 7, b"x")]),
             ("empty DATA", [frame(OPEN, 1), frame(DATA, 1)]),
             ("DATA beyond the window", [frame(OPEN, 1), *over_window]),
+            (
+                "DATA beyond the window, in pieces",
+                [frame(OPEN, 1), *(half for f in over_window for half in (f[:999], f[999:]))],
+            ),
             ("WINDOW of 3 bytes", [frame(OPEN, 1), frame(WINDOW, 1, b"\0\0\1")]),
             ("WINDOW of 0", [frame(OPEN, 1), frame(WINDOW, 1, struct.pack("!I", 0))]),
             ("WINDOW beyond the window", [frame(OPEN, 1), frame(WINDOW, 1, struct.pack("!I", 1))]),
             ("CLOSE with a payload", [frame(OPEN, 1), frame(CLOSE, 1, b"x")]),
         ]
         for name, frames in cases:
-            carrier, transport, opened = self.carrier(accepting=True)
+            carrier, transport, opened = on_string_transport(accepting=True)
             # Paused, so that DATA within the window stays queued rather than granted back.
             for stream in opened:
                 stream.pauseProducing()
@@ -303,7 +321,7 @@ class FrameAttackTests(SynchronousTestCase):
             ),
         ]
         for frames, ended in cases:
-            carrier, transport, opened = self.carrier(accepting=True, max_streams=2)
+            carrier, transport, opened = on_string_transport(accepting=True, max_streams=2)
             for data in frames:
                 carrier.dataReceived(data)
             self.assertEqual(transport.disconnecting, ended, frames)
@@ -314,7 +332,7 @@ class FrameAttackTests(SynchronousTestCase):
     def test_default_stream_limit(self) -> None:
         """Both ends hold to L{MAX_STREAMS}: the pool opens no more; the gateway takes no more."""
         self.assertEqual(CarrierPool(Clock()).max_streams, MAX_STREAMS)
-        carrier, transport, opened = self.carrier(accepting=True)
+        carrier, transport, opened = on_string_transport(accepting=True)
         carrier.dataReceived(b"".join(frame(OPEN, i) for i in range(1, MAX_STREAMS + 1)))
         self.assertFalse(transport.disconnecting)
         carrier.dataReceived(frame(OPEN, MAX_STREAMS + 1))
@@ -323,15 +341,112 @@ class FrameAttackTests(SynchronousTestCase):
 
     def test_open_towards_the_opening_end(self) -> None:
         """The front door's end never accepts streams: an OPEN sent to it ends the carrier."""
-        carrier, transport, _ = self.carrier(accepting=False)
+        carrier, transport, _ = on_string_transport(accepting=False)
         carrier.dataReceived(frame(OPEN, 1))
         self.assertTrue(transport.disconnecting)
 
     def test_split_frames_are_reassembled(self) -> None:
         """A frame split across reads, byte by byte, is one frame."""
-        carrier, transport, opened = self.carrier(accepting=True)
+        carrier, transport, opened = on_string_transport(accepting=True)
         data = frame(OPEN, 1) + frame(DATA, 1, b"hello") + frame(DATA, 1, b" world")
         for i in range(len(data)):
             carrier.dataReceived(data[i : i + 1])
         self.assertFalse(transport.disconnecting)
         self.assertEqual(opened[0].protocol.received, b"hello world")
+
+
+class WindowTests(SynchronousTestCase):
+    """The window each end announces in the handshake, and the one each end then keeps to."""
+
+    def test_announcements(self) -> None:
+        """(the handshake's header values) → the window announced, or the handshake refused."""
+        cases: list[tuple[list[bytes] | None, int | None]] = [
+            (None, None),
+            ([b"%d" % (STREAM_WINDOW,)], STREAM_WINDOW),
+            ([b"%d" % (WINDOW_SIZE,)], WINDOW_SIZE),
+            ([b"%d" % (MAX_WINDOW,)], MAX_WINDOW),
+            ([b"%d" % (WINDOW_SIZE - 1,)], CarrierError),
+            ([b"%d" % (MAX_WINDOW + 1,)], CarrierError),
+            ([b"0"], CarrierError),
+            ([b"-1048576"], CarrierError),
+            ([b"1048576 "], CarrierError),
+            ([b"0x100000"], CarrierError),
+            ([b"1e6"], CarrierError),
+            ([b""], CarrierError),
+            ([b"9" * 400], CarrierError),
+            ([b"1048576", b"1048576"], CarrierError),
+        ]
+        for values, expected in cases:
+            headers = Headers()
+            if values is not None:
+                headers.setRawHeaders(WINDOW_HEADER, values)
+            if expected is CarrierError:
+                self.assertRaises(CarrierError, announced_window, headers)
+            else:
+                self.assertEqual(announced_window(headers), expected, values)
+
+    def test_windows_kept(self) -> None:
+        """
+        (the other end's announcement) → how much of a stream each end sends before it waits
+        for a grant, and how much it takes before it ends the carrier.
+        """
+        cases = [
+            (None, WINDOW_SIZE, WINDOW_SIZE),
+            (WINDOW_SIZE, WINDOW_SIZE, STREAM_WINDOW),
+            (2 * STREAM_WINDOW, 2 * STREAM_WINDOW, STREAM_WINDOW),
+        ]
+        for announced, sends, takes in cases:
+            carrier, transport, _ = on_string_transport(False, announced=announced)
+            stream = carrier.open_stream(Recorder())
+            stream.write(b"s" * (4 * MAX_WINDOW))
+            self.assertEqual(stream._outgoing_size, 4 * MAX_WINDOW - sends, announced)
+            stream.pauseProducing()
+            for _ in range(takes // MAX_PAYLOAD):
+                carrier.dataReceived(frame(DATA, stream.id, b"t" * MAX_PAYLOAD))
+            self.assertFalse(transport.disconnecting, announced)
+            carrier.dataReceived(frame(DATA, stream.id, b"t"))
+            self.assertTrue(transport.disconnecting, announced)
+            self.flushLoggedErrors()
+
+
+class PayloadTests(SynchronousTestCase):
+    """A stream's bytes reach its protocol as they arrive, in as few calls as the reads allow."""
+
+    def test_a_frame_split_across_reads_arrives_as_it_comes(self) -> None:
+        carrier, transport, opened = on_string_transport(accepting=True)
+        data = frame(OPEN, 1) + frame(DATA, 1, b"hello world")
+        carrier.dataReceived(data[:-6])
+        self.assertEqual(opened[0].protocol.received, b"hello")
+        carrier.dataReceived(data[-6:])
+        self.assertEqual(opened[0].protocol.received, b"hello world")
+
+    def test_one_read_of_frames_arrives_in_one_call_per_stream_run(self) -> None:
+        """Consecutive frames of one stream in one read reach it at once, in order."""
+        calls: list[tuple[int, bytes]] = []
+        carrier, transport, opened = on_string_transport(accepting=True)
+        carrier.dataReceived(frame(OPEN, 1) + frame(OPEN, 2))
+        for stream in opened:
+            stream.protocol.dataReceived = lambda data, i=stream.id: calls.append((i, data))
+        carrier.dataReceived(
+            frame(DATA, 1, b"a")
+            + frame(DATA, 1, b"b")
+            + frame(DATA, 2, b"c")
+            + frame(DATA, 1, b"d")
+            + frame(DATA, 1, b"e")
+            + frame(CLOSE, 1)
+        )
+        self.assertEqual(calls, [(1, b"ab"), (2, b"c"), (1, b"de")])
+        self.assertEqual(len(carrier), 1)
+
+    def test_rest_of_a_frame_for_a_closed_stream_is_dropped(self) -> None:
+        """A stream that ends while its frame arrives gets no more of it; the others go on."""
+        carrier, transport, opened = on_string_transport(accepting=True)
+        carrier.dataReceived(frame(OPEN, 1) + frame(OPEN, 2))
+        (first, seen_first), (second, seen_second) = [(s, s.protocol) for s in opened]
+        data = frame(DATA, 1, b"x" * 100) + frame(DATA, 2, b"y")
+        carrier.dataReceived(data[:50])
+        first.abortConnection()
+        carrier.dataReceived(data[50:])
+        self.assertEqual(seen_first.received, b"x" * (50 - HEADER.size))
+        self.assertEqual(seen_second.received, b"y")
+        self.assertFalse(transport.disconnecting)

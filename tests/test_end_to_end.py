@@ -493,6 +493,41 @@ class StreamingTests(unittest.TestCase):
         self.assertLess(download.sent, GiB)
 
 
+def connections_to(port: int) -> int:
+    """How many TCP connections on this machine are established to 127.0.0.1:C{port}."""
+    remote = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return sum(1 for row in rows if row[2] == remote and row[3] == "01")
+
+
+class CarrierTests(unittest.TestCase):
+    """The front door's requests to a gateway ride the streams of one connection."""
+
+    timeout = 60
+
+    def test_requests_share_one_connection(self) -> defer.Deferred[None]:
+        """
+        Forty requests, twenty of them at once, reach the service over one connection to the
+        gateway; an upload larger than a carrier takes gets a connection of its own.
+        """
+        return run(self._requests_share_one_connection())
+
+    async def _requests_share_one_connection(self) -> None:
+        chain = await e2e.start_chain(self, reactor)
+        self.assertEqual(connections_to(chain.gateway_port), 0)
+        at_once = await defer.gatherResults(
+            [defer.ensureDeferred(chain.get(b"/echo?n=%d" % i)) for i in range(20)]
+        )
+        one_by_one = [await chain.get(b"/echo?n=%d" % i) for i in range(20, 40)]
+        for i, (response, body) in enumerate(at_once + one_by_one):
+            self.assertEqual(response.code, 200, body)
+            self.assertEqual(json.loads(body)["uri"], f"/echo?n={i}")
+        self.assertEqual(connections_to(chain.gateway_port), 1)
+        await StreamingTests.upload(self, chain, 2 * MiB, chunked=True)  # type: ignore[arg-type]
+        self.assertEqual(connections_to(chain.gateway_port), 2)
+
+
 class ContainerFinishedTests(unittest.TestCase):
     """What a client gets once the container is over."""
 

@@ -246,6 +246,7 @@ class CarrierHandshakeTests(GatewayTestCase):
         head, _, rest = client.value().partition(b"\r\n\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
         self.assertIn(b"Upgrade: " + carrier.PROTOCOL, head)
+        self.assertNotIn(carrier.WINDOW_HEADER, head.lower())  # None was announced to it.
         self.assertEqual(rest, b"")
         # A stream opens an HTTP channel of its own, which checks its request as usual.
         unsigned = request_bytes(b"GET", b"/", [], host=b"127.0.0.1:9001")
@@ -257,6 +258,14 @@ class CarrierHandshakeTests(GatewayTestCase):
         answer = frames[carrier.HEADER.size : carrier.HEADER.size + length]
         self.assertTrue(answer.startswith(b"HTTP/1.1 401 "), answer)
         self.assertEqual(self.runtime.endpoints, [])
+
+    def test_window_announced(self) -> None:
+        """A front door that announces its window gets the gateway's (see WindowTests)."""
+        window = [(carrier.WINDOW_HEADER, b"%d" % (2 * carrier.STREAM_WINDOW,))]
+        client = self.send(self.handshake() + window, target=carrier.PATH)
+        head = client.value().partition(b"\r\n\r\n")[0]
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        self.assertIn(b"%s: %d" % (carrier.WINDOW_HEADER, carrier.STREAM_WINDOW), head)
 
     def test_no_carrier_inside_a_carrier(self) -> None:
         """A signed carrier handshake sent on a stream of a carrier is refused (400)."""
@@ -285,6 +294,18 @@ class CarrierHandshakeTests(GatewayTestCase):
                 carrier.PATH,
                 400,
                 b"not a carrier handshake",
+            ),
+            (
+                self.handshake() + [(carrier.WINDOW_HEADER, b"65536")],
+                carrier.PATH,
+                400,
+                b"a carrier window of 65536 bytes",
+            ),
+            (
+                self.handshake() + [(carrier.WINDOW_HEADER, b"1048576, 1048576")],
+                carrier.PATH,
+                400,
+                b"a carrier window of",
             ),
         ]
         for headers, target, status, reason in cases:

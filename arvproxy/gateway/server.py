@@ -266,6 +266,10 @@ class Gateway:
             or isinstance(request.client_transport(), carrier.Stream)
         ):
             raise refusal(BadRequest, "not a carrier handshake")
+        try:
+            window = carrier.announced_window(headers)
+        except carrier.CarrierError as e:
+            raise refusal(BadRequest, str(e)) from None
         if not self.accepting:
             raise refusal(Gone, "the container has finished")
         http_channel: Any = request.channel
@@ -276,11 +280,15 @@ class Gateway:
             stream.protocol = channel
             channel.makeConnection(stream)
 
-        tunnels = carrier.Carrier(self._reactor.callLater, accept=serve)
+        tunnels = carrier.Carrier(self._reactor.callLater, accept=serve, announced=window)
+        head = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: %s\r\n" % (
+            carrier.PROTOCOL,
+        )
+        if window is not None:
+            head += b"%s: %d\r\n" % (carrier.WINDOW_HEADER, tunnels.window)
         transport, buffered = take_over(
             request,
-            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: %s\r\n\r\n"
-            % (carrier.PROTOCOL,),
+            head + b"\r\n",
             tunnels.dataReceived,
             tunnels.connectionLost,
         )
