@@ -77,6 +77,9 @@ window it offers (L{STREAM_WINDOW}).  An end that does not (an older version) ge
 L{WINDOW_SIZE}."""
 _MAX_ID = 2**32 - 1
 
+# How many DATA frames a stream sends in one write, at most.
+_FRAMES_PER_WRITE = 4
+
 MAX_STREAMS = 1000
 """How many tunnels one carrier carries at most: the front door opens no more on it, and the
 gateway's end ends a carrier that opens more (its memory is the gateway's to guard)."""
@@ -216,17 +219,20 @@ class Stream:
     def _flush(self) -> None:
         carrier = self._carrier
         while self._outgoing and self._credit > 0 and not carrier.paused and not self._closed:
-            chunk = self._outgoing.popleft()
-            size = min(len(chunk), self._credit, MAX_PAYLOAD)
-            if size < len(chunk):
-                view = memoryview(chunk)
-                self._outgoing.appendleft(view[size:])
-                chunk = view[:size]
-            self._outgoing_size -= size
-            self._credit -= size
-            # A write that fits goes as it is: a bulk transfer's pieces are copied only once,
-            # into the frame.
-            carrier.send(DATA, self.id, chunk if isinstance(chunk, bytes) else bytes(chunk))
+            # A few frames at a time, in one write: a frame's header never ends up in a TLS
+            # record of its own (a 64 KiB payload and its header make 64 KiB and 9 bytes).
+            frames: list[bytes | memoryview] = []
+            while self._outgoing and self._credit > 0 and len(frames) < 2 * _FRAMES_PER_WRITE:
+                chunk = self._outgoing.popleft()
+                size = min(len(chunk), self._credit, MAX_PAYLOAD)
+                if size < len(chunk):
+                    view = memoryview(chunk)
+                    self._outgoing.appendleft(view[size:])
+                    chunk = view[:size]
+                self._outgoing_size -= size
+                self._credit -= size
+                frames += (HEADER.pack(DATA, self.id, size), chunk)
+            carrier.write(frames)
         if self._closed:
             return
         if self._outgoing_size:
@@ -397,8 +403,13 @@ class Carrier(Protocol):
     # Frames.
 
     def send(self, kind: int, stream_id: int, payload: bytes) -> None:
+        """Send a frame."""
+        self.write([HEADER.pack(kind, stream_id, len(payload)), payload])
+
+    def write(self, frames: list[bytes | memoryview]) -> None:
+        """Send frames, their headers and payloads in order, in one write (one copy)."""
         if self.lost is None:
-            self.transport.writeSequence([HEADER.pack(kind, stream_id, len(payload)), payload])
+            self.transport.write(b"".join(frames))
 
     def dataReceived(self, data: bytes) -> None:
         buffer = self._buffer + data if self._buffer else data

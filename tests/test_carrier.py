@@ -135,6 +135,28 @@ class StreamTests(SynchronousTestCase):
         pair.pump.flush()
         self.assertEqual(far_seen.received, payload)
 
+    def test_frames_of_a_large_write_leave_a_few_at_a_time(self) -> None:
+        """
+        A large write leaves as writes of four frames each (so that no frame's header is left
+        for a TLS record of its own), within the other end's window.
+        """
+        carrier, transport, _ = on_string_transport(accepting=False)
+        writes: list[bytes] = []
+        transport.write = writes.append  # type: ignore[method-assign]
+        stream = carrier.open_stream(Recorder())
+        payload = bytes(range(256)) * (6 * MAX_PAYLOAD // 256)
+        stream.write(payload)
+        frames = [data for data in writes if data[0] == DATA]
+        self.assertEqual([len(data) for data in frames], [4 * (HEADER.size + MAX_PAYLOAD)])
+        offset, received = 0, b""
+        while offset < len(frames[0]):
+            kind, stream_id, length = HEADER.unpack_from(frames[0], offset)
+            self.assertEqual((kind, stream_id, length), (DATA, stream.id, MAX_PAYLOAD))
+            received += frames[0][offset + HEADER.size : offset + HEADER.size + length]
+            offset += HEADER.size + length
+        self.assertEqual(received, payload[:WINDOW_SIZE])
+        self.assertEqual(stream._outgoing_size, len(payload) - WINDOW_SIZE)
+
     def test_slow_reader_holds_up_only_its_own_stream(self) -> None:
         """
         A paused receiver gets at most one window; the sender's producer is paused meanwhile,
