@@ -148,7 +148,15 @@ class DockerRuntimeContractTests(RuntimeContract, DockerCase):
     """L{DockerRuntime} obeys the runtime contract with a real engine."""
 
     async def make_runtime(self, ports: list[int]) -> Any:
-        return await self.started(self.spec(dockerhelp.serve_command(ports)))
+        runtime = await self.started(self.spec(dockerhelp.serve_command(ports)))
+
+        # Running is not yet listening: the container's servers take a moment to bind (CI once
+        # dialled 8081 before they had).
+        async def listening() -> bool:
+            return set(ports) <= set(await runtime.listening_ports())
+
+        await eventually(listening)
+        return runtime
 
     async def make_exit(self, runtime: Any, code: int) -> None:
         await deferToThread(dockerhelp.tell_exit, runtime.container, code)
