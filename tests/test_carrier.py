@@ -435,6 +435,7 @@ class PayloadTests(SynchronousTestCase):
     """A stream's bytes reach its protocol as they arrive, in as few calls as the reads allow."""
 
     def test_a_frame_split_across_reads_arrives_as_it_comes(self) -> None:
+        """The first part of a DATA frame reaches the stream before the rest has arrived."""
         carrier, transport, opened = on_string_transport(accepting=True)
         data = frame(OPEN, 1) + frame(DATA, 1, b"hello world")
         carrier.dataReceived(data[:-6])
