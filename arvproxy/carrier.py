@@ -81,8 +81,9 @@ _MAX_ID = 2**32 - 1
 _FRAMES_PER_WRITE = 4
 
 MAX_STREAMS = 1000
-"""How many tunnels one carrier carries at most: the front door opens no more on it, and the
-gateway's end ends a carrier that opens more (its memory is the gateway's to guard)."""
+"""How many streams (requests and tunnels) one carrier carries at most: the front door opens no
+more on it, and the gateway's end ends a carrier that opens more (its memory is the gateway's
+to guard)."""
 
 
 class CarrierError(Exception):
@@ -111,8 +112,8 @@ def announced_window(headers: Headers) -> int | None:
 @implementer(ITransport, IConsumer, IPushProducer)
 class Stream:
     """
-    One tunnel on a carrier, as a transport: what its protocol writes reaches the protocol at
-    the other end of the stream, with backpressure both ways.
+    One request or tunnel on a carrier, as a transport: what its protocol writes reaches the
+    protocol at the other end of the stream, with backpressure both ways.
 
     As a producer it delivers the bytes that arrive; as a consumer it pauses its registered
     producer while it has bytes the other end has no window for.
@@ -280,7 +281,7 @@ class Stream:
                 self.protocol.dataReceived(payload)
             except Exception:
                 # As with a connection of its own: this stream ends, the others go on.
-                log.failure("Error in a tunnel's protocol; closing the tunnel")
+                log.failure("Error in a carrier stream's protocol; closing the stream")
                 self.abortConnection()
                 return
         if self._closed:
@@ -319,7 +320,7 @@ class Stream:
             try:
                 producer.stopProducing()
             except Exception:
-                log.failure("Error stopping a tunnel's producer")
+                log.failure("Error stopping a carrier stream's producer")
         protocol, self.protocol = self.protocol, None
         if protocol is not None:
             # Asynchronously, as a real transport does: callers of loseConnection may still
@@ -441,7 +442,7 @@ class Carrier(Protocol):
                     return
             payload.deliver()
         except CarrierError as e:
-            log.warn("Closing a tunnel carrier: {error}", error=str(e))
+            log.warn("Closing a carrier: {error}", error=str(e))
             self._data_left = 0
             self.transport.abortConnection()
             return
@@ -575,8 +576,8 @@ class _Payload:
 
 class CarrierPool:
     """
-    The front door's carriers, by gateway: one is opened when a tunnel needs it (tunnels that
-    ask meanwhile wait for the same one), each carries up to C{max_streams} tunnels, and one
+    The front door's carriers, by gateway: one is opened when a stream needs it (streams that
+    ask meanwhile wait for the same one), each carries up to C{max_streams} streams, and one
     without any for C{idle_timeout} seconds is closed.
     """
 

@@ -338,13 +338,13 @@ def is_forwardable_request_line(method: bytes, target: bytes) -> bool:
 
 
 CARRIER_UPGRADE = b"arvproxy-tunnels/1"
-"""The upgrade that opens a tunnel carrier between the proxy's hops (see L{arvproxy.carrier})."""
+"""The upgrade that opens a carrier between the proxy's hops (see L{arvproxy.carrier})."""
 
 
 def is_reserved_upgrade(upgrade: bytes) -> bool:
     """
     Whether an C{Upgrade} value (as L{upgrade_requested} returns it) names a protocol only the
-    proxy's own hops may ask for: a client must never open a tunnel carrier to a gateway.
+    proxy's own hops may ask for: a client must never open a carrier to a gateway.
     """
     tokens = {token.strip().lower() for token in upgrade.split(b",")}
     return CARRIER_UPGRADE in tokens

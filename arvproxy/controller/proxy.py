@@ -98,7 +98,7 @@ class GatewayConnector:
         self._reactor = reactor
         self._connect_timeout = connect_timeout
         self.pool = HopPool(reactor, idle_timeout)
-        # WebSocket tunnels share a few connections per gateway (see arvproxy.carrier).
+        # Requests and WebSocket tunnels share a few connections per gateway (arvproxy.carrier).
         self.carriers = CarrierPool(reactor, idle_timeout=idle_timeout)
         self._endpoints: dict[tuple[str, str], Any] = {}
 

@@ -252,9 +252,10 @@ class Gateway:
 
     def _carry(self, request: StreamingRequest) -> None:
         """
-        Accept a tunnel carrier from the front door (see L{arvproxy.carrier}): its handshake is
-        signed like any forwarded request, and each tunnel on it is then served by an HTTP
-        channel of its own, which checks the tunnel's own signed request as usual.
+        Accept a carrier from the front door (see L{arvproxy.carrier}): its handshake is
+        signed like any forwarded request, and each stream on it (a request or a tunnel) is then
+        served by an HTTP channel of its own, which checks the stream's own signed request as
+        usual.
         """
         headers = request.requestHeaders
         self._check_signed(headers)
