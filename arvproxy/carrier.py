@@ -346,6 +346,7 @@ class Carrier(Protocol):
         more.
     @ivar paused: the connection's write buffer is full; streams hold their bytes.
     @ivar lost: why the connection went, once it has.
+    @ivar closing: this end is closing the connection (L{close}).
     @ivar closed: fires (with C{None}) when the connection is gone.
     """
 
@@ -373,6 +374,7 @@ class Carrier(Protocol):
         self._data_left = 0
         self.paused = False
         self.lost: Failure | None = None
+        self.closing = False
         self.closed: defer.Deferred[None] = defer.Deferred()
         self.on_idle: Callable[[Carrier], None] | None = None
 
@@ -389,9 +391,9 @@ class Carrier(Protocol):
         """
         Open a stream for C{protocol} and connect it (its C{connectionMade} runs now).
 
-        @raise CarrierError: the carrier is gone, or has used up its stream ids.
+        @raise CarrierError: the carrier is gone or closing, or has used up its stream ids.
         """
-        if self.lost is not None or self._highest >= _MAX_ID:
+        if self.lost is not None or self.closing or self._highest >= _MAX_ID:
             raise CarrierError("the carrier cannot open another stream")
         self._highest += 1
         stream = Stream(self, self._highest)
@@ -534,8 +536,9 @@ class Carrier(Protocol):
         self.transport.abortConnection()
 
     def close(self) -> None:
-        """Close the connection (and so every stream on it)."""
-        if self.lost is None:
+        """Close the connection (and so every stream on it); no stream opens on it any more."""
+        if self.lost is None and not self.closing:
+            self.closing = True
             # A transport closes only once its producer has gone.
             self.transport.unregisterProducer()
             self.transport.loseConnection()
@@ -599,7 +602,8 @@ class CarrierPool:
         Deferred fires once the carrier is ready) when none has room.
         """
         for carrier in self._carriers.get(key, ()):
-            if carrier.lost is None and len(carrier) < self.max_streams:
+            # Not one that is closing (idle, just as a stream asks): its streams would go nowhere.
+            if carrier.lost is None and not carrier.closing and len(carrier) < self.max_streams:
                 self._not_idle(carrier)
                 return defer.succeed(carrier)
         waiter: defer.Deferred[Carrier] = defer.Deferred()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import struct
 
+from twisted.internet import defer
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
@@ -473,3 +474,31 @@ class PayloadTests(SynchronousTestCase):
         self.assertEqual(seen_first.received, b"x" * (50 - HEADER.size))
         self.assertEqual(seen_second.received, b"y")
         self.assertFalse(transport.disconnecting)
+
+
+class CarrierPoolTests(SynchronousTestCase):
+    """The front door's pool hands out only carriers that can take another stream."""
+
+    def test_closing_carrier_is_not_handed_out(self) -> None:
+        """
+        A carrier the pool is closing (idle just as a stream asks, or at shutdown) is neither
+        handed out nor opens a stream: the next stream gets a new carrier.
+        """
+        clock = Clock()
+        pool = CarrierPool(clock, idle_timeout=10)
+        opened: list[Carrier] = []
+
+        def connect() -> defer.Deferred[Carrier]:
+            carrier, _, _ = on_string_transport(accepting=False)
+            opened.append(carrier)
+            return defer.succeed(carrier)
+
+        first = self.successResultOf(pool.get("gateway", connect))
+        self.assertIs(self.successResultOf(pool.get("gateway", connect)), first)
+        first.open_stream(Recorder()).abortConnection()  # Its last stream ends.
+        clock.advance(10)  # Idle that long: the pool closes it.
+        self.assertTrue(first.closing)
+        self.assertRaises(CarrierError, first.open_stream, Recorder())
+        second = self.successResultOf(pool.get("gateway", connect))
+        self.assertIsNot(second, first)
+        self.assertEqual(opened, [first, second])
