@@ -18,7 +18,15 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from arvproxy import policy
-from arvproxy.carrier import DATA, HEADER, STREAM_WINDOW, WINDOW_HEADER, WINDOW_SIZE, Carrier
+from arvproxy.carrier import (
+    CLOSE,
+    DATA,
+    HEADER,
+    STREAM_WINDOW,
+    WINDOW_HEADER,
+    WINDOW_SIZE,
+    Carrier,
+)
 from arvproxy.controller.proxy import CARRIED_BODY_MAX, GatewayConnector
 from arvproxy.errors import BadGateway
 from arvproxy.testing import MemoryEndpoint
@@ -54,7 +62,7 @@ class _Carriers:
         self._waiting: list[defer.Deferred[Carrier]] = []
 
     def __call__(self, *gateway: str) -> defer.Deferred[Carrier]:
-        if self.opened and self.opened[-1][0].lost is None:
+        if self.opened and self.opened[-1][0].lost is None and not self.opened[-1][0].closing:
             return defer.succeed(self.opened[-1][0])
         tunnels = Carrier(self.clock.callLater)
         transport = StringTransport()
@@ -212,6 +220,44 @@ class RetryTests(SynchronousTestCase):
                 self.assertTrue(carriers.sent(0, 1).startswith(b"PUT / HTTP/1.1\r\n"), length)
             else:
                 self.assertTrue(endpoint.connections[0][1].value().startswith(b"PUT /"), length)
+
+    def test_failed_body_on_a_stream(self) -> None:
+        """
+        A carried request whose body fails (the client left mid-upload) ends its stream, never
+        to be reused, and its client gets 502: the hop client finds the stream's producer as
+        it would a socket's.
+        """
+        connector, carriers = self.carried()
+        upload = Upload(10)
+        d = self.send(connector, b"PUT", upload)
+        carriers.ready()
+        upload.consumer.write(b"12345")
+        upload.done.errback(Failure(ConnectionDone("the client left")))
+        self.failureResultOf(d, BadGateway)
+        tunnels, transport = carriers.opened[0]
+        self.assertEqual(len(tunnels), 0)  # The stream was aborted, and its CLOSE sent.
+        self.assertTrue(transport.value().endswith(HEADER.pack(CLOSE, 1, 0)))
+        self.assertEqual(connector.pool.idle_connections(), [])
+
+    def test_stream_on_a_closing_carrier_is_not_reused(self) -> None:
+        """
+        A kept stream whose carrier is closing is not used again (the stream sees its carrier's
+        connection as a socket sees a TLS layer's): the next GET goes on a new carrier.
+        """
+        connector, carriers = self.carried()
+        self.send(connector, b"GET")
+        carriers.ready()
+        carriers.answer(1, OK)
+        [kept] = connector.pool.idle_connections()
+        self.assertTrue(kept.usable())
+        carriers.opened[0][0].close()  # Idle too long, say.
+        self.assertFalse(kept.usable())
+        d = self.send(connector, b"GET")
+        carriers.ready()
+        self.assertEqual(carriers.sent(0, 1).count(b"GET / HTTP/1.1"), 1)
+        self.assertTrue(carriers.sent(1, 1).startswith(b"GET / HTTP/1.1"))
+        carriers.answer(1, OK)
+        self.assertEqual(self.successResultOf(d).code, 200)
 
     def test_failures_table(self) -> None:
         """What the pool gave up with → the client's error page, and nothing sent again here."""
