@@ -618,6 +618,8 @@ def parse_list(table: Table, params: Mapping[str, Any], max_items: int) -> ListQ
     if not isinstance(filters, list):
         raise argument_error('Could not parse "filters" param as an array')
     predicates = tuple(compile_filter(table, f) for f in filters)
+    if json_param(params, "where", "an object"):
+        raise APIError(422, "the fake Arvados API does not implement 'where' (use filters)")
     select = parse_select(table, params)
     if select is not None:
         orders = [(attr, d) for attr, d in orders if attr in select]

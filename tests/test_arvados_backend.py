@@ -591,7 +591,7 @@ class UpdateTests(BackendTestCase):
             reactor,
             config,
             {
-                "ARVADOS_API_HOST": f"127.0.0.1:{self.tls_server.port}",
+                "ARVADOS_API_HOST": self.tls_server.api_host,
                 "ARVADOS_API_TOKEN": token,
                 "ARVADOS_API_HOST_INSECURE": "1",
             },

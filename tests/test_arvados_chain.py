@@ -60,7 +60,7 @@ class ArvadosCluster:
     @property
     def api_host(self) -> str:
         """C{ARVADOS_API_HOST}, as dispatchers pass it: C{host:port}."""
-        return f"127.0.0.1:{self.server.port}"
+        return self.server.api_host
 
     async def lock(self) -> None:
         """POST containers/<uuid>/lock with the dispatcher's token, over TLS."""
