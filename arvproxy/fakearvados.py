@@ -104,17 +104,7 @@ __all__ = ["APIError", "Call", "FakeAPIServer", "FakeArvadosAPI", "self_signed"]
 
 LEVELS = ("can_read", "can_write", "can_manage")
 CONTAINER_STATES = (QUEUED, LOCKED, RUNNING, "Complete", CANCELLED)
-DEFAULT_LIMIT = 100
 _PREFIX = "/arvados/v1/"
-_COMMON = (
-    "kind",
-    "etag",
-    "uuid",
-    "owner_uuid",
-    "created_at",
-    "modified_by_user_uuid",
-    "modified_at",
-)
 
 # ContainerRequest: AttrsPermittedAlways, and what check_update_whitelist adds for a committed
 # request (container_count and container_uuid are the server's own business).
