@@ -51,9 +51,12 @@ def open_cluster(
     The cluster backend, as a service that must be started: the Arvados API when the
     dispatcher's C{Env} (a gateway's stdin) names one with C{ARVADOS_API_HOST} and
     C{ARVADOS_API_TOKEN}, else the one C{ArvProxy.Backend} names (C{embedded} by default).
+
+    @raise ValueError: the C{Env} names an API server wrongly (see
+        L{arvproxy.backends.arvados.parse_dispatch_api}).
     """
     env = dispatch_env or {}
-    if env.get("ARVADOS_API_HOST") and env.get("ARVADOS_API_TOKEN"):
+    if env.get("ARVADOS_API_HOST") or env.get("ARVADOS_API_TOKEN"):
         from arvproxy.backends.arvados import ArvadosCluster
 
         return ArvadosCluster.from_dispatch_env(reactor, config, env)

@@ -29,8 +29,10 @@ from arvproxy import policy
 from arvproxy.backends import CAN_WRITE, LOCKED, RUNNING, Credentials
 from arvproxy.backends.arvados import (
     ArvadosCluster,
+    NotLockHolder,
     api_base_url,
     parse_api_time,
+    parse_dispatch_api,
     scope_permits,
 )
 from arvproxy.backends.cache import AnswerCache
@@ -579,22 +581,28 @@ class OutageTests(BackendTestCase):
 class UpdateTests(BackendTestCase):
     def test_gateway_token_updates_its_container(self) -> defer.Deferred[None]:
         """With the dispatcher's Env, a gateway updates its container; listening ports stay out."""
-        container = self.api.add_container(state=LOCKED)
-        dispatcher = self.api.add_user("dispatcher")
+        dispatcher = self.api.add_user("dispatcher", is_admin=True)
         token = self.api.add_token(dispatcher)
-        self.api.containers[container]["auth_uuid"] = token.split("/")[1]
+        # Locked by the dispatcher's token, as POST containers/<uuid>/lock leaves it.
+        container = self.api.add_container(state=LOCKED, locked_by_uuid=token.split("/")[1])
         self.api.add_container_request(self.project, container)
         config = config_for({})
         gateway = open_cluster(
             reactor,
             config,
-            {"ARVADOS_API_HOST": self.server.url, "ARVADOS_API_TOKEN": token},
+            {
+                "ARVADOS_API_HOST": self.tls_server.api_host,
+                "ARVADOS_API_TOKEN": token,
+                "ARVADOS_API_HOST_INSECURE": "1",
+            },
         )
         self.assertIsInstance(gateway, ArvadosCluster)
         gateway.startService()
         self.addCleanup(gateway.stopService)
 
         async def run() -> None:
+            own = await gateway.container_auth(container)
+            self.assertEqual(own, self.api.container_token(container) + "/" + container)
             updated = await gateway.update_container(
                 container, state=RUNNING, gateway_address=GATEWAY, listening_ports=[8888]
             )
@@ -607,6 +615,16 @@ class UpdateTests(BackendTestCase):
             self.assertEqual(self.api.count("api_client_authorizations/current"), 1)
 
         return defer.ensureDeferred(run())
+
+    @property
+    def tls_server(self) -> FakeAPIServer:
+        """The same fake API served over TLS with a self-signed certificate, as real ones are."""
+        server = getattr(self, "_tls_server", None)
+        if server is None:
+            server = self._tls_server = FakeAPIServer(reactor, self.api, tls=self_signed()[0])
+            server.start()
+            self.addCleanup(server.stop)
+        return server
 
     def test_refused_update(self) -> defer.Deferred[None]:
         """A service token the API refuses (403) fails the update as Unavailable, logged."""
@@ -772,6 +790,92 @@ class ConfigTests(unittest.SynchronousTestCase):
         self.assertIsInstance(open_cluster(reactor, arvados), ArvadosCluster)
         self.assertIsInstance(open_cluster(reactor, embedded), EmbeddedRegistry)
         self.assertIsInstance(open_cluster(reactor, embedded, env), ArvadosCluster)
-        self.assertIsInstance(
-            open_cluster(reactor, embedded, {"ARVADOS_API_HOST": "x"}), EmbeddedRegistry
+        # Half an API server is a dispatcher's mistake, not a reason to use the registry.
+        with self.assertRaises(ValueError):
+            open_cluster(reactor, embedded, {"ARVADOS_API_HOST": "x"})
+
+
+# --- The dispatcher's Env, and whose token a gateway uses ---------------------------------------
+
+
+class DispatchEnvTests(unittest.SynchronousTestCase):
+    def test_parse(self) -> None:
+        """ARVADOS_API_HOST is host:port as dispatchers pass it; a URL or half an Env is refused."""
+        t = "v2/zzzzz-gj3su-000000000000001/secret"
+        # (ARVADOS_API_HOST, ARVADOS_API_TOKEN, ARVADOS_API_HOST_INSECURE, URL and insecure or
+        # what the error says); None leaves the variable out.
+        table: list[tuple[str | None, str | None, str | None, Any]] = [
+            ("zzzzz.example.com", t, None, ("https://zzzzz.example.com/", False)),
+            ("zzzzz.example.com:8443/", t, None, ("https://zzzzz.example.com:8443/", False)),
+            ("[::1]:8443", t, "1", ("https://[::1]:8443/", True)),
+            ("h:1", t, "TRUE", ("https://h:1/", True)),
+            ("h:1", t, "yes", ("https://h:1/", True)),
+            ("h:1", t, "", ("https://h:1/", False)),
+            ("h:1", t, "0", ("https://h:1/", False)),
+            (None, None, None, None),
+            ("https://zzzzz.example.com", t, None, "not a URL"),
+            ("http://127.0.0.1:9000", t, "1", "not a URL"),
+            ("h:99999", t, None, "must be host:port"),
+            ("h/api", t, None, "must be host:port"),
+            ("h:1", None, None, "ARVADOS_API_TOKEN is not"),
+            (None, t, None, "ARVADOS_API_HOST is not"),
+        ]
+        for host, token, insecure, want in table:
+            names = ("ARVADOS_API_HOST", "ARVADOS_API_TOKEN", "ARVADOS_API_HOST_INSECURE")
+            env = {
+                k: v for k, v in zip(names, (host, token, insecure), strict=True) if v is not None
+            }
+            if isinstance(want, str):
+                with self.assertRaises(ValueError) as caught:
+                    parse_dispatch_api(env)
+                self.assertIn(want, str(caught.exception), env)
+                self.assertNotIn("secret", str(caught.exception))
+                continue
+            api = parse_dispatch_api(env)
+            if want is None:
+                self.assertIsNone(api)
+                continue
+            assert api is not None
+            self.assertEqual((api.url, api.insecure), want, env)
+            self.assertEqual(api.token, t)
+            self.assertNotIn("secret", repr(api))
+
+
+class LockHolderTests(BackendTestCase):
+    """A gateway's token must hold its container's lock, as only the holder may move it on."""
+
+    def gateway_with(self, token: str) -> ArvadosCluster:
+        gateway = ArvadosCluster(
+            reactor,
+            self.server.url,
+            token,
+            cluster_id="zzzzz",
+            service_token_is_root=False,
+            clock=self.clock,
         )
+        gateway.startService()
+        self.addCleanup(gateway.stopService)
+        return gateway
+
+    def test_container_token_cannot_start_it(self) -> defer.Deferred[None]:
+        """The container's own token neither holds its lock nor moves it to Running."""
+        dispatcher = self.api.add_token(self.api.add_user("dispatcher", is_admin=True))
+        container = self.api.add_container(LOCKED, locked_by_uuid=dispatcher.split("/")[1])
+        self.api.add_container_request(self.project, container)
+        own = self.gateway_with(self.api.container_token(container))
+        other = self.gateway_with(self.api.add_token(self.api.add_user("other", is_admin=True)))
+
+        async def run() -> None:
+            for gateway in (own, other):
+                with self.assertRaises(NotLockHolder) as caught:
+                    await gateway.container_auth(container)
+                self.assertIn("does not hold the lock", str(caught.exception))
+            with self.assertRaises(Unavailable):
+                await own.update_container(container, state=RUNNING, gateway_address=GATEWAY)
+            self.assertEqual(self.api.containers[container]["state"], LOCKED)
+            holder = self.gateway_with(dispatcher)
+            self.assertTrue((await holder.container_auth(container)).endswith("/" + container))
+            await holder.update_container(container, state=RUNNING, gateway_address=GATEWAY)
+            self.assertEqual(self.api.containers[container]["state"], RUNNING)
+
+        return defer.ensureDeferred(run())

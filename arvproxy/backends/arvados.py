@@ -43,6 +43,7 @@ import hmac
 import json
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -96,7 +97,6 @@ DEFAULT_CACHE_TTL = 10.0
 DEFAULT_FAILURE_TTL = 1.0
 DEFAULT_TIMEOUT = 10.0
 _TOKEN_RE = re.compile(r"[\x21-\x7e]{1,4096}")
-_TRUE = ("1", "true", "yes", "on")
 
 
 def scope_permits(scopes: Iterable[str], method: str, path: str) -> bool:
@@ -147,6 +147,77 @@ def api_base_url(host_or_url: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
         raise ValueError(f"not an API server address: {host_or_url!r}")
     return f"{parts.scheme}://{parts.netloc}/"
+
+
+@dataclass(frozen=True)
+class DispatchAPI:
+    """
+    The API server a dispatcher names in a gateway's C{Env}, as Arvados' dispatchers hand it
+    to crunch-run (C{services/crunch-dispatch-local}: C{ARVADOS_API_HOST} is
+    C{Services.Controller.ExternalURL.Host}, C{ARVADOS_API_TOKEN} the dispatcher's own token,
+    C{ARVADOS_API_HOST_INSECURE} C{"1"} or C{""}).
+
+    @ivar url: the API's base URL (always https, as the Go SDK's C{apiURL} makes it).
+    @ivar token: the dispatcher's token: it holds the container's lock.
+    @ivar insecure: do not verify the server's certificate.
+    """
+
+    url: str
+    token: str = field(repr=False)
+    insecure: bool
+
+
+def parse_dispatch_api(env: Mapping[str, Any]) -> DispatchAPI | None:
+    """
+    The API server in a gateway's C{Env}, or C{None} when it names none.
+
+    C{ARVADOS_API_HOST} is C{host}, C{host:port} or C{[v6]:port} (one trailing C{/} is
+    tolerated, as by the Go SDK); C{ARVADOS_API_HOST_INSECURE} is true for C{1}, C{yes} or
+    C{true} in any case, false otherwise (the Go SDK's C{StringBool}).
+
+    @raise ValueError: only one of C{ARVADOS_API_HOST} and C{ARVADOS_API_TOKEN} is set, or the
+        host is a URL or not a host at all.  A URL is refused rather than guessed at: crunch-run
+        would prefix it with C{https://} and fail, so a dispatcher that passes one is
+        misconfigured for Arvados' own programs too.
+    """
+    host, token = env.get("ARVADOS_API_HOST") or "", env.get("ARVADOS_API_TOKEN") or ""
+    if not host and not token:
+        return None
+    if not isinstance(host, str) or not host:
+        raise ValueError(
+            "Env.ARVADOS_API_TOKEN is set but Env.ARVADOS_API_HOST is not: expected the API "
+            'server as host:port, like "zzzzz.example.com:443"'
+        )
+    if not isinstance(token, str) or not token:
+        raise ValueError(
+            "Env.ARVADOS_API_HOST is set but Env.ARVADOS_API_TOKEN is not: expected the token "
+            "of the dispatcher that locked the container"
+        )
+    if "://" in host:
+        raise ValueError(
+            f"Env.ARVADOS_API_HOST must be host:port, as Arvados' dispatchers pass it, not a "
+            f"URL: got {host!r}; drop the scheme (the API is always https; set "
+            f'Env.ARVADOS_API_HOST_INSECURE to "1" for a self-signed certificate)'
+        )
+    bare = host.strip().removesuffix("/")
+    parts = urlsplit("https://" + bare)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if not parts.hostname or port == -1 or parts.path or parts.query or parts.fragment:
+        raise ValueError(f"Env.ARVADOS_API_HOST must be host:port, got {host!r}")
+    if parts.username is not None or not _TOKEN_RE.fullmatch(token):
+        raise ValueError("Env.ARVADOS_API_HOST or Env.ARVADOS_API_TOKEN is malformed")
+    insecure = str(env.get("ARVADOS_API_HOST_INSECURE") or "").lower() in ("1", "yes", "true")
+    return DispatchAPI(url=f"https://{parts.netloc}/", token=token, insecure=insecure)
+
+
+class NotLockHolder(Exception):
+    """
+    The gateway's token does not hold its container's lock: the API server will not let it
+    move the container on (C{Container#validate_change}), so it must not serve it.
+    """
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -257,17 +328,23 @@ class ArvadosCluster(Service):
         cls, reactor: Any, config: ClusterConfig, env: Mapping[str, Any], **kwargs: Any
     ) -> ArvadosCluster:
         """
-        A gateway's backend, from the dispatcher's C{Env}: C{ARVADOS_API_HOST},
-        C{ARVADOS_API_TOKEN} and C{ARVADOS_API_HOST_INSECURE}.
+        A gateway's backend, from the dispatcher's C{Env} (L{parse_dispatch_api}): the API at
+        C{ARVADOS_API_HOST}, asked with the dispatcher's C{ARVADOS_API_TOKEN}, the token that
+        holds the container's lock, as crunch-run asks (C{lib/crunchrun}: every update of the
+        container record goes through C{DispatcherArvClient}).
+
+        @raise ValueError: the C{Env} names no API server, or names it wrongly.
         """
-        insecure = str(env.get("ARVADOS_API_HOST_INSECURE", "")).lower() in _TRUE
+        api = parse_dispatch_api(env)
+        if api is None:
+            raise ValueError("Env.ARVADOS_API_HOST and Env.ARVADOS_API_TOKEN are not set")
         return cls(
             reactor,
-            str(env["ARVADOS_API_HOST"]),
-            str(env["ARVADOS_API_TOKEN"]),
+            api.url,
+            api.token,
             cluster_id=config.cluster_id,
             service_token_is_root=False,
-            insecure=insecure or config.tls_insecure,
+            insecure=api.insecure or config.tls_insecure,
             cache_ttl=config.cache_ttl,
             **kwargs,
         )
@@ -624,6 +701,41 @@ class ArvadosCluster(Service):
         if cr.modified_by_user_uuid == user_uuid:
             return CAN_WRITE
         return None
+
+    def container_auth(self, uuid: str) -> defer.Deferred[str]:
+        """
+        The container's own token, read with the service token as crunch-run reads it
+        (C{ContainerRunner#ContainerToken}: C{GET containers/<uuid>/auth}, which only the token
+        holding the container's lock may call), in crunch-run's form
+        C{v2/<uuid>/<secret>/<container uuid>}.
+
+        @raise NotLockHolder: the service token does not hold the lock (or cannot see the
+            container at all).
+        """
+        return defer.ensureDeferred(self._container_auth(uuid))
+
+    async def _container_auth(self, uuid: str) -> str:
+        if not UUID_RE.match(uuid):
+            raise NotFound(f"There is no container {uuid}.")
+        # as_user: a refusal is this token's problem, said below, not a configuration error.
+        try:
+            answer = await self._api(
+                "GET", f"containers/{uuid}/auth", self._service_token, as_user=True
+            )
+        except Unauthorized:
+            raise NotLockHolder(
+                "the API server does not accept the dispatcher's token (Env.ARVADOS_API_TOKEN)"
+            ) from None
+        except (Forbidden, NotFound):
+            raise NotLockHolder(
+                f"the dispatcher's token (Env.ARVADOS_API_TOKEN) does not hold the lock on "
+                f"container {uuid} (GET containers/{uuid}/auth was refused): a gateway must be "
+                f"given the token of the dispatcher that locked its container"
+            ) from None
+        try:
+            return f"v2/{answer['uuid']}/{answer['api_token']}/{uuid}"
+        except (KeyError, TypeError):
+            raise self._malformed("GET", "containers/auth") from None
 
     def update_container(self, uuid: str, **changes: Any) -> defer.Deferred[Container]:
         return defer.ensureDeferred(self._update_container(uuid, changes))

@@ -5,15 +5,20 @@ It reads the dispatcher's JSON on standard input (Arvados' shape:
 C{{"Env": {"GatewayAddress": "host:0", "GatewayAuthSecret": "..."}}}), listens with TLS on a
 random port of that host using a certificate for the key derived from the secret, marks the
 container Running with its C{gateway_address}, and serves until the container stops.
-When C{Env} also holds C{ARVADOS_API_HOST} and C{ARVADOS_API_TOKEN} (as Arvados' dispatcher
-passes them), the container record is updated through that Arvados API server instead of the
-configured backend.
+When C{Env} also holds C{ARVADOS_API_HOST} (C{host:port}), C{ARVADOS_API_TOKEN} and perhaps
+C{ARVADOS_API_HOST_INSECURE}, as Arvados' dispatchers pass them to crunch-run, the container
+record is read and updated through that Arvados API server instead of the configured backend,
+with that token: the dispatcher's, which holds the container's lock (only the lock holder may
+move a container on).  Before serving, the gateway reads the container's own token with it, as
+crunch-run does (C{GET containers/<uuid>/auth}); a token that does not hold the lock stops the
+gateway at once, leaving the container alone.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from typing import IO, Any
 
 from twisted.application.service import MultiService, Service
@@ -150,6 +155,24 @@ class Options(usage.Options):
         self["cluster"] = read_config(self["config"])
         self["dispatch"] = read_dispatch(self.stdin)
         self["host"], self["port"], self["secret"] = parse_gateway_env(self["dispatch"]["Env"])
+        self["api"] = parse_api_env(self["dispatch"]["Env"])
+
+
+def parse_api_env(env: dict[str, Any]) -> Any:
+    """
+    The Arvados API server the dispatcher's C{Env} names (a
+    L{arvproxy.backends.arvados.DispatchAPI}), or C{None}.
+
+    @raise usage.UsageError: it names one wrongly (a URL, a host without a token...).
+    """
+    if not (env.get("ARVADOS_API_HOST") or env.get("ARVADOS_API_TOKEN")):
+        return None
+    from arvproxy.backends.arvados import parse_dispatch_api
+
+    try:
+        return parse_dispatch_api(env)
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from None
 
 
 class ContainerSupervisor(Service):
@@ -159,10 +182,21 @@ class ContainerSupervisor(Service):
     """
 
     def __init__(
-        self, reactor: Any, cluster: Any, uuid: str, runtime: IRuntime, gateway: Gateway
+        self,
+        reactor: Any,
+        cluster: Any,
+        uuid: str,
+        runtime: IRuntime,
+        gateway: Gateway,
+        lock_check: Callable[[str], defer.Deferred[str]] | None = None,
     ) -> None:
+        """
+        @param lock_check: on Arvados, fails (L{arvproxy.backends.arvados.NotLockHolder}) when
+            the gateway's token does not hold the container's lock.
+        """
         self._reactor = reactor
         self._cluster = cluster
+        self._lock_check = lock_check
         self._uuid = uuid
         self._runtime = runtime
         self._gateway = gateway
@@ -180,6 +214,12 @@ class ContainerSupervisor(Service):
     @defer.inlineCallbacks
     def _failed(self, failure: Any) -> Any:
         """The container cannot be served: cancel it with the reason, then exit with status 1."""
+        from arvproxy.backends.arvados import NotLockHolder
+
+        if failure.check(NotLockHolder):
+            # Not ours to cancel: it belongs to whoever holds the lock.
+            fatal(failure, self._reactor, f"cannot serve container {self._uuid}")
+            return
         try:
             yield self._cluster.update_container(
                 self._uuid,
@@ -194,6 +234,8 @@ class ContainerSupervisor(Service):
         container = await self._cluster.get_container(self._uuid)
         if container.state in backends.FINAL_STATES:
             raise RuntimeError(f"container {self._uuid} is {container.state}: nothing to serve")
+        if self._lock_check is not None:
+            await self._lock_check(self._uuid)
         self._gateway.connector.use_tls(tls_ports(container.published_ports))
         await self._runtime.start()
         await self._cluster.update_container(
@@ -270,7 +312,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     top = MultiService()
     cluster.setServiceParent(top)
-    supervisor = ContainerSupervisor(reactor, cluster, uuid, runtime, gateway)
+    lock_check = cluster.container_auth if options["api"] is not None else None
+    supervisor = ContainerSupervisor(reactor, cluster, uuid, runtime, gateway, lock_check)
     supervisor.setServiceParent(top)
 
     site = ProxySite(gateway, reactor, config.limits)
