@@ -278,7 +278,8 @@ def _forwardable(headers: Headers, dropped: frozenset[bytes], listed: frozenset[
     A copy of C{headers} without the lower-case names in C{dropped} (which always holds
     L{HOP_BY_HOP}: the callers' sets are module constants, built once), the names in C{listed}
     (L{connection_listed} of C{headers}, which each caller needs itself) and every
-    C{x-arvados-*} header; repeated headers and their order are kept.
+    C{x-arvados-*} header, and, when C{dropped} holds L{UNDERSCORE_NAMES}, every name with an
+    underscore in it; repeated headers and their order are kept.
 
     This runs before anything is added for the next hop, so a client can never use
     C{Connection} to remove a header the proxy sets.
@@ -298,13 +299,26 @@ def _forwardable(headers: Headers, dropped: frozenset[bytes], listed: frozenset[
         keep = decisions.get(name) if decisions is not None else None
         if keep is None:
             lower = name.lower()
-            keep = lower not in dropped and not lower.startswith(ARVADOS_HEADER_PREFIX)
+            keep = (
+                lower not in dropped
+                and not lower.startswith(ARVADOS_HEADER_PREFIX)
+                and not (b"_" in lower and UNDERSCORE_NAMES in dropped)
+            )
             if decisions is not None and len(decisions) < _MAX_DECISIONS:
                 decisions[name] = keep
         if keep:
             fields[name] = list(values)
     return result
 
+
+UNDERSCORE_NAMES = b"_"
+"""
+In a set of dropped names (see L{_forwardable}): drop every name with an underscore in it too.
+CGI, WSGI and Rack servers turn C{-} and C{_} alike into C{_} (C{X_Forwarded_For} and
+C{X-Forwarded-For} both become C{HTTP_X_FORWARDED_FOR}), so a client could forge, under another
+spelling, a header the proxy sets or removes.  Requests lose such names at both hops, as Nginx
+drops them by default (C{underscores_in_headers off}); responses keep them.
+"""
 
 # Whether each (canonical) name passes, per set of dropped names (the callers' module constants):
 # the same names come back with nearly every request.  The names are the clients' to choose, so
@@ -387,9 +401,15 @@ def scrub_referer(value: bytes) -> bytes:
 # would make two, which the gateway rightly refuses with 400).  The client's Host, cookies and
 # X-Forwarded-* are replaced by the proxy's own; its RFC 7239 Forwarded is kept only from a
 # trusted proxy (any other client could claim another address through it).
-_TO_GATEWAY_DROP_TRUSTED = HOP_BY_HOP | {b"host", b"cookie", b"content-length", *FORWARDED_HEADERS}
+_TO_GATEWAY_DROP_TRUSTED = HOP_BY_HOP | {
+    b"host",
+    b"cookie",
+    b"content-length",
+    *FORWARDED_HEADERS,
+    UNDERSCORE_NAMES,
+}
 _TO_GATEWAY_DROP = _TO_GATEWAY_DROP_TRUSTED | {b"forwarded"}
-_TO_CONTAINER_DROP = HOP_BY_HOP | {b"host", b"content-length"}
+_TO_CONTAINER_DROP = HOP_BY_HOP | {b"host", b"content-length", UNDERSCORE_NAMES}
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
 
 
@@ -408,8 +428,9 @@ def gateway_request_headers(
     The headers the controller sends to a gateway for a client's request.
 
     Hop-by-hop headers, the headers named in C{Connection}, every client-supplied C{x-arvados-*}
-    header, C{Host}, the C{arvados_api_token} cookie and any C{arvados_api_token} in a
-    C{Referer}'s query are removed (and C{Forwarded} unless the peer is trusted);
+    header, every name with an underscore (L{UNDERSCORE_NAMES}), C{Host}, the
+    C{arvados_api_token} cookie and any C{arvados_api_token} in a C{Referer}'s query are
+    removed (and C{Forwarded} unless the peer is trusted);
     C{Authorization} passes unchanged.  C{X-Forwarded-*} are set from what the controller knows;
     when the peer is a trusted proxy its C{X-Forwarded-For} is extended and its C{-Proto}/C{-Host}
     are kept.
@@ -450,7 +471,8 @@ def gateway_request_headers(
 def container_request_headers(gateway: Headers, request_host: bytes) -> Headers:
     """
     The headers the gateway sends to the service in the container: the controller's, without
-    hop-by-hop and C{x-arvados-*} headers, with C{Host} set to the original request's host.
+    hop-by-hop and C{x-arvados-*} headers and names with an underscore (L{UNDERSCORE_NAMES}),
+    with C{Host} set to the original request's host.
     """
     headers = _forwardable(gateway, _TO_CONTAINER_DROP, connection_listed(gateway))
     headers._rawHeaders[_HOST_FIELD] = [request_host]
