@@ -162,6 +162,49 @@ def parse_vhost(host: bytes, external: ExternalURL) -> Target | None:
     return Target(match.group(1).decode("ascii"), target_port)
 
 
+_ABSOLUTE_FORM = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?]*)(.*)\Z", re.DOTALL)
+
+
+def origin_form(method: bytes, target: bytes) -> tuple[bytes, bytes | None]:
+    """
+    A request's target in origin-form (C{/path?query}), and the host named in an absolute-form
+    target, which a server uses instead of C{Host} (RFC 9112 section 3.2.2): what both hops
+    serve, and send on, whatever form the request line had.
+
+    @return: C{(target, None)} for an origin-form target; for an absolute-form one
+        (C{http://host[:port]/path?query}, C{http} or C{https} in any case), its path and
+        query (C{/} for none) and its authority.
+    @raise BadRequest: any other target: C{*} (C{OPTIONS *}), an authority alone (or
+        C{CONNECT}: the proxy is not a forward proxy), another scheme, user information or no
+        host in the authority, or a fragment.
+    """
+    if method == b"CONNECT":
+        raise BadRequest("CONNECT is not served here: this is not a forward proxy.")
+    if target[:1] == b"/":
+        if b"#" in target:
+            raise BadRequest("A request target cannot have a fragment (#).")
+        return target, None
+    if target == b"*":
+        raise BadRequest(f"{method.decode('latin-1')} * is not served here; name a path.")
+    match = _ABSOLUTE_FORM.match(target)
+    if match is None:
+        raise BadRequest("The request target must be a path (or an absolute http URL).")
+    scheme, authority, rest = match.groups()
+    if scheme.lower() not in (b"http", b"https"):
+        raise BadRequest("An absolute request target must be an http or https URL.")
+    if b"@" in authority:
+        raise BadRequest("A request target cannot carry user information (user@host).")
+    if not authority:
+        raise BadRequest("An absolute request target must name a host.")
+    try:
+        split_host(authority)
+    except BadRequest:
+        raise BadRequest("An absolute request target must name a valid host.") from None
+    if b"#" in rest:
+        raise BadRequest("A request target cannot have a fragment (#).")
+    return (rest if rest[:1] == b"/" else b"/" + rest), authority
+
+
 def connect_scope(uuid: str, port: int) -> str:
     """The token scope that allows exactly this target (phase 2 of the story)."""
     return f"CONNECT /arvados/v1/container/{uuid}/{port}"
@@ -340,13 +383,14 @@ def upgrade_requested(headers: Headers) -> bytes | None:
 
 
 _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_TARGET = re.compile(rb"[\x21-\x7e]+\Z")
+_TARGET = re.compile(rb"/[\x21\x22\x24-\x7e]*\Z")
 
 
 def is_forwardable_request_line(method: bytes, target: bytes) -> bool:
     """
-    Whether a request's method is a token and its target visible ASCII (RFC 9110, RFC 9112):
-    only such a request line is passed to the next hop, so none can split or smuggle a request.
+    Whether a request's method is a token and its target visible ASCII in origin-form, with no
+    fragment (RFC 9110, RFC 9112): only such a request line is passed to the next hop, so none
+    can split or smuggle a request, nor name a host of its own (see L{origin_form}).
     """
     return bool(_METHOD.match(method) and _TARGET.match(target))
 

@@ -2,7 +2,8 @@
 Attacks on the header rules through the real plugins (issue 16): the front door and a gateway
 as twistd processes on loopback, a client sending raw bytes as an outsider would, and a real
 WSGI server (the standard library's C{wsgiref}) as the service, since WSGI servers read
-C{X_Forwarded_For} and C{X-Forwarded-For} as one variable.
+C{X_Forwarded_For} and C{X-Forwarded-For} as one variable.  Requests to a gateway go straight
+to its TLS port, signed as the front door would sign them.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ import time
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from twisted.internet import defer, threads
+from twisted.internet import defer, protocol, threads
 from twisted.internet import reactor as _reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.http_headers import Headers
 
 from arvproxy import policy
+from arvproxy.tlsidentity import client_creator
 from tests import e2e
 
 reactor: Any = _reactor
@@ -66,6 +70,42 @@ class WSGIService:
         await threads.deferToThreadPool(reactor, reactor.getThreadPool(), self.server.shutdown)
         self.server.server_close()
         self._thread.join()
+
+
+class _Collect(protocol.Protocol):
+    transport: Any
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.received = bytearray()
+        self.closed: defer.Deferred[bytes] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._data)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.closed.callback(bytes(self.received))
+
+
+async def raw_tls_exchange(reactor: Any, port: int, secret: str, data: bytes) -> bytes:
+    """
+    Send C{data} as is to a gateway on 127.0.0.1:C{port} over TLS pinned to C{secret}'s key,
+    and return everything received until the gateway closes the connection.
+    """
+    endpoint = wrapClientTLS(
+        client_creator(secret), TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=10)
+    )
+    collector = _Collect(data)
+    await endpoint.connect(protocol.Factory.forProtocol(lambda: collector))
+    timer = reactor.callLater(15, collector.transport.abortConnection)
+    received = await collector.closed
+    if not timer.active():
+        raise AssertionError(f"the gateway kept the connection open; it sent {received!r}")
+    timer.cancel()
+    return received
 
 
 def wsgi_vhost(chain: e2e.Chain, port: int) -> bytes:
@@ -155,3 +195,91 @@ class UnderscoreSpellingTests(unittest.TestCase):
         for name in ("HTTP_X_FORWARDED_HOST", "HTTP_X_FORWARDED_PROTO"):
             self.assertNotIn(name, environ)
         self.assertEqual([k for k in environ if k.startswith("HTTP_X_ARVADOS")], [])
+
+
+def raw_request(line: bytes, *headers: bytes) -> bytes:
+    """A request with this request line and header lines, closing its connection."""
+    return b"\r\n".join([line, *headers, b"Connection: close"]) + b"\r\n\r\n"
+
+
+class RequestTargetTests(unittest.TestCase):
+    """Hole 6: request lines that name one host in the target and another in Host."""
+
+    def test_absolute_form_at_the_front_door(self) -> defer.Deferred[None]:
+        """
+        C{GET http://<B>/abs} with C{Host: <A>} goes to B, in origin-form; A sees nothing.  A
+        target naming no container host, and every other form of target, gets a 400.
+        """
+        return run(self._absolute_form_at_the_front_door())
+
+    async def _absolute_form_at_the_front_door(self) -> None:
+        chain = await e2e.start_chain(self, reactor)
+        service_b = WSGIService()
+        self.addCleanup(service_b.stop, reactor)
+        host_a, host_b = chain.vhost, wsgi_vhost(chain, service_b.port)
+        cookie = b"Cookie: " + chain.cluster.cookie()
+        raw = await e2e.raw_exchange(
+            reactor,
+            chain.controller_port,
+            raw_request(b"GET http://" + host_b + b"/abs?x=1 HTTP/1.1", b"Host: " + host_a, cookie),
+        )
+        self.assertEqual(e2e.status_codes(raw), [200], raw)
+        self.assertEqual(len(service_b.environs), 1, chain.service.uris())
+        [environ] = service_b.environs
+        self.assertEqual(
+            (environ["PATH_INFO"], environ["HTTP_HOST"], environ["HTTP_X_FORWARDED_HOST"]),
+            ("/abs", host_b.decode(), host_b.decode()),
+        )
+        self.assertEqual(chain.service.received, [])
+
+        refused = [
+            raw_request(b"GET http://evil.example/abs HTTP/1.1", b"Host: " + host_a, cookie),
+            raw_request(b"GET https://" + host_a + b"/#frag HTTP/1.1", b"Host: " + host_a, cookie),
+            raw_request(b"GET ftp://" + host_a + b"/x HTTP/1.1", b"Host: " + host_a, cookie),
+            raw_request(b"GET http://u@" + host_a + b"/ HTTP/1.1", b"Host: " + host_a, cookie),
+            raw_request(b"OPTIONS * HTTP/1.1", b"Host: " + host_a, cookie),
+            raw_request(b"CONNECT " + host_a + b" HTTP/1.1", b"Host: " + host_a, cookie),
+            raw_request(b"GET " + host_a + b" HTTP/1.1", b"Host: " + host_a, cookie),
+            raw_request(b"GET /p#frag HTTP/1.1", b"Host: " + host_a, cookie),
+        ]
+        for data in refused:
+            raw = await e2e.raw_exchange(reactor, chain.controller_port, data)
+            self.assertEqual(e2e.status_codes(raw), [400], (data, raw))
+        self.assertEqual(chain.service.received, [])
+        self.assertEqual(len(service_b.environs), 1)
+
+    def test_targets_at_the_gateway(self) -> defer.Deferred[None]:
+        """
+        A signed request with an absolute-form target reaches the service in origin-form; a
+        signed C{OPTIONS *} or C{CONNECT} is refused with 400 before the service.
+        """
+        return run(self._targets_at_the_gateway())
+
+    async def _targets_at_the_gateway(self) -> None:
+        chain = await e2e.start_chain(self, reactor)
+        cluster = chain.cluster
+
+        def signed(line: bytes) -> bytes:
+            return raw_request(
+                line,
+                b"Host: " + cluster.gateway_address().encode(),
+                b"%s: %s" % (policy.TARGET_UUID, cluster.container_uuid.encode()),
+                b"%s: %d" % (policy.TARGET_PORT, cluster.port),
+                b"%s: %s" % (policy.REQUEST_HOST, chain.vhost),
+                b"%s: %s"
+                % (policy.AUTHORIZATION, policy.sign(cluster.secret, time.time()).encode()),
+            )
+
+        raw = await raw_tls_exchange(
+            reactor,
+            chain.gateway_port,
+            cluster.secret,
+            signed(b"GET http://evil.example/abs?x=1 HTTP/1.1"),
+        )
+        self.assertEqual(e2e.status_codes(raw), [200], raw)
+        self.assertEqual(chain.service.uris(), [b"/abs?x=1"])
+        self.assertEqual(chain.service.received[0].header(b"host"), [chain.vhost])
+        for line in [b"OPTIONS * HTTP/1.1", b"CONNECT evil.example:443 HTTP/1.1"]:
+            raw = await raw_tls_exchange(reactor, chain.gateway_port, cluster.secret, signed(line))
+            self.assertEqual(e2e.status_codes(raw), [400], (line, raw))
+        self.assertEqual(chain.service.uris(), [b"/abs?x=1"])

@@ -1,7 +1,8 @@
 """
 Tests for the header rules of L{arvproxy.policy} that close the holes of issue 16, written as an
 attacker would: header names spelled with underscores, which CGI, WSGI and Rack servers read as
-the proxy's own headers.
+the proxy's own headers; request targets in other forms than a path, which named one host in the
+request line and another in C{Host}.
 
 Each table collects every mismatching row before failing (L{TableMixin}).
 """
@@ -10,10 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from arvproxy import policy
+from arvproxy.errors import BadRequest
+from arvproxy.httpserver import ProxySite, StreamingRequest
+from arvproxy.testing import MemoryClient
 from tests.test_policy import TableMixin
 
 CTR = "zzzzz-dz642-0123456789abcde"
@@ -160,3 +165,105 @@ class UnderscoreNameTests(TableMixin, SynchronousTestCase):
             self.assertNotIn(b"x_forwarded_for", as_dict(to_gateway(headers_of(name))))
             gateway = policy.container_request_headers(headers_of(name), REQUEST_HOST)
             self.assertNotIn(b"x_forwarded_for", as_dict(gateway))
+
+
+OTHER_HOST = f"{OTHER_CTR}-8080.containers.localhost:8900".encode("ascii")
+
+
+class OriginFormTests(TableMixin, SynchronousTestCase):
+    """Hole 6: L{policy.origin_form}, what every request target becomes, or a 400."""
+
+    def test_table(self) -> None:
+        """Paths pass; absolute http(s) URLs give their path and host; everything else is 400."""
+        rows = [
+            ((b"GET", b"/"), (b"/", None)),
+            ((b"GET", b"/a/b?c=d&e=%20"), (b"/a/b?c=d&e=%20", None)),
+            ((b"GET", b"//evil.example/x"), (b"//evil.example/x", None)),
+            ((b"POST", b"/?http://x/"), (b"/?http://x/", None)),
+            ((b"GET", b"http://" + OTHER_HOST + b"/abs"), (b"/abs", OTHER_HOST)),
+            ((b"GET", b"HTTPS://" + OTHER_HOST + b"/a?b"), (b"/a?b", OTHER_HOST)),
+            ((b"GET", b"http://" + OTHER_HOST), (b"/", OTHER_HOST)),
+            ((b"GET", b"http://" + OTHER_HOST + b"?q=1"), (b"/?q=1", OTHER_HOST)),
+            ((b"GET", b"http://[::1]:8900/x"), (b"/x", b"[::1]:8900")),
+            ((b"GET", b"http://host//double"), (b"//double", b"host")),
+            ((b"OPTIONS", b"*"), BadRequest),
+            ((b"GET", b"*"), BadRequest),
+            ((b"CONNECT", OTHER_HOST), BadRequest),
+            ((b"CONNECT", b"/"), BadRequest),
+            ((b"GET", OTHER_HOST), BadRequest),
+            ((b"GET", b"example.com:443"), BadRequest),
+            ((b"GET", b"relative/path"), BadRequest),
+            ((b"GET", b"?q=1"), BadRequest),
+            ((b"GET", b""), BadRequest),
+            ((b"GET", b"/a#fragment"), BadRequest),
+            ((b"GET", b"http://host/a#fragment"), BadRequest),
+            ((b"GET", b"ftp://host/file"), BadRequest),
+            ((b"GET", b"javascript://host/%0aalert(1)"), BadRequest),
+            ((b"GET", b"http:///no-host"), BadRequest),
+            ((b"GET", b"http://user:pass@" + OTHER_HOST + b"/"), BadRequest),
+            ((b"GET", b"http://" + REQUEST_HOST + b"@" + OTHER_HOST + b"/"), BadRequest),
+            ((b"GET", b"http://host:port/"), BadRequest),
+            ((b"GET", b"http://host:99999999/"), BadRequest),
+            ((b"GET", b"http:/path"), BadRequest),
+            ((b"GET", b"http:host/path"), BadRequest),
+        ]
+        self.assertRows(rows, lambda line: policy.origin_form(*line))
+
+
+class _Recorder:
+    """A handler that records each request's method, target and Host, and answers 200."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[bytes, bytes, list[bytes] | None]] = []
+
+    async def __call__(self, request: StreamingRequest) -> None:
+        self.seen.append(
+            (request.method, request.uri, request.requestHeaders.getRawHeaders(b"host"))
+        )
+        request.setHeader(b"content-length", b"0")
+        request.finish()
+
+
+class ServedTargetTests(TableMixin, SynchronousTestCase):
+    """Hole 6: what the server under both hops hands its handler for each request line."""
+
+    def test_table(self) -> None:
+        """
+        An absolute-form target reaches the handler as a path with its host as the only Host;
+        any other form, a fragment or CONNECT is refused with 400 and never reaches it.
+        """
+        absolute = b"http://" + OTHER_HOST + b"/abs?x=1"
+        rows = [
+            ((b"GET /p?q HTTP/1.1", REQUEST_HOST), (b"GET", b"/p?q", [REQUEST_HOST])),
+            (
+                (b"GET " + absolute + b" HTTP/1.1", REQUEST_HOST),
+                (b"GET", b"/abs?x=1", [OTHER_HOST]),
+            ),
+            ((b"GET " + absolute + b" HTTP/1.1", None), (b"GET", b"/abs?x=1", [OTHER_HOST])),
+            (
+                (b"GET " + absolute + b" HTTP/1.0", REQUEST_HOST),
+                (b"GET", b"/abs?x=1", [OTHER_HOST]),
+            ),
+            ((b"OPTIONS * HTTP/1.1", REQUEST_HOST), 400),
+            ((b"CONNECT " + OTHER_HOST + b" HTTP/1.1", REQUEST_HOST), 400),
+            ((b"GET " + OTHER_HOST + b" HTTP/1.1", REQUEST_HOST), 400),
+            ((b"GET /p#frag HTTP/1.1", REQUEST_HOST), 400),
+            ((b"GET ftp://host/x HTTP/1.1", REQUEST_HOST), 400),
+            ((b"GET http://u@" + OTHER_HOST + b"/ HTTP/1.1", REQUEST_HOST), 400),
+        ]
+
+        def served(row: tuple[bytes, bytes | None]) -> object:
+            line, host = row
+            handler = _Recorder()
+            client = MemoryClient(ProxySite(handler, MemoryReactorClock()))
+            head = [line] + ([b"Host: " + host] if host is not None else [])
+            client.send(b"\r\n".join(head) + b"\r\n\r\n")
+            response = client.response()
+            if response.status != 200:
+                assert client.closed and not handler.seen, (client.value(), handler.seen)
+                assert response.body.startswith(b"Bad request: "), response.body
+                return response.status
+            [seen] = handler.seen
+            return seen
+
+        self.assertRows(rows, served)

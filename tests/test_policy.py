@@ -1212,11 +1212,15 @@ class ProxyCookieTests(SynchronousTestCase):
 
 class RequestLineTests(TableMixin, SynchronousTestCase):
     def test_table(self) -> None:
-        """Only a token method and a visible-ASCII target may go to the next hop."""
+        """Only a token method and a visible-ASCII origin-form target may go to the next hop."""
         rows = [
             ((b"GET", b"/"), True),
-            ((b"PROPFIND", b"/a/b?c=d&e=%20#f"), True),
-            ((b"M-SEARCH", b"*"), True),
+            ((b"PROPFIND", b"/a/b?c=d&e=%20"), True),
+            # Origin-form only (issue 16, hole 6): no fragment, no other form.
+            ((b"GET", b"/a/b?c=d&e=%20#f"), False),
+            ((b"M-SEARCH", b"*"), False),
+            ((b"GET", b"http://other.example/x"), False),
+            ((b"CONNECT", b"other.example:443"), False),
             ((b"GET", b"/a b"), False),
             ((b"GET", b"/a\tb"), False),
             ((b"GET", b"/a\x7fb"), False),
