@@ -57,6 +57,45 @@ HOP_BY_HOP = frozenset(
 # Set by the controller from what it knows; never taken from a client unless trusted.
 FORWARDED_HEADERS = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
 
+REAL_IP = b"x-real-ip"
+"""The client's address (see L{client_address}), set by the controller as Nginx sets it: Tornado
+and Jupyter (C{xheaders}), among others, believe it over C{X-Forwarded-For}."""
+
+CLIENT_CLAIMS = frozenset(
+    {
+        REAL_IP,
+        b"forwarded",
+        b"x-client-ip",
+        b"client-ip",
+        b"true-client-ip",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"x-cluster-client-ip",
+        b"x-original-forwarded-for",
+        b"forwarded-for",
+        b"x-forwarded",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-forwarded-scheme",
+        b"x-forwarded-ssl",
+        b"x-forwarded-server",
+        b"x-scheme",
+        b"x-url-scheme",
+        b"front-end-https",
+        b"x-original-url",
+        b"x-rewrite-url",
+        b"x-original-host",
+        b"x-host",
+    }
+)
+"""
+Headers that servers and frameworks behind proxies take for the client's address or for the
+original request's scheme, host, port or path (Tornado, Rack, Werkzeug's ProxyFix, Express,
+Symfony, CDNs' own), besides C{X-Forwarded-For}/C{-Proto}/C{-Host}.  The controller drops every
+one a client sends, also through a trusted proxy (Nginx passes a client's on as they are), and
+sets only C{X-Real-IP} itself; RFC 7239 C{Forwarded} is among them (Rack believes it first).
+"""
+
 # A hop's headers are read and written a dozen times per request, so the rules below use a
 # L{Headers}' fields directly (C{_rawHeaders}: canonical name to list of values) under these
 # names, put in Twisted's canonical form once, here.  Every value they read came through
@@ -72,6 +111,7 @@ _SET_COOKIE = _canonical(b"set-cookie")
 _X_FORWARDED_FOR = _canonical(b"x-forwarded-for")
 _X_FORWARDED_PROTO = _canonical(b"x-forwarded-proto")
 _X_FORWARDED_HOST = _canonical(b"x-forwarded-host")
+_X_REAL_IP = _canonical(REAL_IP)
 _TARGET_UUID = _canonical(TARGET_UUID)
 _TARGET_PORT = _canonical(TARGET_PORT)
 _REQUEST_HOST = _canonical(REQUEST_HOST)
@@ -415,6 +455,30 @@ def with_upgrade(headers: Headers, protocol: bytes) -> Headers:
     return headers
 
 
+def client_address(
+    peer: str | None,
+    forwarded_for: Sequence[bytes],
+    trusted: tuple[ipaddress._BaseNetwork, ...],
+) -> str | None:
+    """
+    The client's address as the controller believes it, for a request from C{peer}, a trusted
+    proxy, that came with the addresses C{forwarded_for} (its C{X-Forwarded-For}, split, in
+    order): the rightmost of them that is not itself inside a C{trusted} network, the client
+    the outermost trusted proxy saw (as Nginx's C{real_ip_recursive} finds it).  A value that
+    is not an IP address ends the search: the address of the proxy that sent it is the answer.
+    """
+    address = peer
+    for entry in reversed(forwarded_for):
+        try:
+            candidate = str(ipaddress.ip_address(entry.decode("latin-1")))
+        except ValueError:
+            break
+        address = candidate
+        if not is_trusted(candidate, trusted):
+            break
+    return address
+
+
 @functools.lru_cache(maxsize=4096)
 def is_trusted(address: str | None, trusted: tuple[ipaddress._BaseNetwork, ...]) -> bool:
     """
@@ -442,17 +506,17 @@ def scrub_referer(value: bytes) -> bytes:
 
 
 # Content-Length frames one hop only: the next hop's is set from the streaming body (a copy
-# would make two, which the gateway rightly refuses with 400).  The client's Host, cookies and
-# X-Forwarded-* are replaced by the proxy's own; its RFC 7239 Forwarded is kept only from a
-# trusted proxy (any other client could claim another address through it).
-_TO_GATEWAY_DROP_TRUSTED = HOP_BY_HOP | {
+# would make two, which the gateway rightly refuses with 400).  The client's Host, cookies,
+# X-Forwarded-* and X-Real-IP are replaced by the proxy's own, and the other claims about the
+# client or the request it could make (CLIENT_CLAIMS) are dropped, from anyone.
+_TO_GATEWAY_DROP = HOP_BY_HOP | {
     b"host",
     b"cookie",
     b"content-length",
     *FORWARDED_HEADERS,
+    *CLIENT_CLAIMS,
     UNDERSCORE_NAMES,
 }
-_TO_GATEWAY_DROP = _TO_GATEWAY_DROP_TRUSTED | {b"forwarded"}
 _TO_CONTAINER_DROP = HOP_BY_HOP | {b"host", b"content-length", UNDERSCORE_NAMES}
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
 
@@ -467,22 +531,22 @@ def gateway_request_headers(
     client_ip: str | None,
     proto: str,
     trusted_peer: bool,
+    trusted_proxies: tuple[ipaddress._BaseNetwork, ...] = (),
 ) -> Headers:
     """
     The headers the controller sends to a gateway for a client's request.
 
     Hop-by-hop headers, the headers named in C{Connection}, every client-supplied C{x-arvados-*}
-    header, every name with an underscore (L{UNDERSCORE_NAMES}), C{Host}, the
-    C{arvados_api_token} cookie and any C{arvados_api_token} in a C{Referer}'s query are
-    removed (and C{Forwarded} unless the peer is trusted);
-    C{Authorization} passes unchanged.  C{X-Forwarded-*} are set from what the controller knows;
-    when the peer is a trusted proxy its C{X-Forwarded-For} is extended and its C{-Proto}/C{-Host}
-    are kept.
+    header, every name with an underscore (L{UNDERSCORE_NAMES}), every L{CLIENT_CLAIMS} header,
+    C{Host}, the C{arvados_api_token} cookie and any C{arvados_api_token} in a C{Referer}'s
+    query are removed; C{Authorization} passes unchanged.  C{X-Forwarded-*} and C{X-Real-IP}
+    are set from what the controller knows: C{X-Forwarded-Host} is always the host the request
+    was routed by; when the peer (C{client_ip}) is a trusted proxy its C{X-Forwarded-For} is
+    extended, its last C{X-Forwarded-Proto} kept, and C{X-Real-IP} is the client it reports
+    (L{client_address}, with C{trusted_proxies}); otherwise C{X-Real-IP} is the peer.
     """
     listed = connection_listed(client)
-    headers = _forwardable(
-        client, _TO_GATEWAY_DROP_TRUSTED if trusted_peer else _TO_GATEWAY_DROP, listed
-    )
+    headers = _forwardable(client, _TO_GATEWAY_DROP, listed)
     given = client._rawHeaders
     fields = headers._rawHeaders
     # The proxy's own cookies (the token, the container marker) are the proxy's business only.
@@ -496,14 +560,18 @@ def gateway_request_headers(
 
     prior_for = given.get(_X_FORWARDED_FOR, ()) if trusted_peer else ()
     chain = [v.strip() for v in b", ".join(prior_for).split(b",") if v.strip()]
+    real_ip = client_address(client_ip, chain, trusted_proxies) if chain else client_ip
     if client_ip:
         chain.append(client_ip.encode("ascii"))
     if chain:
         fields[_X_FORWARDED_FOR] = [b", ".join(chain)]
+    if real_ip:
+        fields[_X_REAL_IP] = [real_ip.encode("ascii")]
     forwarded_proto = given.get(_X_FORWARDED_PROTO) if trusted_peer else None
     fields[_X_FORWARDED_PROTO] = [forwarded_proto[-1] if forwarded_proto else proto.encode("ascii")]
-    forwarded_host = given.get(_X_FORWARDED_HOST) if trusted_peer else None
-    fields[_X_FORWARDED_HOST] = [forwarded_host[-1] if forwarded_host else request_host]
+    # The host the request was routed by: a trusted proxy that named another would have sent
+    # it elsewhere, and Nginx passes a client's X-Forwarded-Host on as it is.
+    fields[_X_FORWARDED_HOST] = [request_host]
 
     fields[_TARGET_UUID] = [target_uuid.encode("ascii")]
     fields[_TARGET_PORT] = [b"%d" % (target_port,)]

@@ -886,10 +886,13 @@ class Chain:
         return await self.client.fetch(b"GET", self.url(path), self.headers(**extra))
 
 
-async def start_chain(testcase: Any, reactor: Any, controller_args: Iterable[str] = ()) -> Chain:
+async def start_chain(
+    testcase: Any, reactor: Any, controller_args: Iterable[str] = (), **arvproxy: Any
+) -> Chain:
     """
     Start everything for C{testcase} (in a fresh temporary directory), registering cleanups that
-    stop it all and wait for every connection to close.
+    stop it all and wait for every connection to close; keyword arguments are extra keys of the
+    configuration's C{ArvProxy} section.
     """
     directory = os.path.abspath(testcase.mktemp())
     os.makedirs(directory)
@@ -899,7 +902,7 @@ async def start_chain(testcase: Any, reactor: Any, controller_args: Iterable[str
     cluster = make_cluster(directory, service_port)
     testcase.addCleanup(cluster.store.close)
     controller_port = free_port()
-    config = write_config(directory, controller_port)
+    config = write_config(directory, controller_port, **arvproxy)
 
     client = Client(reactor)
     testcase.addCleanup(client.close)

@@ -283,3 +283,62 @@ class RequestTargetTests(unittest.TestCase):
             raw = await raw_tls_exchange(reactor, chain.gateway_port, cluster.secret, signed(line))
             self.assertEqual(e2e.status_codes(raw), [400], (line, raw))
         self.assertEqual(chain.service.uris(), [b"/abs?x=1"])
+
+
+# Headers that servers behind proxies believe about the client or the request, as a client
+# would forge them.
+CLAIMS = [
+    (b"X-Real-IP", b"6.6.6.6"),
+    (b"True-Client-IP", b"6.6.6.6"),
+    (b"CF-Connecting-IP", b"6.6.6.6"),
+    (b"X-Client-IP", b"6.6.6.6"),
+    (b"X-Cluster-Client-IP", b"6.6.6.6"),
+    (b"Forwarded", b"for=6.6.6.6;proto=https;host=evil.example"),
+    (b"X-Forwarded-Port", b"6666"),
+    (b"X-Forwarded-Prefix", b"/evil"),
+    (b"X-Original-URL", b"/admin"),
+    (b"X-Forwarded-Host", b"evil.example"),
+]
+
+
+class ClientClaimTests(unittest.TestCase):
+    """X-Real-IP and the other claims about the client reach the service only as the proxy's."""
+
+    async def claims(self, **arvproxy: Any) -> tuple[e2e.Chain, e2e.Received]:
+        chain = await e2e.start_chain(self, reactor, **arvproxy)
+        lines = [
+            b"GET /claims HTTP/1.1",
+            b"Host: " + chain.vhost,
+            b"Cookie: " + chain.cluster.cookie(),
+            b"X-Forwarded-For: 203.0.113.5",
+            *[name + b": " + value for name, value in CLAIMS],
+        ]
+        raw = await e2e.raw_exchange(reactor, chain.controller_port, raw_request(*lines))
+        self.assertEqual(e2e.status_codes(raw), [200], raw)
+        [seen] = chain.service.received
+        for name, _ in CLAIMS:
+            if name not in (b"X-Real-IP", b"X-Forwarded-Host"):
+                self.assertEqual(seen.header(name), [], name)
+        self.assertEqual(seen.header(b"x-forwarded-host"), [chain.vhost])
+        return chain, seen
+
+    def test_untrusted_client(self) -> defer.Deferred[None]:
+        """A client's X-Real-IP, X-Forwarded-For and other claims are replaced or dropped."""
+        return run(self._untrusted_client())
+
+    async def _untrusted_client(self) -> None:
+        chain, seen = await self.claims()
+        self.assertEqual(seen.header(b"x-real-ip"), [b"127.0.0.1"])
+        self.assertEqual(seen.header(b"x-forwarded-for"), [b"127.0.0.1"])
+
+    def test_through_a_trusted_proxy(self) -> defer.Deferred[None]:
+        """
+        Through a trusted proxy, X-Real-IP is the client it reports in X-Forwarded-For; its
+        X-Forwarded-Host, Forwarded and the other claims, which Nginx passes on, are not believed.
+        """
+        return run(self._through_a_trusted_proxy())
+
+    async def _through_a_trusted_proxy(self) -> None:
+        chain, seen = await self.claims(TrustedProxies=["127.0.0.1/32"])
+        self.assertEqual(seen.header(b"x-real-ip"), [b"203.0.113.5"])
+        self.assertEqual(seen.header(b"x-forwarded-for"), [b"203.0.113.5, 127.0.0.1"])

@@ -649,6 +649,7 @@ class ForwardingTests(ControllerTestCase):
                 b"x-multi": [b"1", b"2"],
                 # No content-length: the next hop's framing comes from the streaming body.
                 b"x-forwarded-for": [b"127.0.0.1"],
+                b"x-real-ip": [b"127.0.0.1"],
                 b"x-forwarded-proto": [b"https"],
                 b"x-forwarded-host": [host],
                 b"x-arvados-target-uuid": [self.container.uuid.encode()],
@@ -669,7 +670,10 @@ class ForwardingTests(ControllerTestCase):
             policy.verify(list(value or []), secret, self.clock.seconds(), nonces)
 
     def test_trusted_proxy(self) -> None:
-        """A trusted proxy's X-Forwarded-* are kept and extended; an untrusted peer's replaced."""
+        """
+        A trusted proxy's X-Forwarded-For is extended and its -Proto kept; an untrusted peer's
+        are replaced.  X-Forwarded-Host is always the routed host, X-Real-IP the client's.
+        """
         forwarded = [
             (b"X-Forwarded-For", b"198.51.100.7"),
             (b"X-Forwarded-Proto", b"http"),
@@ -677,10 +681,10 @@ class ForwardingTests(ControllerTestCase):
         ]
         host = self.host(self.cr.uuid)
         expected = {
-            "10.1.2.3": ([b"198.51.100.7, 10.1.2.3"], [b"http"], [b"front.example"]),
-            "192.0.2.9": ([b"192.0.2.9"], [b"https"], [host]),
+            "10.1.2.3": ([b"198.51.100.7, 10.1.2.3"], [b"http"], [host], [b"198.51.100.7"]),
+            "192.0.2.9": ([b"192.0.2.9"], [b"https"], [host], [b"192.0.2.9"]),
         }
-        for peer, (xff, proto, xhost) in expected.items():
+        for peer, (xff, proto, xhost, real_ip) in expected.items():
             self.send(host, token=self.tokens["alice"], headers=forwarded, peer=peer)
             sent = self.gateways.calls[-1].headers
             self.assertEqual(
@@ -688,8 +692,9 @@ class ForwardingTests(ControllerTestCase):
                     sent.getRawHeaders(b"x-forwarded-for"),
                     sent.getRawHeaders(b"x-forwarded-proto"),
                     sent.getRawHeaders(b"x-forwarded-host"),
+                    sent.getRawHeaders(b"x-real-ip"),
                 ),
-                (xff, proto, xhost),
+                (xff, proto, xhost, real_ip),
                 peer,
             )
 

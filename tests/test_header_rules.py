@@ -2,13 +2,15 @@
 Tests for the header rules of L{arvproxy.policy} that close the holes of issue 16, written as an
 attacker would: header names spelled with underscores, which CGI, WSGI and Rack servers read as
 the proxy's own headers; request targets in other forms than a path, which named one host in the
-request line and another in C{Host}.
+request line and another in C{Host}; X-Real-IP and the other headers that services believe
+about the client's address or the original request.
 
 Each table collects every mismatching row before failing (L{TableMixin}).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock
@@ -267,3 +269,114 @@ class ServedTargetTests(TableMixin, SynchronousTestCase):
             return seen
 
         self.assertRows(rows, served)
+
+
+# What servers and frameworks behind proxies believe about the client or the original request,
+# besides X-Forwarded-For/-Proto/-Host (Tornado, Rack, Werkzeug's ProxyFix, Express, Symfony,
+# CDNs), each in three spellings.
+CLAIM_NAMES = [
+    b"x-real-ip",
+    b"forwarded",
+    b"x-client-ip",
+    b"client-ip",
+    b"true-client-ip",
+    b"cf-connecting-ip",
+    b"fastly-client-ip",
+    b"x-cluster-client-ip",
+    b"x-original-forwarded-for",
+    b"forwarded-for",
+    b"x-forwarded",
+    b"x-forwarded-port",
+    b"x-forwarded-prefix",
+    b"x-forwarded-scheme",
+    b"x-forwarded-ssl",
+    b"x-forwarded-server",
+    b"x-scheme",
+    b"x-url-scheme",
+    b"front-end-https",
+    b"x-original-url",
+    b"x-rewrite-url",
+    b"x-original-host",
+    b"x-host",
+]
+CLAIMS_SPELLINGS = [
+    spelling for name in CLAIM_NAMES for spelling in (name, name.upper(), name.title())
+]
+
+
+class ClientClaimTests(TableMixin, SynchronousTestCase):
+    """X-Real-IP and the other headers services believe about the client or the request."""
+
+    def test_claims_dropped(self) -> None:
+        """Every claim header, any case, from an untrusted or a trusted peer, is dropped."""
+        rows = []
+        for name in CLAIMS_SPELLINGS:
+            for trusted in (False, True):
+                rows.append(((name, trusted), None))
+
+        def forwarded(row: tuple[bytes, bool]) -> list[bytes] | None:
+            name, trusted = row
+            client = headers_of((name, b"6.6.6.6"), (b"X-Keep", b"1"))
+            result = as_dict(to_gateway(client, trusted_peer=trusted))
+            assert result[b"x-keep"] == [b"1"], result
+            values = result.get(name.lower())
+            return (
+                None if values == [CLIENT_IP.encode()] and name.lower() == b"x-real-ip" else values
+            )
+
+        self.assertRows(rows, forwarded)
+
+    def test_real_ip(self) -> None:
+        """
+        X-Real-IP is the peer, or through trusted proxies the client they report: never what
+        the client wrote in it.
+        """
+        cdn = "192.0.2.0/24"
+        rows = [
+            # (client_ip, trusted peer, X-Forwarded-For values, trusted networks) -> X-Real-IP
+            ((CLIENT_IP, False, (), ()), [CLIENT_IP.encode()]),
+            ((CLIENT_IP, False, (b"1.2.3.4",), ()), [CLIENT_IP.encode()]),
+            ((None, False, (b"1.2.3.4",), ()), None),
+            ((PROXY_IP, True, (), ()), [PROXY_IP.encode()]),
+            ((PROXY_IP, True, (b"1.2.3.4",), ()), [b"1.2.3.4"]),
+            ((PROXY_IP, True, (b"6.6.6.6, 1.2.3.4",), ()), [b"1.2.3.4"]),
+            ((PROXY_IP, True, (b"6.6.6.6", b"1.2.3.4"), ()), [b"1.2.3.4"]),
+            # Through a trusted CDN, then the trusted proxy: the address the CDN saw.
+            ((PROXY_IP, True, (b"6.6.6.6, 1.2.3.4, 192.0.2.7",), (cdn,)), [b"1.2.3.4"]),
+            ((PROXY_IP, True, (b"192.0.2.8, 192.0.2.7",), (cdn,)), [b"192.0.2.8"]),
+            # Not an address: the proxy that sent it is the client as far as anyone knows.
+            ((PROXY_IP, True, (b"unknown",), ()), [PROXY_IP.encode()]),
+            ((PROXY_IP, True, (b"1.2.3.4, unknown, 192.0.2.7",), (cdn,)), [b"192.0.2.7"]),
+            ((PROXY_IP, True, (b"1.2.3.4:5678",), ()), [PROXY_IP.encode()]),
+            ((PROXY_IP, True, (b" 2001:DB8::1 ",), ()), [b"2001:db8::1"]),
+        ]
+
+        def real_ip(row: tuple[str | None, bool, tuple[bytes, ...], tuple[str, ...]]) -> object:
+            client_ip, trusted, values, networks = row
+            client = headers_of(
+                (b"X-Real-IP", b"6.6.6.6"), *[(b"X-Forwarded-For", value) for value in values]
+            )
+            result = to_gateway(
+                client,
+                client_ip=client_ip,
+                trusted_peer=trusted,
+                trusted_proxies=tuple(ipaddress.ip_network(n) for n in networks),
+            )
+            return as_dict(result).get(b"x-real-ip")
+
+        self.assertRows(rows, real_ip)
+
+    def test_forwarded_host_is_the_routed_host(self) -> None:
+        """A trusted proxy's X-Forwarded-Host (Nginx passes a client's on) is not believed."""
+        client = headers_of((b"X-Forwarded-Host", b"evil.example"))
+        for trusted in (False, True):
+            result = as_dict(to_gateway(client, trusted_peer=trusted, client_ip=PROXY_IP))
+            self.assertEqual(result[b"x-forwarded-host"], [REQUEST_HOST])
+
+    def test_gateway_passes_the_proxy_values(self) -> None:
+        """The gateway passes the front door's X-Real-IP and X-Forwarded-* to the service."""
+        client = headers_of((b"X-Real-IP", b"6.6.6.6"), (b"True-Client-IP", b"6.6.6.6"))
+        through = as_dict(policy.container_request_headers(to_gateway(client), REQUEST_HOST))
+        self.assertEqual(through[b"x-real-ip"], [CLIENT_IP.encode()])
+        self.assertEqual(through[b"x-forwarded-for"], [CLIENT_IP.encode()])
+        self.assertNotIn(b"true-client-ip", through)

@@ -629,6 +629,7 @@ class Controller:
             client_ip=client_ip,
             proto="https" if request.isSecure() else config.external_url.scheme,
             trusted_peer=policy.is_trusted(client_ip, config.trusted_proxies),
+            trusted_proxies=config.trusted_proxies,
         )
         upgrade = policy.upgrade_requested(request.requestHeaders) if request.body.empty else None
         if upgrade is not None and policy.is_reserved_upgrade(upgrade):
