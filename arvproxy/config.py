@@ -302,6 +302,34 @@ def parse_config(document: object, source: str, cluster_id: str | None = None) -
     )
 
 
+WIDEST_TRUSTED_PREFIX = 8
+"""A C{TrustedProxies} network wider than this (a /8 of its family's addresses, or of the
+IPv4 addresses mapped into IPv6) is almost certainly a mistake: L{trusted_proxy_warnings}."""
+
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def trusted_proxy_warnings(config: ClusterConfig) -> list[str]:
+    """
+    One line for each C{TrustedProxies} network so wide that it is almost certainly a mistake
+    (C{0.0.0.0/0}, C{::/0}, anything wider than L{WIDEST_TRUSTED_PREFIX}), naming the file and
+    the key: every client inside one can set the address and scheme the services see.
+    """
+    key = f"Clusters.{config.cluster_id}.ArvProxy.TrustedProxies"
+    warnings = []
+    for network in config.trusted_proxies:
+        prefix = network.prefixlen
+        if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_IPV4_MAPPED):
+            prefix -= 96
+        if prefix < WIDEST_TRUSTED_PREFIX:
+            warnings.append(
+                f"{config.source}: {key}: {network} is wider than a /{WIDEST_TRUSTED_PREFIX}, "
+                "so every client in it can set X-Forwarded-For and X-Forwarded-Proto (the "
+                "address and scheme services see); list only your own proxies' addresses"
+            )
+    return warnings
+
+
 def parse_duration(value: object) -> float:
     """
     Seconds in an Arvados duration: C{"300s"}, C{"5m"}, C{"1h30m"}, C{"250ms"}, or a bare
