@@ -17,7 +17,6 @@ from arvproxy.controller.workers import WorkerPool, watch_parent
 from arvproxy.httpserver import ProxySite
 from arvproxy.service import ListeningService, freeze_start_up, open_cluster, read_config
 
-
 log = Logger()
 
 
