@@ -34,6 +34,9 @@ ARVADOS_HEADER_PREFIX = b"x-arvados-"
 TARGET_UUID = b"x-arvados-target-uuid"
 TARGET_PORT = b"x-arvados-target-port"
 REQUEST_HOST = b"x-arvados-request-host"
+SIGNATURE = b"x-arvados-signature"
+# The signature of the format before signatures were bound to their requests (see sign): sent
+# only with ArvProxy.Gateway.SignForOldGateways, for gateways started before the change.
 AUTHORIZATION = b"x-arvados-authorization"
 # Set by a gateway on the errors it produces itself (not on the service's own answers); the
 # controller turns such a refusal into a 502 for the client.
@@ -116,6 +119,7 @@ _TARGET_UUID = _canonical(TARGET_UUID)
 _TARGET_PORT = _canonical(TARGET_PORT)
 _REQUEST_HOST = _canonical(REQUEST_HOST)
 _AUTHORIZATION = _canonical(AUTHORIZATION)
+_SIGNATURE_FIELD = _canonical(SIGNATURE)
 
 UUID_PATTERN = rb"[a-z0-9]{5}-[a-z0-9]{5}-[a-z0-9]{15}"
 _VHOST_LABEL = re.compile(rb"^(" + UUID_PATTERN + rb")-([0-9]{1,5})\Z")
@@ -438,6 +442,11 @@ def is_forwardable_request_line(method: bytes, target: bytes) -> bool:
 CARRIER_UPGRADE = b"arvproxy-tunnels/1"
 """The upgrade that opens a carrier between the proxy's hops (see L{arvproxy.carrier})."""
 
+CARRIER_WINDOW = b"arvproxy-carrier-window"
+"""The header in which each end of a carrier's handshake announces its window (see
+L{arvproxy.carrier}); the front door's own, never a client's."""
+_CARRIER_WINDOW = _canonical(CARRIER_WINDOW)
+
 
 def is_reserved_upgrade(upgrade: bytes) -> bool:
     """
@@ -513,6 +522,7 @@ _TO_GATEWAY_DROP = HOP_BY_HOP | {
     b"host",
     b"cookie",
     b"content-length",
+    CARRIER_WINDOW,
     *FORWARDED_HEADERS,
     *CLIENT_CLAIMS,
     UNDERSCORE_NAMES,
@@ -527,14 +537,14 @@ def gateway_request_headers(
     target_uuid: str,
     target_port: int,
     request_host: bytes,
-    authorization: str,
     client_ip: str | None,
     proto: str,
     trusted_peer: bool,
     trusted_proxies: tuple[ipaddress._BaseNetwork, ...] = (),
 ) -> Headers:
     """
-    The headers the controller sends to a gateway for a client's request.
+    The headers the controller sends to a gateway for a client's request, but for their
+    signature (L{sign_request}, once every header it binds is set).
 
     Hop-by-hop headers, the headers named in C{Connection}, every client-supplied C{x-arvados-*}
     header, every name with an underscore (L{UNDERSCORE_NAMES}), every L{CLIENT_CLAIMS} header,
@@ -576,7 +586,6 @@ def gateway_request_headers(
     fields[_TARGET_UUID] = [target_uuid.encode("ascii")]
     fields[_TARGET_PORT] = [b"%d" % (target_port,)]
     fields[_REQUEST_HOST] = [request_host]
-    fields[_AUTHORIZATION] = [authorization.encode("ascii")]
     return headers
 
 
@@ -625,7 +634,7 @@ def response_headers(upstream: Headers) -> Headers:
     return headers
 
 
-def parse_target_port(values: list[bytes] | None) -> int:
+def parse_target_port(values: Sequence[bytes] | None) -> int:
     """
     The port in C{x-arvados-target-port}.
 
@@ -666,27 +675,98 @@ def _keyed(secret: str) -> hmac.HMAC:
     return hmac.new(secret.encode("utf-8"), digestmod=hashlib.sha256)
 
 
-def _mac(secret: str, message: str) -> str:
+def _mac(secret: str, message: bytes) -> str:
     mac = _keyed(secret).copy()
-    mac.update(message.encode("ascii"))
+    mac.update(message)
     return mac.hexdigest()
 
 
-def sign(secret: str, now: float, nonce: bytes | None = None) -> str:
+def sign(secret: str, now: float, nonce: bytes | None = None, binding: bytes | None = None) -> str:
     """
-    An C{x-arvados-authorization} value:
-    C{<nonce>+<timestamp> <hex HMAC-SHA256(secret, nonce+timestamp)>}.
+    A signature: C{<nonce>+<timestamp> <hex HMAC-SHA256(secret, message)>}, where the message
+    is C{arvproxy-v2 <nonce>+<timestamp>}, a line feed and C{binding}, what the signature is
+    bound to (L{request_binding}).  Without a C{binding}, the format from before signatures
+    were bound to requests: the message is C{<nonce>+<timestamp>} alone, and the signature
+    fits any request to the container (only for old gateways: see L{sign_request}).
 
     @param nonce: random bytes (at least 16); fresh ones from L{os.urandom} when C{None}.
     """
     if nonce is None:
         nonce = os.urandom(NONCE_BYTES)
-    message = f"{nonce.hex()}+{int(now)}"
-    return f"{message} {_mac(secret, message)}"
+    stamp = f"{nonce.hex()}+{int(now)}"
+    return f"{stamp} {_mac(secret, _signed_message(stamp, binding))}"
+
+
+def _signed_message(stamp: str, binding: bytes | None) -> bytes:
+    if binding is None:
+        return stamp.encode("ascii")
+    return b"arvproxy-v2 %s\n%s" % (stamp.encode("ascii"), binding)
+
+
+def _field(values: Sequence[bytes] | None) -> bytes:
+    """One part of a binding: C{-} for none, else the count and each value with its length."""
+    if values is None:
+        return b"-"
+    if len(values) == 1:
+        value = values[0]
+        return b"#1:%d:%s" % (len(value), value)
+    return b"#%d:%s" % (len(values), b"".join([b"%d:%s" % (len(v), v) for v in values]))
+
+
+def request_binding(method: bytes, target: bytes, headers: Headers) -> bytes:
+    """
+    What a request's signature binds it to, so that a valid signature cannot be moved to any
+    other request: everything the gateway acts on.  Its method, its target (path and query),
+    the values of C{x-arvados-target-uuid}, C{x-arvados-target-port} and
+    C{x-arvados-request-host}, the protocol it asks to switch to (L{upgrade_requested}, as the
+    gateway reads it) and the window of a carrier's handshake (L{CARRIER_WINDOW}), each part
+    written with its length (L{_field}) so that no two requests give the same bytes.  Both hops
+    compute it from the request as it is sent and as it is received.
+    """
+    get = headers._rawHeaders.get
+    upgrade = upgrade_requested(headers)
+    # Formatted at once: this runs for every request in both hops.
+    return b"#1:%d:%s#1:%d:%s%s%s%s%s%s" % (
+        len(method),
+        method,
+        len(target),
+        target,
+        _field(get(_TARGET_UUID)),
+        _field(get(_TARGET_PORT)),
+        _field(get(_REQUEST_HOST)),
+        b"-" if upgrade is None else b"#1:%d:%s" % (len(upgrade), upgrade),
+        _field(get(_CARRIER_WINDOW)),
+    )
+
+
+def sign_request(
+    headers: Headers,
+    secret: str,
+    now: float,
+    method: bytes,
+    target: bytes,
+    old_gateways: bool = False,
+) -> None:
+    """
+    Sign a request to a gateway: set its C{x-arvados-signature}, bound to the request
+    (L{request_binding}); C{headers} must already hold every header the binding covers, as
+    they will be sent.  Any earlier signature is replaced (a request sent again).
+
+    @param old_gateways: also send an C{x-arvados-authorization} of the old, unbound format
+        (C{ArvProxy.Gateway.SignForOldGateways}), which gateways started before signatures
+        were bound still require, and which newer gateways ignore.
+    """
+    fields = headers._rawHeaders
+    binding = request_binding(method, target, headers)
+    fields[_SIGNATURE_FIELD] = [sign(secret, now, binding=binding).encode("ascii")]
+    if old_gateways:
+        fields[_AUTHORIZATION] = [sign(secret, now).encode("ascii")]
+    else:
+        fields.pop(_AUTHORIZATION, None)
 
 
 class SignatureError(Exception):
-    """A request's C{x-arvados-authorization} is missing, malformed, wrong, stale or replayed."""
+    """A request's C{x-arvados-signature} is missing, malformed, wrong, stale or replayed."""
 
 
 _SIGNATURE = re.compile(r"^([0-9a-f]{32,128})\+([0-9]{1,12}) ([0-9a-f]{64})\Z")
@@ -723,22 +803,26 @@ class NonceCache:
         return True
 
 
-def verify(values: list[bytes] | None, secret: str, now: float, nonces: NonceCache) -> None:
+def verify(
+    values: Sequence[bytes] | None, secret: str, now: float, nonces: NonceCache, binding: bytes
+) -> None:
     """
-    Check an C{x-arvados-authorization} header: one value, well formed, a MAC made with
-    C{secret}, a timestamp within C{nonces.window} seconds of C{now}, and a nonce not seen before.
+    Check a request's C{x-arvados-signature} (C{values}): one value, well formed, a MAC made
+    with C{secret} over the request's C{binding} (L{request_binding} of the request as it
+    arrived), a timestamp within C{nonces.window} seconds of C{now}, and a nonce not seen
+    before.  The unbound format of old front doors is never accepted.
 
     @raise SignatureError: saying which check failed.
     """
     if not values:
-        raise SignatureError("missing x-arvados-authorization")
+        raise SignatureError("missing x-arvados-signature")
     if len(values) != 1:
-        raise SignatureError("repeated x-arvados-authorization")
+        raise SignatureError("repeated x-arvados-signature")
     match = _SIGNATURE.match(values[0].decode("latin-1"))
     if match is None:
-        raise SignatureError("malformed x-arvados-authorization")
+        raise SignatureError("malformed x-arvados-signature")
     nonce, timestamp, mac = match.groups()
-    expected = _mac(secret, f"{nonce}+{timestamp}")
+    expected = _mac(secret, _signed_message(f"{nonce}+{timestamp}", binding))
     if not hmac.compare_digest(mac, expected):
         raise SignatureError("bad signature")
     if abs(now - int(timestamp)) > nonces.window:

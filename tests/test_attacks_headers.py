@@ -180,12 +180,12 @@ class UnderscoreSpellingTests(unittest.TestCase):
                 policy.TARGET_UUID: [cluster.container_uuid.encode()],
                 policy.TARGET_PORT: [b"%d" % (service.port,)],
                 policy.REQUEST_HOST: [host],
-                policy.AUTHORIZATION: [policy.sign(cluster.secret, time.time()).encode()],
                 b"x-forwarded-for": [b"127.0.0.1"],
             }
         )
         for name, value in UNDERSCORE_FORGERIES:
             headers.addRawHeader(name, value)
+        policy.sign_request(headers, cluster.secret, time.time(), b"GET", b"/env")
         url = b"https://127.0.0.1:%d/env" % (chain.gateway_port,)
         response, body = await direct.fetch(b"GET", url, headers)
         self.assertEqual(response.code, 200, body)
@@ -259,29 +259,36 @@ class RequestTargetTests(unittest.TestCase):
         chain = await e2e.start_chain(self, reactor)
         cluster = chain.cluster
 
-        def signed(line: bytes) -> bytes:
+        def signed(method: bytes, target: bytes, origin_form: bytes = b"/") -> bytes:
+            """A request signed as the front door would sign it, for C{origin_form}."""
+            headers = Headers(
+                {
+                    policy.TARGET_UUID: [cluster.container_uuid.encode()],
+                    policy.TARGET_PORT: [b"%d" % (cluster.port,)],
+                    policy.REQUEST_HOST: [chain.vhost],
+                }
+            )
+            policy.sign_request(headers, cluster.secret, time.time(), method, origin_form)
             return raw_request(
-                line,
+                b"%s %s HTTP/1.1" % (method, target),
                 b"Host: " + cluster.gateway_address().encode(),
-                b"%s: %s" % (policy.TARGET_UUID, cluster.container_uuid.encode()),
-                b"%s: %d" % (policy.TARGET_PORT, cluster.port),
-                b"%s: %s" % (policy.REQUEST_HOST, chain.vhost),
-                b"%s: %s"
-                % (policy.AUTHORIZATION, policy.sign(cluster.secret, time.time()).encode()),
+                *[b"%s: %s" % (n, v) for n, vs in headers.getAllRawHeaders() for v in vs],
             )
 
         raw = await raw_tls_exchange(
             reactor,
             chain.gateway_port,
             cluster.secret,
-            signed(b"GET http://evil.example/abs?x=1 HTTP/1.1"),
+            signed(b"GET", b"http://evil.example/abs?x=1", b"/abs?x=1"),
         )
         self.assertEqual(e2e.status_codes(raw), [200], raw)
         self.assertEqual(chain.service.uris(), [b"/abs?x=1"])
         self.assertEqual(chain.service.received[0].header(b"host"), [chain.vhost])
-        for line in [b"OPTIONS * HTTP/1.1", b"CONNECT evil.example:443 HTTP/1.1"]:
-            raw = await raw_tls_exchange(reactor, chain.gateway_port, cluster.secret, signed(line))
-            self.assertEqual(e2e.status_codes(raw), [400], (line, raw))
+        for method, target in [(b"OPTIONS", b"*"), (b"CONNECT", b"evil.example:443")]:
+            raw = await raw_tls_exchange(
+                reactor, chain.gateway_port, cluster.secret, signed(method, target, target)
+            )
+            self.assertEqual(e2e.status_codes(raw), [400], (method, raw))
         self.assertEqual(chain.service.uris(), [b"/abs?x=1"])
 
 

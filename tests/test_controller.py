@@ -638,8 +638,9 @@ class ForwardingTests(ControllerTestCase):
         self.assertEqual(call.secret, secret)
         self.assertEqual(call.received.data, b"data")
         sent = {name.lower(): values for name, values in call.headers.getAllRawHeaders()}
-        signature = sent.pop(policy.AUTHORIZATION)
-        policy.verify(list(signature), secret, self.clock.seconds(), policy.NonceCache(300))
+        binding = policy.request_binding(call.method, call.path, call.headers)
+        signature = sent.pop(policy.SIGNATURE)
+        policy.verify(signature, secret, self.clock.seconds(), policy.NonceCache(300), binding)
         self.assertEqual(
             sent,
             {
@@ -662,12 +663,13 @@ class ForwardingTests(ControllerTestCase):
         """Each forwarded request carries its own signature (no nonce reused)."""
         first = self.get_ok(self.cr.uuid, self.tokens["alice"])
         second = self.get_ok(self.cr.uuid, self.tokens["alice"])
-        values = [c.headers.getRawHeaders(policy.AUTHORIZATION) for c in (first, second)]
+        values = [c.headers.getRawHeaders(policy.SIGNATURE) for c in (first, second)]
         self.assertNotEqual(values[0], values[1])
         nonces = policy.NonceCache(300)
         secret = policy.gateway_secret(ROOT_TOKEN, self.container.uuid)
-        for value in values:
-            policy.verify(list(value or []), secret, self.clock.seconds(), nonces)
+        for call, value in zip((first, second), values, strict=True):
+            binding = policy.request_binding(call.method, call.path, call.headers)
+            policy.verify(value, secret, self.clock.seconds(), nonces, binding)
 
     def test_trusted_proxy(self) -> None:
         """

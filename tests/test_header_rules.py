@@ -49,7 +49,6 @@ def to_gateway(client: Headers, **overrides: Any) -> Headers:
         target_uuid=CTR,
         target_port=8080,
         request_host=REQUEST_HOST,
-        authorization="SIGNATURE",
         client_ip=CLIENT_IP,
         proto="https",
         trusted_peer=False,

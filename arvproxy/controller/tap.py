@@ -82,7 +82,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         # Kept answers go as soon as the registry file changes: a finished container or a
         # revoked token is refused at once.
         cluster = CachedCluster(reactor, cluster, config.cache_ttl, version=cluster.data_version)
-    gateways = GatewayConnector(reactor)
+    gateways = GatewayConnector(reactor, old_gateways=config.sign_for_old_gateways)
     site = ProxySite(Controller(reactor, config, cluster, gateways), reactor, config.limits)
     site.access_log = bool(options["access-log"])
     on_listening = None
