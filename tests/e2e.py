@@ -810,15 +810,23 @@ class _RawCollector(protocol.Protocol):
 
 
 async def raw_exchange(
-    reactor: Any, port: int, data: bytes, then: bytes = b"", timeout: float = 15.0
+    reactor: Any,
+    port: int,
+    data: bytes,
+    then: bytes = b"",
+    timeout: float = 15.0,
+    secret: str | None = None,
 ) -> bytes:
     """
     Send C{data} as is to 127.0.0.1:C{port} (and C{then} once the head of a response has
     arrived) and return everything received until the server closes the connection.
 
+    @param secret: speak TLS pinned to this container secret's key (to a gateway).
     @raise AssertionError: the server kept the connection open for C{timeout} seconds.
     """
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=10)
+    endpoint: Any = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=10)
+    if secret is not None:
+        endpoint = wrapClientTLS(client_creator(secret), endpoint)
     collector = _RawCollector(data, then)
     await endpoint.connect(protocol.Factory.forProtocol(lambda: collector))
     timer = reactor.callLater(timeout, collector.transport.abortConnection)

@@ -14,15 +14,12 @@ import time
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from twisted.internet import defer, protocol, threads
+from twisted.internet import defer, threads
 from twisted.internet import reactor as _reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
-from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.http_headers import Headers
 
 from arvproxy import policy
-from arvproxy.tlsidentity import client_creator
 from tests import e2e
 
 reactor: Any = _reactor
@@ -70,42 +67,6 @@ class WSGIService:
         await threads.deferToThreadPool(reactor, reactor.getThreadPool(), self.server.shutdown)
         self.server.server_close()
         self._thread.join()
-
-
-class _Collect(protocol.Protocol):
-    transport: Any
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.received = bytearray()
-        self.closed: defer.Deferred[bytes] = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self._data)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        self.closed.callback(bytes(self.received))
-
-
-async def raw_tls_exchange(reactor: Any, port: int, secret: str, data: bytes) -> bytes:
-    """
-    Send C{data} as is to a gateway on 127.0.0.1:C{port} over TLS pinned to C{secret}'s key,
-    and return everything received until the gateway closes the connection.
-    """
-    endpoint = wrapClientTLS(
-        client_creator(secret), TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=10)
-    )
-    collector = _Collect(data)
-    await endpoint.connect(protocol.Factory.forProtocol(lambda: collector))
-    timer = reactor.callLater(15, collector.transport.abortConnection)
-    received = await collector.closed
-    if not timer.active():
-        raise AssertionError(f"the gateway kept the connection open; it sent {received!r}")
-    timer.cancel()
-    return received
 
 
 def wsgi_vhost(chain: e2e.Chain, port: int) -> bytes:
@@ -275,18 +236,18 @@ class RequestTargetTests(unittest.TestCase):
                 *[b"%s: %s" % (n, v) for n, vs in headers.getAllRawHeaders() for v in vs],
             )
 
-        raw = await raw_tls_exchange(
+        raw = await e2e.raw_exchange(
             reactor,
             chain.gateway_port,
-            cluster.secret,
             signed(b"GET", b"http://evil.example/abs?x=1", b"/abs?x=1"),
+            secret=cluster.secret,
         )
         self.assertEqual(e2e.status_codes(raw), [200], raw)
         self.assertEqual(chain.service.uris(), [b"/abs?x=1"])
         self.assertEqual(chain.service.received[0].header(b"host"), [chain.vhost])
         for method, target in [(b"OPTIONS", b"*"), (b"CONNECT", b"evil.example:443")]:
-            raw = await raw_tls_exchange(
-                reactor, chain.gateway_port, cluster.secret, signed(method, target, target)
+            raw = await e2e.raw_exchange(
+                reactor, chain.gateway_port, signed(method, target, target), secret=cluster.secret
             )
             self.assertEqual(e2e.status_codes(raw), [400], (method, raw))
         self.assertEqual(chain.service.uris(), [b"/abs?x=1"])

@@ -27,7 +27,7 @@ from arvproxy.controller import proxy
 from arvproxy.controller.proxy import GatewayConnector
 from arvproxy.policy import NonceCache, SignatureError
 from tests import e2e, test_config, test_controller, test_gateway
-from tests.test_attacks_headers import raw_request, raw_tls_exchange
+from tests.test_attacks_headers import raw_request
 from tests.test_policy import TableMixin
 
 reactor: Any = _reactor
@@ -381,12 +381,12 @@ class RealGatewayMovedSignatureTests(unittest.TestCase):
             request(b"GET /page HTTP/1.1", b"Connection: Upgrade", b"Upgrade: websocket"),
         ]
         for data in moved:
-            raw = await raw_tls_exchange(reactor, chain.gateway_port, cluster.secret, data)
+            raw = await e2e.raw_exchange(reactor, chain.gateway_port, data, secret=cluster.secret)
             self.assertEqual(e2e.status_codes(raw), [401], (data, raw))
             self.assertIn(b"bad signature", raw)
         self.assertEqual(chain.service.received, [])
-        raw = await raw_tls_exchange(
-            reactor, chain.gateway_port, cluster.secret, request(b"GET /page HTTP/1.1")
+        raw = await e2e.raw_exchange(
+            reactor, chain.gateway_port, request(b"GET /page HTTP/1.1"), secret=cluster.secret
         )
         self.assertEqual(e2e.status_codes(raw), [200], raw)
         self.assertEqual(chain.service.uris(), [b"/page"])
