@@ -8,8 +8,8 @@ both hops; and a connection per request cost each hop a system call each way for
 request, where the requests that one turn of the reactor puts on a carrier leave together (see
 L{arvproxy.controller.proxy.GatewayConnector}).  A carrier is opened like any forwarded
 request: an HTTP/1.1 upgrade to C{arvproxy-tunnels/1}, signed with the container's secret
-(L{policy.sign}), that the gateway verifies before answering C{101}.  Each request or tunnel is
-then a L{Stream} on it: a transport that the usual protocols run over unchanged: the front
+(L{policy.sign_request}), that the gateway verifies before answering C{101}.  Each request or
+tunnel is then a L{Stream} on it: a transport that the usual protocols run over unchanged: the front
 door's HTTP or upgrade client on one side, the gateway's HTTP channel (which verifies each
 request's own signature) on the other.
 
@@ -71,10 +71,10 @@ buffers."""
 MAX_WINDOW = 16 * 1024 * 1024
 """The largest window an end may announce."""
 
-WINDOW_HEADER = b"arvproxy-carrier-window"
+WINDOW_HEADER = policy.CARRIER_WINDOW
 """The header of a carrier's handshake, and of its C{101}, in which each end announces the
 window it offers (L{STREAM_WINDOW}).  An end that does not (an older version) gets and gives
-L{WINDOW_SIZE}."""
+L{WINDOW_SIZE}.  The handshake's signature covers it."""
 _MAX_ID = 2**32 - 1
 
 # How many DATA frames a stream sends in one write, at most.

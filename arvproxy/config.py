@@ -19,6 +19,7 @@ touches nothing but the path arithmetic for C{Registry}.  The keys we read::
           TrustedProxies: ["127.0.0.1/32"]
           Gateway:
             MaxClockSkew: 300s                # Arvados duration: "300s", "5m", "1h30m", 300
+            SignForOldGateways: false         # true while gateways from before bound signatures run
           CacheTTL: 10s                       # how long the front door keeps answers about tokens
 
     With C{Backend: arvados}, two more Arvados keys are read::
@@ -105,6 +106,9 @@ class ClusterConfig:
     @ivar trusted_proxies: networks whose X-Forwarded-* headers the controller believes.
     @ivar registry_path: the embedded registry's SQLite file (absolute).
     @ivar max_clock_skew: seconds a signed request's timestamp may differ from the gateway's clock.
+    @ivar sign_for_old_gateways: the front door also signs each request to a gateway in the old,
+        unbound format (C{ArvProxy.Gateway.SignForOldGateways}), for gateways started before
+        signatures were bound to requests; newer gateways never accept that format.
     @ivar limits: timeouts and size limits that protect the proxies and the services.
     @ivar api_url: the Arvados API server (C{Services.Controller.ExternalURL}), or C{""} when
         the backend is not C{arvados}.
@@ -125,6 +129,7 @@ class ClusterConfig:
     backend: str = "embedded"
     registry_path: str = ""
     max_clock_skew: float = 300.0
+    sign_for_old_gateways: bool = False
     limits: Limits = field(default_factory=lambda: Limits())
     api_url: str = ""
     tls_insecure: bool = False
@@ -175,7 +180,7 @@ ARVPROXY_KEYS = (
 )
 TIMEOUT_KEYS = ("ClientIdle", "RequestHeaders", "TunnelIdle", "ConnectSession")
 LIMIT_KEYS = ("MaxRequestHeaderBytes", "MaxConnectionsPerContainer")
-GATEWAY_KEYS = ("MaxClockSkew",)
+GATEWAY_KEYS = ("MaxClockSkew", "SignForOldGateways")
 DEFAULT_LISTEN_PORT = 8900
 DEFAULT_REGISTRY = "arvproxy-registry.sqlite"
 MIN_TOKEN_LENGTH = 32
@@ -266,6 +271,12 @@ def parse_config(document: object, source: str, cluster_id: str | None = None) -
     gateway = p.mapping(own.get("Gateway"), f"{at_ap}.Gateway", optional=True)
     p.known_keys(gateway, f"{at_ap}.Gateway", GATEWAY_KEYS)
     skew = p.duration(gateway.get("MaxClockSkew", 300), f"{at_ap}.Gateway.MaxClockSkew")
+    old_gateways = gateway.get("SignForOldGateways", False)
+    if not isinstance(old_gateways, bool):
+        p.fail(
+            f"{at_ap}.Gateway.SignForOldGateways",
+            f"expected true or false, got {_show(old_gateways)}",
+        )
     limits = p.limits(own, at_ap)
     cache_ttl = p.duration(own.get("CacheTTL", 10), f"{at_ap}.CacheTTL", zero_ok=True)
     tls = p.mapping(cluster.get("TLS"), f"{at}.TLS", optional=True)
@@ -295,11 +306,40 @@ def parse_config(document: object, source: str, cluster_id: str | None = None) -
         backend=backend,
         registry_path=registry,
         max_clock_skew=skew,
+        sign_for_old_gateways=old_gateways,
         limits=limits,
         api_url=api_url,
         tls_insecure=insecure,
         cache_ttl=cache_ttl,
     )
+
+
+WIDEST_TRUSTED_PREFIX = 8
+"""A C{TrustedProxies} network wider than this (a /8 of its family's addresses, or of the
+IPv4 addresses mapped into IPv6) is almost certainly a mistake: L{trusted_proxy_warnings}."""
+
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def trusted_proxy_warnings(config: ClusterConfig) -> list[str]:
+    """
+    One line for each C{TrustedProxies} network so wide that it is almost certainly a mistake
+    (C{0.0.0.0/0}, C{::/0}, anything wider than L{WIDEST_TRUSTED_PREFIX}), naming the file and
+    the key: every client inside one can set the address and scheme the services see.
+    """
+    key = f"Clusters.{config.cluster_id}.ArvProxy.TrustedProxies"
+    warnings = []
+    for network in config.trusted_proxies:
+        prefix = network.prefixlen
+        if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_IPV4_MAPPED):
+            prefix -= 96
+        if prefix < WIDEST_TRUSTED_PREFIX:
+            warnings.append(
+                f"{config.source}: {key}: {network} is wider than a /{WIDEST_TRUSTED_PREFIX}, "
+                "so every client in it can set X-Forwarded-For and X-Forwarded-Proto (the "
+                "address and scheme services see); list only your own proxies' addresses"
+            )
+    return warnings
 
 
 def parse_duration(value: object) -> float:

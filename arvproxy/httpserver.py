@@ -22,6 +22,10 @@ What a connection promises:
     another version, 501 for another coding) and the connection closes.  An upgrade request
     (C{Connection: upgrade}, C{CONNECT}) may not have a body: llhttp would take its body for
     the upgraded protocol's bytes.
+  - A request's target is served, and passed on, in origin-form (C{/path?query}).  An
+    absolute-form target (C{http://host/path}) is turned into one, and its host replaces
+    C{Host}, as RFC 9112 section 3.2.2 says; any other form (C{*}, an authority, C{CONNECT}),
+    user information or a fragment gets 400 (L{policy.origin_form}).
   - A request's line and headers must arrive within C{Limits.request_headers} (408) and fit in
     C{Limits.max_header_bytes} (431).  A connection that waits for its client for
     C{Limits.client_idle} (between requests, or in a request's body) is closed.
@@ -504,10 +508,18 @@ class ProxyChannel(Protocol):
         if parser.should_upgrade() and length != 0:
             # llhttp would take the body for the upgraded protocol's bytes.
             raise _Refusal(_bad_request("an upgrade request cannot have a body."))
+        method = parser.get_method()
+        try:
+            target, authority = policy.origin_form(method, b"".join(self._url))
+        except ProxyError as e:
+            raise _Refusal(_bad_request(e.message)) from None
+        if authority is not None:
+            # An absolute-form target names the host; Host is ignored (RFC 9112 section 3.2.2).
+            headers.setRawHeaders(b"host", [authority])
         request = StreamingRequest(
             self,
-            parser.get_method(),
-            b"".join(self._url),
+            method,
+            target,
             b"HTTP/1.1" if version == "1.1" else b"HTTP/1.0",
             headers,
             length,

@@ -34,6 +34,9 @@ ARVADOS_HEADER_PREFIX = b"x-arvados-"
 TARGET_UUID = b"x-arvados-target-uuid"
 TARGET_PORT = b"x-arvados-target-port"
 REQUEST_HOST = b"x-arvados-request-host"
+SIGNATURE = b"x-arvados-signature"
+# The signature of the format before signatures were bound to their requests (see sign): sent
+# only with ArvProxy.Gateway.SignForOldGateways, for gateways started before the change.
 AUTHORIZATION = b"x-arvados-authorization"
 # Set by a gateway on the errors it produces itself (not on the service's own answers); the
 # controller turns such a refusal into a 502 for the client.
@@ -57,6 +60,45 @@ HOP_BY_HOP = frozenset(
 # Set by the controller from what it knows; never taken from a client unless trusted.
 FORWARDED_HEADERS = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
 
+REAL_IP = b"x-real-ip"
+"""The client's address (see L{client_address}), set by the controller as Nginx sets it: Tornado
+and Jupyter (C{xheaders}), among others, believe it over C{X-Forwarded-For}."""
+
+CLIENT_CLAIMS = frozenset(
+    {
+        REAL_IP,
+        b"forwarded",
+        b"x-client-ip",
+        b"client-ip",
+        b"true-client-ip",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"x-cluster-client-ip",
+        b"x-original-forwarded-for",
+        b"forwarded-for",
+        b"x-forwarded",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-forwarded-scheme",
+        b"x-forwarded-ssl",
+        b"x-forwarded-server",
+        b"x-scheme",
+        b"x-url-scheme",
+        b"front-end-https",
+        b"x-original-url",
+        b"x-rewrite-url",
+        b"x-original-host",
+        b"x-host",
+    }
+)
+"""
+Headers that servers and frameworks behind proxies take for the client's address or for the
+original request's scheme, host, port or path (Tornado, Rack, Werkzeug's ProxyFix, Express,
+Symfony, CDNs' own), besides C{X-Forwarded-For}/C{-Proto}/C{-Host}.  The controller drops every
+one a client sends, also through a trusted proxy (Nginx passes a client's on as they are), and
+sets only C{X-Real-IP} itself; RFC 7239 C{Forwarded} is among them (Rack believes it first).
+"""
+
 # A hop's headers are read and written a dozen times per request, so the rules below use a
 # L{Headers}' fields directly (C{_rawHeaders}: canonical name to list of values) under these
 # names, put in Twisted's canonical form once, here.  Every value they read came through
@@ -72,10 +114,12 @@ _SET_COOKIE = _canonical(b"set-cookie")
 _X_FORWARDED_FOR = _canonical(b"x-forwarded-for")
 _X_FORWARDED_PROTO = _canonical(b"x-forwarded-proto")
 _X_FORWARDED_HOST = _canonical(b"x-forwarded-host")
+_X_REAL_IP = _canonical(REAL_IP)
 _TARGET_UUID = _canonical(TARGET_UUID)
 _TARGET_PORT = _canonical(TARGET_PORT)
 _REQUEST_HOST = _canonical(REQUEST_HOST)
 _AUTHORIZATION = _canonical(AUTHORIZATION)
+_SIGNATURE_FIELD = _canonical(SIGNATURE)
 
 UUID_PATTERN = rb"[a-z0-9]{5}-[a-z0-9]{5}-[a-z0-9]{15}"
 _VHOST_LABEL = re.compile(rb"^(" + UUID_PATTERN + rb")-([0-9]{1,5})\Z")
@@ -160,6 +204,49 @@ def parse_vhost(host: bytes, external: ExternalURL) -> Target | None:
     if not 1 <= target_port <= 65535:
         raise BadRequest(f"Port {target_port} is not a valid TCP port (1 to 65535).")
     return Target(match.group(1).decode("ascii"), target_port)
+
+
+_ABSOLUTE_FORM = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?]*)(.*)\Z", re.DOTALL)
+
+
+def origin_form(method: bytes, target: bytes) -> tuple[bytes, bytes | None]:
+    """
+    A request's target in origin-form (C{/path?query}), and the host named in an absolute-form
+    target, which a server uses instead of C{Host} (RFC 9112 section 3.2.2): what both hops
+    serve, and send on, whatever form the request line had.
+
+    @return: C{(target, None)} for an origin-form target; for an absolute-form one
+        (C{http://host[:port]/path?query}, C{http} or C{https} in any case), its path and
+        query (C{/} for none) and its authority.
+    @raise BadRequest: any other target: C{*} (C{OPTIONS *}), an authority alone (or
+        C{CONNECT}: the proxy is not a forward proxy), another scheme, user information or no
+        host in the authority, or a fragment.
+    """
+    if method == b"CONNECT":
+        raise BadRequest("CONNECT is not served here: this is not a forward proxy.")
+    if target[:1] == b"/":
+        if b"#" in target:
+            raise BadRequest("A request target cannot have a fragment (#).")
+        return target, None
+    if target == b"*":
+        raise BadRequest(f"{method.decode('latin-1')} * is not served here; name a path.")
+    match = _ABSOLUTE_FORM.match(target)
+    if match is None:
+        raise BadRequest("The request target must be a path (or an absolute http URL).")
+    scheme, authority, rest = match.groups()
+    if scheme.lower() not in (b"http", b"https"):
+        raise BadRequest("An absolute request target must be an http or https URL.")
+    if b"@" in authority:
+        raise BadRequest("A request target cannot carry user information (user@host).")
+    if not authority:
+        raise BadRequest("An absolute request target must name a host.")
+    try:
+        split_host(authority)
+    except BadRequest:
+        raise BadRequest("An absolute request target must name a valid host.") from None
+    if b"#" in rest:
+        raise BadRequest("A request target cannot have a fragment (#).")
+    return (rest if rest[:1] == b"/" else b"/" + rest), authority
 
 
 def connect_scope(uuid: str, port: int) -> str:
@@ -278,7 +365,8 @@ def _forwardable(headers: Headers, dropped: frozenset[bytes], listed: frozenset[
     A copy of C{headers} without the lower-case names in C{dropped} (which always holds
     L{HOP_BY_HOP}: the callers' sets are module constants, built once), the names in C{listed}
     (L{connection_listed} of C{headers}, which each caller needs itself) and every
-    C{x-arvados-*} header; repeated headers and their order are kept.
+    C{x-arvados-*} header, and, when C{dropped} holds L{UNDERSCORE_NAMES}, every name with an
+    underscore in it; repeated headers and their order are kept.
 
     This runs before anything is added for the next hop, so a client can never use
     C{Connection} to remove a header the proxy sets.
@@ -298,13 +386,26 @@ def _forwardable(headers: Headers, dropped: frozenset[bytes], listed: frozenset[
         keep = decisions.get(name) if decisions is not None else None
         if keep is None:
             lower = name.lower()
-            keep = lower not in dropped and not lower.startswith(ARVADOS_HEADER_PREFIX)
+            keep = (
+                lower not in dropped
+                and not lower.startswith(ARVADOS_HEADER_PREFIX)
+                and not (b"_" in lower and UNDERSCORE_NAMES in dropped)
+            )
             if decisions is not None and len(decisions) < _MAX_DECISIONS:
                 decisions[name] = keep
         if keep:
             fields[name] = list(values)
     return result
 
+
+UNDERSCORE_NAMES = b"_"
+"""
+In a set of dropped names (see L{_forwardable}): drop every name with an underscore in it too.
+CGI, WSGI and Rack servers turn C{-} and C{_} alike into C{_} (C{X_Forwarded_For} and
+C{X-Forwarded-For} both become C{HTTP_X_FORWARDED_FOR}), so a client could forge, under another
+spelling, a header the proxy sets or removes.  Requests lose such names at both hops, as Nginx
+drops them by default (C{underscores_in_headers off}); responses keep them.
+"""
 
 # Whether each (canonical) name passes, per set of dropped names (the callers' module constants):
 # the same names come back with nearly every request.  The names are the clients' to choose, so
@@ -326,19 +427,25 @@ def upgrade_requested(headers: Headers) -> bytes | None:
 
 
 _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_TARGET = re.compile(rb"[\x21-\x7e]+\Z")
+_TARGET = re.compile(rb"/[\x21\x22\x24-\x7e]*\Z")
 
 
 def is_forwardable_request_line(method: bytes, target: bytes) -> bool:
     """
-    Whether a request's method is a token and its target visible ASCII (RFC 9110, RFC 9112):
-    only such a request line is passed to the next hop, so none can split or smuggle a request.
+    Whether a request's method is a token and its target visible ASCII in origin-form, with no
+    fragment (RFC 9110, RFC 9112): only such a request line is passed to the next hop, so none
+    can split or smuggle a request, nor name a host of its own (see L{origin_form}).
     """
     return bool(_METHOD.match(method) and _TARGET.match(target))
 
 
 CARRIER_UPGRADE = b"arvproxy-tunnels/1"
 """The upgrade that opens a carrier between the proxy's hops (see L{arvproxy.carrier})."""
+
+CARRIER_WINDOW = b"arvproxy-carrier-window"
+"""The header in which each end of a carrier's handshake announces its window (see
+L{arvproxy.carrier}); the front door's own, never a client's."""
+_CARRIER_WINDOW = _canonical(CARRIER_WINDOW)
 
 
 def is_reserved_upgrade(upgrade: bytes) -> bool:
@@ -355,6 +462,30 @@ def with_upgrade(headers: Headers, protocol: bytes) -> Headers:
     headers.setRawHeaders(b"connection", [b"upgrade"])
     headers.setRawHeaders(b"upgrade", [protocol])
     return headers
+
+
+def client_address(
+    peer: str | None,
+    forwarded_for: Sequence[bytes],
+    trusted: tuple[ipaddress._BaseNetwork, ...],
+) -> str | None:
+    """
+    The client's address as the controller believes it, for a request from C{peer}, a trusted
+    proxy, that came with the addresses C{forwarded_for} (its C{X-Forwarded-For}, split, in
+    order): the rightmost of them that is not itself inside a C{trusted} network, the client
+    the outermost trusted proxy saw (as Nginx's C{real_ip_recursive} finds it).  A value that
+    is not an IP address ends the search: the address of the proxy that sent it is the answer.
+    """
+    address = peer
+    for entry in reversed(forwarded_for):
+        try:
+            candidate = str(ipaddress.ip_address(entry.decode("latin-1")))
+        except ValueError:
+            break
+        address = candidate
+        if not is_trusted(candidate, trusted):
+            break
+    return address
 
 
 @functools.lru_cache(maxsize=4096)
@@ -384,12 +515,19 @@ def scrub_referer(value: bytes) -> bytes:
 
 
 # Content-Length frames one hop only: the next hop's is set from the streaming body (a copy
-# would make two, which the gateway rightly refuses with 400).  The client's Host, cookies and
-# X-Forwarded-* are replaced by the proxy's own; its RFC 7239 Forwarded is kept only from a
-# trusted proxy (any other client could claim another address through it).
-_TO_GATEWAY_DROP_TRUSTED = HOP_BY_HOP | {b"host", b"cookie", b"content-length", *FORWARDED_HEADERS}
-_TO_GATEWAY_DROP = _TO_GATEWAY_DROP_TRUSTED | {b"forwarded"}
-_TO_CONTAINER_DROP = HOP_BY_HOP | {b"host", b"content-length"}
+# would make two, which the gateway rightly refuses with 400).  The client's Host, cookies,
+# X-Forwarded-* and X-Real-IP are replaced by the proxy's own, and the other claims about the
+# client or the request it could make (CLIENT_CLAIMS) are dropped, from anyone.
+_TO_GATEWAY_DROP = HOP_BY_HOP | {
+    b"host",
+    b"cookie",
+    b"content-length",
+    CARRIER_WINDOW,
+    *FORWARDED_HEADERS,
+    *CLIENT_CLAIMS,
+    UNDERSCORE_NAMES,
+}
+_TO_CONTAINER_DROP = HOP_BY_HOP | {b"host", b"content-length", UNDERSCORE_NAMES}
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
 
 
@@ -399,25 +537,26 @@ def gateway_request_headers(
     target_uuid: str,
     target_port: int,
     request_host: bytes,
-    authorization: str,
     client_ip: str | None,
     proto: str,
     trusted_peer: bool,
+    trusted_proxies: tuple[ipaddress._BaseNetwork, ...] = (),
 ) -> Headers:
     """
-    The headers the controller sends to a gateway for a client's request.
+    The headers the controller sends to a gateway for a client's request, but for their
+    signature (L{sign_request}, once every header it binds is set).
 
     Hop-by-hop headers, the headers named in C{Connection}, every client-supplied C{x-arvados-*}
-    header, C{Host}, the C{arvados_api_token} cookie and any C{arvados_api_token} in a
-    C{Referer}'s query are removed (and C{Forwarded} unless the peer is trusted);
-    C{Authorization} passes unchanged.  C{X-Forwarded-*} are set from what the controller knows;
-    when the peer is a trusted proxy its C{X-Forwarded-For} is extended and its C{-Proto}/C{-Host}
-    are kept.
+    header, every name with an underscore (L{UNDERSCORE_NAMES}), every L{CLIENT_CLAIMS} header,
+    C{Host}, the C{arvados_api_token} cookie and any C{arvados_api_token} in a C{Referer}'s
+    query are removed; C{Authorization} passes unchanged.  C{X-Forwarded-*} and C{X-Real-IP}
+    are set from what the controller knows: C{X-Forwarded-Host} is always the host the request
+    was routed by; when the peer (C{client_ip}) is a trusted proxy its C{X-Forwarded-For} is
+    extended, its last C{X-Forwarded-Proto} kept, and C{X-Real-IP} is the client it reports
+    (L{client_address}, with C{trusted_proxies}); otherwise C{X-Real-IP} is the peer.
     """
     listed = connection_listed(client)
-    headers = _forwardable(
-        client, _TO_GATEWAY_DROP_TRUSTED if trusted_peer else _TO_GATEWAY_DROP, listed
-    )
+    headers = _forwardable(client, _TO_GATEWAY_DROP, listed)
     given = client._rawHeaders
     fields = headers._rawHeaders
     # The proxy's own cookies (the token, the container marker) are the proxy's business only.
@@ -431,26 +570,30 @@ def gateway_request_headers(
 
     prior_for = given.get(_X_FORWARDED_FOR, ()) if trusted_peer else ()
     chain = [v.strip() for v in b", ".join(prior_for).split(b",") if v.strip()]
+    real_ip = client_address(client_ip, chain, trusted_proxies) if chain else client_ip
     if client_ip:
         chain.append(client_ip.encode("ascii"))
     if chain:
         fields[_X_FORWARDED_FOR] = [b", ".join(chain)]
+    if real_ip:
+        fields[_X_REAL_IP] = [real_ip.encode("ascii")]
     forwarded_proto = given.get(_X_FORWARDED_PROTO) if trusted_peer else None
     fields[_X_FORWARDED_PROTO] = [forwarded_proto[-1] if forwarded_proto else proto.encode("ascii")]
-    forwarded_host = given.get(_X_FORWARDED_HOST) if trusted_peer else None
-    fields[_X_FORWARDED_HOST] = [forwarded_host[-1] if forwarded_host else request_host]
+    # The host the request was routed by: a trusted proxy that named another would have sent
+    # it elsewhere, and Nginx passes a client's X-Forwarded-Host on as it is.
+    fields[_X_FORWARDED_HOST] = [request_host]
 
     fields[_TARGET_UUID] = [target_uuid.encode("ascii")]
     fields[_TARGET_PORT] = [b"%d" % (target_port,)]
     fields[_REQUEST_HOST] = [request_host]
-    fields[_AUTHORIZATION] = [authorization.encode("ascii")]
     return headers
 
 
 def container_request_headers(gateway: Headers, request_host: bytes) -> Headers:
     """
     The headers the gateway sends to the service in the container: the controller's, without
-    hop-by-hop and C{x-arvados-*} headers, with C{Host} set to the original request's host.
+    hop-by-hop and C{x-arvados-*} headers and names with an underscore (L{UNDERSCORE_NAMES}),
+    with C{Host} set to the original request's host.
     """
     headers = _forwardable(gateway, _TO_CONTAINER_DROP, connection_listed(gateway))
     headers._rawHeaders[_HOST_FIELD] = [request_host]
@@ -491,7 +634,7 @@ def response_headers(upstream: Headers) -> Headers:
     return headers
 
 
-def parse_target_port(values: list[bytes] | None) -> int:
+def parse_target_port(values: Sequence[bytes] | None) -> int:
     """
     The port in C{x-arvados-target-port}.
 
@@ -532,27 +675,98 @@ def _keyed(secret: str) -> hmac.HMAC:
     return hmac.new(secret.encode("utf-8"), digestmod=hashlib.sha256)
 
 
-def _mac(secret: str, message: str) -> str:
+def _mac(secret: str, message: bytes) -> str:
     mac = _keyed(secret).copy()
-    mac.update(message.encode("ascii"))
+    mac.update(message)
     return mac.hexdigest()
 
 
-def sign(secret: str, now: float, nonce: bytes | None = None) -> str:
+def sign(secret: str, now: float, nonce: bytes | None = None, binding: bytes | None = None) -> str:
     """
-    An C{x-arvados-authorization} value:
-    C{<nonce>+<timestamp> <hex HMAC-SHA256(secret, nonce+timestamp)>}.
+    A signature: C{<nonce>+<timestamp> <hex HMAC-SHA256(secret, message)>}, where the message
+    is C{arvproxy-v2 <nonce>+<timestamp>}, a line feed and C{binding}, what the signature is
+    bound to (L{request_binding}).  Without a C{binding}, the format from before signatures
+    were bound to requests: the message is C{<nonce>+<timestamp>} alone, and the signature
+    fits any request to the container (only for old gateways: see L{sign_request}).
 
     @param nonce: random bytes (at least 16); fresh ones from L{os.urandom} when C{None}.
     """
     if nonce is None:
         nonce = os.urandom(NONCE_BYTES)
-    message = f"{nonce.hex()}+{int(now)}"
-    return f"{message} {_mac(secret, message)}"
+    stamp = f"{nonce.hex()}+{int(now)}"
+    return f"{stamp} {_mac(secret, _signed_message(stamp, binding))}"
+
+
+def _signed_message(stamp: str, binding: bytes | None) -> bytes:
+    if binding is None:
+        return stamp.encode("ascii")
+    return b"arvproxy-v2 %s\n%s" % (stamp.encode("ascii"), binding)
+
+
+def _field(values: Sequence[bytes] | None) -> bytes:
+    """One part of a binding: C{-} for none, else the count and each value with its length."""
+    if values is None:
+        return b"-"
+    if len(values) == 1:
+        value = values[0]
+        return b"#1:%d:%s" % (len(value), value)
+    return b"#%d:%s" % (len(values), b"".join([b"%d:%s" % (len(v), v) for v in values]))
+
+
+def request_binding(method: bytes, target: bytes, headers: Headers) -> bytes:
+    """
+    What a request's signature binds it to, so that a valid signature cannot be moved to any
+    other request: everything the gateway acts on.  Its method, its target (path and query),
+    the values of C{x-arvados-target-uuid}, C{x-arvados-target-port} and
+    C{x-arvados-request-host}, the protocol it asks to switch to (L{upgrade_requested}, as the
+    gateway reads it) and the window of a carrier's handshake (L{CARRIER_WINDOW}), each part
+    written with its length (L{_field}) so that no two requests give the same bytes.  Both hops
+    compute it from the request as it is sent and as it is received.
+    """
+    get = headers._rawHeaders.get
+    upgrade = upgrade_requested(headers)
+    # Formatted at once: this runs for every request in both hops.
+    return b"#1:%d:%s#1:%d:%s%s%s%s%s%s" % (
+        len(method),
+        method,
+        len(target),
+        target,
+        _field(get(_TARGET_UUID)),
+        _field(get(_TARGET_PORT)),
+        _field(get(_REQUEST_HOST)),
+        b"-" if upgrade is None else b"#1:%d:%s" % (len(upgrade), upgrade),
+        _field(get(_CARRIER_WINDOW)),
+    )
+
+
+def sign_request(
+    headers: Headers,
+    secret: str,
+    now: float,
+    method: bytes,
+    target: bytes,
+    old_gateways: bool = False,
+) -> None:
+    """
+    Sign a request to a gateway: set its C{x-arvados-signature}, bound to the request
+    (L{request_binding}); C{headers} must already hold every header the binding covers, as
+    they will be sent.  Any earlier signature is replaced (a request sent again).
+
+    @param old_gateways: also send an C{x-arvados-authorization} of the old, unbound format
+        (C{ArvProxy.Gateway.SignForOldGateways}), which gateways started before signatures
+        were bound still require, and which newer gateways ignore.
+    """
+    fields = headers._rawHeaders
+    binding = request_binding(method, target, headers)
+    fields[_SIGNATURE_FIELD] = [sign(secret, now, binding=binding).encode("ascii")]
+    if old_gateways:
+        fields[_AUTHORIZATION] = [sign(secret, now).encode("ascii")]
+    else:
+        fields.pop(_AUTHORIZATION, None)
 
 
 class SignatureError(Exception):
-    """A request's C{x-arvados-authorization} is missing, malformed, wrong, stale or replayed."""
+    """A request's C{x-arvados-signature} is missing, malformed, wrong, stale or replayed."""
 
 
 _SIGNATURE = re.compile(r"^([0-9a-f]{32,128})\+([0-9]{1,12}) ([0-9a-f]{64})\Z")
@@ -589,22 +803,26 @@ class NonceCache:
         return True
 
 
-def verify(values: list[bytes] | None, secret: str, now: float, nonces: NonceCache) -> None:
+def verify(
+    values: Sequence[bytes] | None, secret: str, now: float, nonces: NonceCache, binding: bytes
+) -> None:
     """
-    Check an C{x-arvados-authorization} header: one value, well formed, a MAC made with
-    C{secret}, a timestamp within C{nonces.window} seconds of C{now}, and a nonce not seen before.
+    Check a request's C{x-arvados-signature} (C{values}): one value, well formed, a MAC made
+    with C{secret} over the request's C{binding} (L{request_binding} of the request as it
+    arrived), a timestamp within C{nonces.window} seconds of C{now}, and a nonce not seen
+    before.  The unbound format of old front doors is never accepted.
 
     @raise SignatureError: saying which check failed.
     """
     if not values:
-        raise SignatureError("missing x-arvados-authorization")
+        raise SignatureError("missing x-arvados-signature")
     if len(values) != 1:
-        raise SignatureError("repeated x-arvados-authorization")
+        raise SignatureError("repeated x-arvados-signature")
     match = _SIGNATURE.match(values[0].decode("latin-1"))
     if match is None:
-        raise SignatureError("malformed x-arvados-authorization")
+        raise SignatureError("malformed x-arvados-signature")
     nonce, timestamp, mac = match.groups()
-    expected = _mac(secret, f"{nonce}+{timestamp}")
+    expected = _mac(secret, _signed_message(f"{nonce}+{timestamp}", binding))
     if not hmac.compare_digest(mac, expected):
         raise SignatureError("bad signature")
     if abs(now - int(timestamp)) > nonces.window:

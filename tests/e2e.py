@@ -810,15 +810,23 @@ class _RawCollector(protocol.Protocol):
 
 
 async def raw_exchange(
-    reactor: Any, port: int, data: bytes, then: bytes = b"", timeout: float = 15.0
+    reactor: Any,
+    port: int,
+    data: bytes,
+    then: bytes = b"",
+    timeout: float = 15.0,
+    secret: str | None = None,
 ) -> bytes:
     """
     Send C{data} as is to 127.0.0.1:C{port} (and C{then} once the head of a response has
     arrived) and return everything received until the server closes the connection.
 
+    @param secret: speak TLS pinned to this container secret's key (to a gateway).
     @raise AssertionError: the server kept the connection open for C{timeout} seconds.
     """
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=10)
+    endpoint: Any = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=10)
+    if secret is not None:
+        endpoint = wrapClientTLS(client_creator(secret), endpoint)
     collector = _RawCollector(data, then)
     await endpoint.connect(protocol.Factory.forProtocol(lambda: collector))
     timer = reactor.callLater(timeout, collector.transport.abortConnection)
@@ -886,10 +894,13 @@ class Chain:
         return await self.client.fetch(b"GET", self.url(path), self.headers(**extra))
 
 
-async def start_chain(testcase: Any, reactor: Any, controller_args: Iterable[str] = ()) -> Chain:
+async def start_chain(
+    testcase: Any, reactor: Any, controller_args: Iterable[str] = (), **arvproxy: Any
+) -> Chain:
     """
     Start everything for C{testcase} (in a fresh temporary directory), registering cleanups that
-    stop it all and wait for every connection to close.
+    stop it all and wait for every connection to close; keyword arguments are extra keys of the
+    configuration's C{ArvProxy} section.
     """
     directory = os.path.abspath(testcase.mktemp())
     os.makedirs(directory)
@@ -899,7 +910,7 @@ async def start_chain(testcase: Any, reactor: Any, controller_args: Iterable[str
     cluster = make_cluster(directory, service_port)
     testcase.addCleanup(cluster.store.close)
     controller_port = free_port()
-    config = write_config(directory, controller_port)
+    config = write_config(directory, controller_port, **arvproxy)
 
     client = Client(reactor)
     testcase.addCleanup(client.close)

@@ -638,8 +638,9 @@ class ForwardingTests(ControllerTestCase):
         self.assertEqual(call.secret, secret)
         self.assertEqual(call.received.data, b"data")
         sent = {name.lower(): values for name, values in call.headers.getAllRawHeaders()}
-        signature = sent.pop(policy.AUTHORIZATION)
-        policy.verify(list(signature), secret, self.clock.seconds(), policy.NonceCache(300))
+        binding = policy.request_binding(call.method, call.path, call.headers)
+        signature = sent.pop(policy.SIGNATURE)
+        policy.verify(signature, secret, self.clock.seconds(), policy.NonceCache(300), binding)
         self.assertEqual(
             sent,
             {
@@ -649,6 +650,7 @@ class ForwardingTests(ControllerTestCase):
                 b"x-multi": [b"1", b"2"],
                 # No content-length: the next hop's framing comes from the streaming body.
                 b"x-forwarded-for": [b"127.0.0.1"],
+                b"x-real-ip": [b"127.0.0.1"],
                 b"x-forwarded-proto": [b"https"],
                 b"x-forwarded-host": [host],
                 b"x-arvados-target-uuid": [self.container.uuid.encode()],
@@ -661,15 +663,19 @@ class ForwardingTests(ControllerTestCase):
         """Each forwarded request carries its own signature (no nonce reused)."""
         first = self.get_ok(self.cr.uuid, self.tokens["alice"])
         second = self.get_ok(self.cr.uuid, self.tokens["alice"])
-        values = [c.headers.getRawHeaders(policy.AUTHORIZATION) for c in (first, second)]
+        values = [c.headers.getRawHeaders(policy.SIGNATURE) for c in (first, second)]
         self.assertNotEqual(values[0], values[1])
         nonces = policy.NonceCache(300)
         secret = policy.gateway_secret(ROOT_TOKEN, self.container.uuid)
-        for value in values:
-            policy.verify(list(value or []), secret, self.clock.seconds(), nonces)
+        for call, value in zip((first, second), values, strict=True):
+            binding = policy.request_binding(call.method, call.path, call.headers)
+            policy.verify(value, secret, self.clock.seconds(), nonces, binding)
 
     def test_trusted_proxy(self) -> None:
-        """A trusted proxy's X-Forwarded-* are kept and extended; an untrusted peer's replaced."""
+        """
+        A trusted proxy's X-Forwarded-For is extended and its -Proto kept; an untrusted peer's
+        are replaced.  X-Forwarded-Host is always the routed host, X-Real-IP the client's.
+        """
         forwarded = [
             (b"X-Forwarded-For", b"198.51.100.7"),
             (b"X-Forwarded-Proto", b"http"),
@@ -677,10 +683,10 @@ class ForwardingTests(ControllerTestCase):
         ]
         host = self.host(self.cr.uuid)
         expected = {
-            "10.1.2.3": ([b"198.51.100.7, 10.1.2.3"], [b"http"], [b"front.example"]),
-            "192.0.2.9": ([b"192.0.2.9"], [b"https"], [host]),
+            "10.1.2.3": ([b"198.51.100.7, 10.1.2.3"], [b"http"], [host], [b"198.51.100.7"]),
+            "192.0.2.9": ([b"192.0.2.9"], [b"https"], [host], [b"192.0.2.9"]),
         }
-        for peer, (xff, proto, xhost) in expected.items():
+        for peer, (xff, proto, xhost, real_ip) in expected.items():
             self.send(host, token=self.tokens["alice"], headers=forwarded, peer=peer)
             sent = self.gateways.calls[-1].headers
             self.assertEqual(
@@ -688,8 +694,9 @@ class ForwardingTests(ControllerTestCase):
                     sent.getRawHeaders(b"x-forwarded-for"),
                     sent.getRawHeaders(b"x-forwarded-proto"),
                     sent.getRawHeaders(b"x-forwarded-host"),
+                    sent.getRawHeaders(b"x-real-ip"),
                 ),
-                (xff, proto, xhost),
+                (xff, proto, xhost, real_ip),
                 peer,
             )
 

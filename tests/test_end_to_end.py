@@ -225,13 +225,13 @@ class GatewayAuthenticationTests(unittest.TestCase):
         address = cluster.gateway_address().encode()
         url = b"https://127.0.0.1:%d/direct" % (chain.gateway_port,)
 
-        def headers(authorization: str, **changes: bytes | None) -> Headers:
+        def headers(secret: str, at: float, **changes: bytes | None) -> Headers:
+            """The front door's headers with C{changes}, signed with C{secret} at C{at}."""
             values = {
                 b"host": address,
                 policy.TARGET_UUID: cluster.container_uuid.encode(),
                 policy.TARGET_PORT: b"%d" % (cluster.port,),
                 policy.REQUEST_HOST: chain.vhost,
-                policy.AUTHORIZATION: authorization.encode(),
             }
             for name, value in changes.items():
                 key = name.replace("_", "-").encode()
@@ -239,32 +239,32 @@ class GatewayAuthenticationTests(unittest.TestCase):
                     del values[key]
                 else:
                     values[key] = value
-            return Headers({k: [v] for k, v in values.items()})
+            result = Headers({k: [v] for k, v in values.items()})
+            binding = policy.request_binding(b"GET", b"/direct", result)
+            result.setRawHeaders(
+                policy.SIGNATURE, [policy.sign(secret, at, binding=binding).encode()]
+            )
+            return result
 
         now = time.time()
-        signed = policy.sign(cluster.secret, now)
+        signed = headers(cluster.secret, now)
         cases = [
-            ("fresh", headers(signed), 200),
-            ("replayed", headers(signed), 401),
-            ("stale", headers(policy.sign(cluster.secret, now - 1000)), 401),
+            ("fresh", signed, 200),
+            ("replayed", signed, 401),
+            ("stale", headers(cluster.secret, now - 1000), 401),
             (
                 "another container's secret",
-                headers(
-                    policy.sign(policy.gateway_secret(e2e.ROOT_TOKEN, other.container_uuid), now)
-                ),
+                headers(policy.gateway_secret(e2e.ROOT_TOKEN, other.container_uuid), now),
                 401,
             ),
             (
                 "another container's target",
-                headers(
-                    policy.sign(cluster.secret, now),
-                    x_arvados_target_uuid=other.container_uuid.encode(),
-                ),
+                headers(cluster.secret, now, x_arvados_target_uuid=other.container_uuid.encode()),
                 502,
             ),
             (
                 "no request host",
-                headers(policy.sign(cluster.secret, now), x_arvados_request_host=None),
+                headers(cluster.secret, now, x_arvados_request_host=None),
                 502,
             ),
         ]

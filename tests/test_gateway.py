@@ -8,10 +8,13 @@ connecting to L{MemoryEndpoint}s of a L{FakeRuntime}.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import h11
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
 
 from arvproxy import carrier, policy
 from arvproxy.gateway.server import Gateway
@@ -41,6 +44,14 @@ def container_request(data: bytes) -> tuple[h11.Request, bytes]:
     return request, body
 
 
+@dataclass(frozen=True)
+class Signed:
+    """Where a signature goes: L{GatewayTestCase.send} signs the request it sends."""
+
+    secret: str = SECRET
+    at: float | None = None
+
+
 class GatewayTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = MemoryReactorClock()
@@ -57,31 +68,51 @@ class GatewayTestCase(SynchronousTestCase):
         authorization: bytes | None = None,
         secret: str = SECRET,
         at: float | None = None,
-    ) -> list[tuple[bytes, bytes]]:
-        """The x-arvados-* headers the controller sends (each left out when C{None})."""
-        if authorization is None:
-            authorization = policy.sign(secret, self.clock.seconds() if at is None else at).encode()
+    ) -> list[tuple[bytes, Any]]:
+        """
+        The x-arvados-* headers the controller sends (each left out when C{None}), signed with
+        C{secret} at C{at} when L{send} sends them, unless given an C{authorization}.
+        """
         headers = [
             (policy.TARGET_UUID, target),
             (policy.TARGET_PORT, port),
             (policy.REQUEST_HOST, request_host),
-            (policy.AUTHORIZATION, authorization),
+            (policy.SIGNATURE, authorization if authorization is not None else Signed(secret, at)),
         ]
         return [(name, value) for name, value in headers if value is not None]
 
     def send(
         self,
-        headers: Sequence[tuple[bytes, bytes]],
+        headers: Sequence[tuple[bytes, Any]],
         target: bytes = b"/",
         method: bytes = b"GET",
         body: bytes = b"",
     ) -> MemoryClient:
+        """Send a request with C{headers} (see L{sign})."""
         client = MemoryClient(self.site)
-        all_headers = list(headers)
+        all_headers = self.sign(headers, target, method)
         if body:
             all_headers.append((b"Content-Length", b"%d" % len(body)))
         client.send(request_bytes(method, target, all_headers, body, host=b"127.0.0.1:9001"))
         return client
+
+    def sign(
+        self, headers: Sequence[tuple[bytes, Any]], target: bytes = b"/", method: bytes = b"GET"
+    ) -> list[tuple[bytes, bytes]]:
+        """C{headers} with each L{Signed} one a signature of this request, as the front door's."""
+        bound = Headers()
+        for name, value in headers:
+            if not isinstance(value, Signed):
+                bound.addRawHeader(name, value)
+        binding = policy.request_binding(method, target, bound)
+
+        def signed(value: Signed) -> bytes:
+            at = self.clock.seconds() if value.at is None else value.at
+            return policy.sign(value.secret, at, binding=binding).encode()
+
+        return [
+            (name, signed(value) if isinstance(value, Signed) else value) for name, value in headers
+        ]
 
     def container_side(self, port: int = 8001, index: int = 0):  # type: ignore[no-untyped-def]
         """The (protocol, transport) of a connection the gateway made to C{port}."""
@@ -103,15 +134,12 @@ class SignatureTests(GatewayTestCase):
         """Missing, malformed, wrongly keyed or stale signatures are refused with 401."""
         other_secret = policy.gateway_secret("AnotherRootToken0123456789abcdefghijkl", CONTAINER)
         cases = [
-            ([h for h in self.forwarded() if h[0] != policy.AUTHORIZATION], b"missing"),
+            ([h for h in self.forwarded() if h[0] != policy.SIGNATURE], b"missing"),
             (self.forwarded(authorization=b"not a signature"), b"malformed"),
             (self.forwarded(secret=other_secret), b"bad signature"),
             (self.forwarded(at=T0 - 301), b"stale"),
             (self.forwarded(at=T0 + 301), b"stale"),
-            (
-                self.forwarded() + [(policy.AUTHORIZATION, policy.sign(SECRET, T0).encode())],
-                b"repeated",
-            ),
+            (self.forwarded() + [(policy.SIGNATURE, Signed())], b"repeated"),
         ]
         for headers, reason in cases:
             response = self.refused(self.send(headers), 401)
@@ -119,7 +147,7 @@ class SignatureTests(GatewayTestCase):
 
     def test_replay(self) -> None:
         """A signed request replayed as is is refused the second time."""
-        headers = self.forwarded()
+        headers = self.sign(self.forwarded())
         self.send(headers)
         response = self.send(headers).response()
         self.assertEqual(response.status, 401)
@@ -271,7 +299,8 @@ class CarrierHandshakeTests(GatewayTestCase):
         """A signed carrier handshake sent on a stream of a carrier is refused (400)."""
         client = self.send(self.handshake(), target=carrier.PATH)
         accepted = len(client.value())
-        nested = request_bytes(b"GET", carrier.PATH, self.handshake(), host=b"127.0.0.1:9001")
+        handshake = self.sign(self.handshake(), carrier.PATH)
+        nested = request_bytes(b"GET", carrier.PATH, handshake, host=b"127.0.0.1:9001")
         client.send(carrier.HEADER.pack(carrier.OPEN, 1, 0))
         client.send(carrier.HEADER.pack(carrier.DATA, 1, len(nested)) + nested)
         frames = client.value()[accepted:]

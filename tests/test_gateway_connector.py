@@ -101,9 +101,7 @@ class _Carriers:
 def _signature(request: bytes) -> bytes:
     """The signature in a request."""
     [line] = [
-        line
-        for line in request.split(b"\r\n")
-        if line.lower().startswith(policy.AUTHORIZATION + b":")
+        line for line in request.split(b"\r\n") if line.lower().startswith(policy.SIGNATURE + b":")
     ]
     return line.split(b":", 1)[1].strip()
 
@@ -117,7 +115,8 @@ class RetryTests(SynchronousTestCase):
     def send(
         self, connector: GatewayConnector, method: bytes, body: Any = None, told: Any = None
     ) -> Any:
-        headers = Headers({policy.AUTHORIZATION: [policy.sign(SECRET, 1_700_000_000).encode()]})
+        headers = Headers()
+        connector.sign(headers, SECRET, method, b"/")
         return defer.ensureDeferred(
             connector.request(UUID, "127.0.0.1:9", SECRET, method, b"/", headers, body, told)
         )
@@ -150,8 +149,9 @@ class RetryTests(SynchronousTestCase):
         self.assertNotEqual(_signature(first), lost)
         self.assertNotEqual(lost, resent)
         nonces = policy.NonceCache(300)
+        binding = policy.request_binding(b"GET", b"/", Headers())
         for signature in (lost, resent):
-            policy.verify([signature], SECRET, 1_700_000_000, nonces)
+            policy.verify([signature], SECRET, 1_700_000_000, nonces, binding)
 
     def test_lost_carrier_table(self) -> None:
         """

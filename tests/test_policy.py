@@ -431,7 +431,6 @@ def to_gateway(client: Headers, **overrides: Any) -> dict[bytes, list[bytes]]:
         target_uuid=CTR,
         target_port=8080,
         request_host=REQUEST_HOST,
-        authorization="SIGNATURE",
         client_ip=CLIENT_IP,
         proto="https",
         trusted_peer=False,
@@ -444,8 +443,8 @@ PROXY_SET = {
     b"x-arvados-target-uuid": [CTR.encode("ascii")],
     b"x-arvados-target-port": [b"8080"],
     b"x-arvados-request-host": [REQUEST_HOST],
-    b"x-arvados-authorization": [b"SIGNATURE"],
     b"x-forwarded-for": [CLIENT_IP.encode("ascii")],
+    b"x-real-ip": [CLIENT_IP.encode("ascii")],
     b"x-forwarded-proto": [b"https"],
     b"x-forwarded-host": [REQUEST_HOST],
 }
@@ -595,13 +594,16 @@ class GatewayRequestHeaderTests(TableMixin, SynchronousTestCase):
         self.assertRows(rows, xff)
 
     def test_forwarded_proto_and_host(self) -> None:
-        """X-Forwarded-Proto/Host are the proxy's unless the peer is trusted (then its last one)."""
+        """
+        X-Forwarded-Proto is the proxy's unless the peer is trusted (then its last one);
+        X-Forwarded-Host is always the host the request was routed by (issue 16).
+        """
         rows = [
             ((False, (), ()), ([b"https"], [REQUEST_HOST])),
             ((False, (b"http",), (b"evil.example",)), ([b"https"], [REQUEST_HOST])),
             ((True, (), ()), ([b"https"], [REQUEST_HOST])),
-            ((True, (b"http",), (b"front.example",)), ([b"http"], [b"front.example"])),
-            ((True, (b"a", b"b"), (b"h1", b"h2")), ([b"b"], [b"h2"])),
+            ((True, (b"http",), (b"front.example",)), ([b"http"], [REQUEST_HOST])),
+            ((True, (b"a", b"b"), (b"h1", b"h2")), ([b"b"], [REQUEST_HOST])),
         ]
 
         def proto_host(
@@ -618,13 +620,13 @@ class GatewayRequestHeaderTests(TableMixin, SynchronousTestCase):
         self.assertRows(rows, proto_host)
 
     def test_rfc7239_forwarded_from_untrusted_peer(self) -> None:
-        """An untrusted client cannot spoof the client address through RFC 7239 Forwarded."""
+        """
+        No client can spoof the client address through RFC 7239 Forwarded, not even through a
+        trusted proxy, which passes a client's on as it is (issue 16).
+        """
         client = headers_of((b"Forwarded", b"for=6.6.6.6;proto=https;host=evil.example"))
         self.assertNotIn(b"forwarded", to_gateway(client))
-        self.assertEqual(
-            to_gateway(client, trusted_peer=True, client_ip=PROXY_IP)[b"forwarded"],
-            [b"for=6.6.6.6;proto=https;host=evil.example"],
-        )
+        self.assertNotIn(b"forwarded", to_gateway(client, trusted_peer=True, client_ip=PROXY_IP))
 
     def test_repeated_headers_keep_order(self) -> None:
         """Repeated end-to-end headers keep every value, in order."""
@@ -777,7 +779,6 @@ class ContainerRequestHeaderTests(SynchronousTestCase):
             target_uuid=CTR,
             target_port=8080,
             request_host=REQUEST_HOST,
-            authorization="SIGNATURE",
             client_ip=CLIENT_IP,
             proto="https",
             trusted_peer=False,
@@ -796,6 +797,7 @@ class ContainerRequestHeaderTests(SynchronousTestCase):
                 b"cookie": [b"a=1"],
                 b"authorization": [b"Bearer app"],
                 b"x-forwarded-for": [CLIENT_IP.encode("ascii")],
+                b"x-real-ip": [CLIENT_IP.encode("ascii")],
                 b"x-forwarded-proto": [b"https"],
                 b"x-forwarded-host": [REQUEST_HOST],
             },
@@ -896,8 +898,17 @@ def mac_of(secret: str, message: str) -> str:
     return hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
 
 
+# What the signatures below are bound to: a GET of / (see tests.test_signing for the binding).
+BINDING = policy.request_binding(b"GET", b"/", Headers())
+
+
 def good(now: float = NOW, nonce: bytes = NONCE, secret: str = CTR_SECRET) -> bytes:
-    return policy.sign(secret, now, nonce).encode("ascii")
+    return policy.sign(secret, now, nonce, BINDING).encode("ascii")
+
+
+def verify(values: list[bytes] | None, secret: str, now: float, nonces: NonceCache) -> None:
+    """L{policy.verify} for a request bound to L{BINDING}."""
+    policy.verify(values, secret, now, nonces, BINDING)
 
 
 class GatewaySecretTests(SynchronousTestCase):
@@ -929,7 +940,7 @@ class GatewaySecretTests(SynchronousTestCase):
 
 
 class SignTests(SynchronousTestCase):
-    """L{policy.sign}."""
+    """L{policy.sign}; its unbound format, for old gateways, here (the bound one: test_signing)."""
 
     def test_vector(self) -> None:
         """A fixed nonce and time give the value computed independently with openssl."""
@@ -964,9 +975,9 @@ class SignTests(SynchronousTestCase):
     def test_round_trip(self) -> None:
         """What sign produces, verify accepts with the same secret (it raises otherwise)."""
         nonces = NonceCache(WINDOW)
-        policy.verify([good()], CTR_SECRET, NOW, nonces)
-        policy.verify([policy.sign(CTR_SECRET, NOW).encode()], CTR_SECRET, NOW, nonces)
-        policy.verify([good(nonce=b"\xff" * 64)], CTR_SECRET, NOW, nonces)
+        verify([good()], CTR_SECRET, NOW, nonces)
+        verify([policy.sign(CTR_SECRET, NOW, binding=BINDING).encode()], CTR_SECRET, NOW, nonces)
+        verify([good(nonce=b"\xff" * 64)], CTR_SECRET, NOW, nonces)
         self.assertEqual(len(nonces), 3)
 
 
@@ -976,7 +987,7 @@ class VerifyTests(TableMixin, SynchronousTestCase):
     def attempt(self, values: list[bytes] | None, now: float = NOW) -> str | None:
         """The reason verify refuses C{values} with a fresh cache, or C{None} if it accepts."""
         try:
-            policy.verify(values, CTR_SECRET, now, NonceCache(WINDOW))
+            verify(values, CTR_SECRET, now, NonceCache(WINDOW))
         except SignatureError as e:
             return str(e).split(":")[0].split(" ")[0]
         return None
@@ -1063,19 +1074,17 @@ class VerifyTests(TableMixin, SynchronousTestCase):
         """A nonce is accepted once; every later use within its lifetime is a replay."""
         nonces = NonceCache(WINDOW)
         value = good()
-        policy.verify([value], CTR_SECRET, NOW, nonces)
+        verify([value], CTR_SECRET, NOW, nonces)
         for offset in range(0, int(WINDOW) + 1, 7):
             error = self.assertRaises(
-                SignatureError, policy.verify, [value], CTR_SECRET, NOW + offset, nonces
+                SignatureError, verify, [value], CTR_SECRET, NOW + offset, nonces
             )
             self.assertIn("replayed", str(error))
-        error = self.assertRaises(
-            SignatureError, policy.verify, [value], CTR_SECRET, NOW + WINDOW, nonces
-        )
+        error = self.assertRaises(SignatureError, verify, [value], CTR_SECRET, NOW + WINDOW, nonces)
         self.assertIn("replayed", str(error))
         # Past the window it is refused as stale, never accepted again.
         error = self.assertRaises(
-            SignatureError, policy.verify, [value], CTR_SECRET, NOW + WINDOW + 1, nonces
+            SignatureError, verify, [value], CTR_SECRET, NOW + WINDOW + 1, nonces
         )
         self.assertIn("stale", str(error))
 
@@ -1083,14 +1092,12 @@ class VerifyTests(TableMixin, SynchronousTestCase):
         """A nonce signed at the far edge of the future is remembered until it goes stale."""
         nonces = NonceCache(WINDOW)
         value = good(now=NOW + WINDOW)
-        policy.verify([value], CTR_SECRET, NOW, nonces)
+        verify([value], CTR_SECRET, NOW, nonces)
         for later in (NOW + 1, NOW + WINDOW, NOW + 2 * WINDOW):
-            error = self.assertRaises(
-                SignatureError, policy.verify, [value], CTR_SECRET, later, nonces
-            )
+            error = self.assertRaises(SignatureError, verify, [value], CTR_SECRET, later, nonces)
             self.assertIn("replayed", str(error))
         error = self.assertRaises(
-            SignatureError, policy.verify, [value], CTR_SECRET, NOW + 2 * WINDOW + 1, nonces
+            SignatureError, verify, [value], CTR_SECRET, NOW + 2 * WINDOW + 1, nonces
         )
         self.assertIn("stale", str(error))
 
@@ -1098,7 +1105,7 @@ class VerifyTests(TableMixin, SynchronousTestCase):
         """Another nonce with the same timestamp is a new request, accepted."""
         nonces = NonceCache(WINDOW)
         for i in range(5):
-            policy.verify([good(nonce=bytes([i]) * 16)], CTR_SECRET, NOW, nonces)
+            verify([good(nonce=bytes([i]) * 16)], CTR_SECRET, NOW, nonces)
         self.assertEqual(len(nonces), 5)
 
     def test_forgeries_do_not_burn_nonces(self) -> None:
@@ -1106,11 +1113,11 @@ class VerifyTests(TableMixin, SynchronousTestCase):
         nonces = NonceCache(WINDOW)
         message = good().decode("ascii").split(" ")[0]
         forged = f"{message} {'0' * 64}".encode("ascii")
-        self.assertRaises(SignatureError, policy.verify, [forged], CTR_SECRET, NOW, nonces)
+        self.assertRaises(SignatureError, verify, [forged], CTR_SECRET, NOW, nonces)
         stale = good(now=NOW - 2 * WINDOW)
-        self.assertRaises(SignatureError, policy.verify, [stale], CTR_SECRET, NOW, nonces)
+        self.assertRaises(SignatureError, verify, [stale], CTR_SECRET, NOW, nonces)
         self.assertEqual(len(nonces), 0)
-        policy.verify([good()], CTR_SECRET, NOW, nonces)
+        verify([good()], CTR_SECRET, NOW, nonces)
 
     def test_nonce_cache_stays_bounded(self) -> None:
         """Over hours of simulated traffic the cache holds only nonces that could still pass."""
@@ -1128,13 +1135,13 @@ class VerifyTests(TableMixin, SynchronousTestCase):
                 # Signers' clocks spread over the whole window, both sides.
                 skew = (counter % (2 * int(window) + 1)) - window
                 nonce = counter.to_bytes(16, "big")
-                policy.verify([good(now=now + skew, nonce=nonce)], CTR_SECRET, now, nonces)
+                verify([good(now=now + skew, nonce=nonce)], CTR_SECRET, now, nonces)
             largest = max(largest, len(nonces))
         self.assertLessEqual(largest, bound)
         self.assertGreater(largest, rate * window)
         # Long after the traffic stops, one more request leaves only itself.
         later = NOW + duration + 10 * window
-        policy.verify([good(now=later, nonce=b"\xee" * 16)], CTR_SECRET, later, nonces)
+        verify([good(now=later, nonce=b"\xee" * 16)], CTR_SECRET, later, nonces)
         self.assertEqual(len(nonces), 1)
 
     def test_constant_time_comparison(self) -> None:
@@ -1147,14 +1154,14 @@ class VerifyTests(TableMixin, SynchronousTestCase):
             return original(a, b)
 
         self.patch(hmac, "compare_digest", spy)
-        policy.verify([good()], CTR_SECRET, NOW, NonceCache(WINDOW))
+        verify([good()], CTR_SECRET, NOW, NonceCache(WINDOW))
         mac = good().decode("ascii").split(" ")[1]
         self.assertEqual(calls, [(mac, mac)])
 
         # If compare_digest says no, a genuine value is refused: no other comparison decides.
         self.patch(hmac, "compare_digest", lambda a, b: False)
         error = self.assertRaises(
-            SignatureError, policy.verify, [good()], CTR_SECRET, NOW, NonceCache(WINDOW)
+            SignatureError, verify, [good()], CTR_SECRET, NOW, NonceCache(WINDOW)
         )
         self.assertIn("bad signature", str(error))
 
@@ -1202,7 +1209,6 @@ class ProxyCookieTests(SynchronousTestCase):
             target_uuid="zzzzz-dz642-000000000000001",
             target_port=80,
             request_host=b"h",
-            authorization="x",
             client_ip="127.0.0.1",
             proto="http",
             trusted_peer=False,
@@ -1212,11 +1218,15 @@ class ProxyCookieTests(SynchronousTestCase):
 
 class RequestLineTests(TableMixin, SynchronousTestCase):
     def test_table(self) -> None:
-        """Only a token method and a visible-ASCII target may go to the next hop."""
+        """Only a token method and a visible-ASCII origin-form target may go to the next hop."""
         rows = [
             ((b"GET", b"/"), True),
-            ((b"PROPFIND", b"/a/b?c=d&e=%20#f"), True),
-            ((b"M-SEARCH", b"*"), True),
+            ((b"PROPFIND", b"/a/b?c=d&e=%20"), True),
+            # Origin-form only (issue 16, hole 6): no fragment, no other form.
+            ((b"GET", b"/a/b?c=d&e=%20#f"), False),
+            ((b"M-SEARCH", b"*"), False),
+            ((b"GET", b"http://other.example/x"), False),
+            ((b"CONNECT", b"other.example:443"), False),
             ((b"GET", b"/a b"), False),
             ((b"GET", b"/a\tb"), False),
             ((b"GET", b"/a\x7fb"), False),

@@ -94,9 +94,20 @@ class GatewayConnector:
     derived from that container's secret.
     """
 
-    def __init__(self, reactor: Any, connect_timeout: float = 10.0, idle_timeout: float = 240.0):
+    def __init__(
+        self,
+        reactor: Any,
+        connect_timeout: float = 10.0,
+        idle_timeout: float = 240.0,
+        old_gateways: bool = False,
+    ):
+        """
+        @param old_gateways: sign for gateways from before signatures were bound to requests
+            too (see L{policy.sign_request}).
+        """
         self._reactor = reactor
         self._connect_timeout = connect_timeout
+        self._old_gateways = old_gateways
         self.pool = HopPool(reactor, idle_timeout)
         # Requests and WebSocket tunnels share a few connections per gateway (arvproxy.carrier).
         self.carriers = CarrierPool(reactor, idle_timeout=idle_timeout)
@@ -125,7 +136,8 @@ class GatewayConnector:
         informational: Informational | None = None,
     ) -> HopResponse:
         """
-        Send a request to a container's gateway (see L{HopPool.request}).
+        Send a request to a container's gateway (see L{HopPool.request}), signed already (see
+        L{sign}).
 
         @raise BadGateway: the gateway cannot be reached, or fails the identity check.
         @raise GatewayTimeout: the connection timed out.
@@ -151,14 +163,18 @@ class GatewayConnector:
                 headers,
                 body,
                 informational,
-                before_retry=lambda headers: self._sign_again(headers, secret),
+                before_retry=lambda headers: self.sign(headers, secret, method, path),
             )
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _sign_again(self, headers: Headers, secret: str) -> None:
-        """Give a request that goes out once more a signature of its own."""
-        headers.setRawHeaders(
-            policy.AUTHORIZATION, [policy.sign(secret, self._reactor.seconds()).encode()]
+    def sign(self, headers: Headers, secret: str, method: bytes, target: bytes) -> None:
+        """
+        Sign a request for a container's gateway (L{policy.sign_request}), once C{headers} hold
+        everything the signature binds; a request that goes out once more is signed again (the
+        gateway would refuse the same signature as a replay).
+        """
+        policy.sign_request(
+            headers, secret, self._reactor.seconds(), method, target, self._old_gateways
         )
 
     async def upgrade(
@@ -171,7 +187,8 @@ class GatewayConnector:
         headers: Headers,
     ) -> UpgradeResponse:
         """
-        Send an upgrade request to a container's gateway, on a stream of a carrier.
+        Send an upgrade request to a container's gateway, on a stream of a carrier, signed
+        already (see L{sign}).
 
         A carrier lost before the answer came (a gateway closing an idle carrier just as the
         tunnel set out on it) is retried once on a new carrier, signed again, as an idempotent
@@ -187,7 +204,7 @@ class GatewayConnector:
                     if retry or tunnels.lost is None or method not in RETRYABLE:
                         raise
                 log.info("A carrier to {address} was lost: trying a new one", address=address)
-                self._sign_again(headers, secret)
+                self.sign(headers, secret, method, path)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def carrier(self, container_uuid: str, address: str, secret: str) -> defer.Deferred[Carrier]:
@@ -210,15 +227,13 @@ class GatewayConnector:
             {
                 b"host": [address.encode("ascii")],
                 policy.TARGET_UUID: [container_uuid.encode("ascii")],
-                policy.AUTHORIZATION: [policy.sign(secret, self._reactor.seconds()).encode()],
                 carrier.WINDOW_HEADER: [b"%d" % (carrier.STREAM_WINDOW,)],
             }
         )
+        policy.with_upgrade(headers, carrier.PROTOCOL)
+        self.sign(headers, secret, b"GET", carrier.PATH)
         answer = await open_upgrade(
-            self.endpoint(container_uuid, address, secret),
-            b"GET",
-            carrier.PATH,
-            policy.with_upgrade(headers, carrier.PROTOCOL),
+            self.endpoint(container_uuid, address, secret), b"GET", carrier.PATH, headers
         )
         if answer.code != 101:
             answer.discard()
@@ -625,10 +640,10 @@ class Controller:
             target_uuid=container_uuid,
             target_port=target.port,
             request_host=host,
-            authorization=policy.sign(secret, self._reactor.seconds()),
             client_ip=client_ip,
             proto="https" if request.isSecure() else config.external_url.scheme,
             trusted_peer=policy.is_trusted(client_ip, config.trusted_proxies),
+            trusted_proxies=config.trusted_proxies,
         )
         upgrade = policy.upgrade_requested(request.requestHeaders) if request.body.empty else None
         if upgrade is not None and policy.is_reserved_upgrade(upgrade):
@@ -636,15 +651,21 @@ class Controller:
                 "This kind of connection upgrade is reserved for the proxy itself.",
                 hint="Ask for the protocol your service speaks, such as websocket.",
             )
+        if upgrade is not None:
+            policy.with_upgrade(headers, upgrade)
+        # Bound to what the gateway acts on, all set by now (see policy.request_binding).
+        policy.sign_request(
+            headers,
+            secret,
+            self._reactor.seconds(),
+            request.method,
+            request.uri,
+            config.sign_for_old_gateways,
+        )
         response: Any
         if upgrade is not None:
             response = await self._gateways.upgrade(
-                container_uuid,
-                gateway_address,
-                secret,
-                request.method,
-                request.uri,
-                policy.with_upgrade(headers, upgrade),
+                container_uuid, gateway_address, secret, request.method, request.uri, headers
             )
         else:
             body = None if request.body.empty else request.body

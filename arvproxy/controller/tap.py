@@ -7,13 +7,17 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import MultiService
+from twisted.logger import Logger
 from twisted.python import usage
 
 from arvproxy.backends.cache import CachedCluster
+from arvproxy.config import trusted_proxy_warnings
 from arvproxy.controller.proxy import Controller, GatewayConnector
 from arvproxy.controller.workers import WorkerPool, watch_parent
 from arvproxy.httpserver import ProxySite
 from arvproxy.service import ListeningService, freeze_start_up, open_cluster, read_config
+
+log = Logger()
 
 
 class Options(usage.Options):
@@ -67,6 +71,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         reactor = global_reactor
     freeze_start_up(reactor)
     config = options["cluster"]
+    if not options["worker"]:  # Said once, by the first process.
+        for warning in trusted_proxy_warnings(config):
+            log.warn("{warning}", warning=warning)
     top = MultiService()
     cluster = open_cluster(reactor, config)
     cluster.setServiceParent(top)
@@ -75,7 +82,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         # Kept answers go as soon as the registry file changes: a finished container or a
         # revoked token is refused at once.
         cluster = CachedCluster(reactor, cluster, config.cache_ttl, version=cluster.data_version)
-    gateways = GatewayConnector(reactor)
+    gateways = GatewayConnector(reactor, old_gateways=config.sign_for_old_gateways)
     site = ProxySite(Controller(reactor, config, cluster, gateways), reactor, config.limits)
     site.access_log = bool(options["access-log"])
     on_listening = None

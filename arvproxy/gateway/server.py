@@ -202,32 +202,36 @@ class Gateway:
         """How many requests (and tunnels) to the container are open now."""
         return self._slots.open(self._uuid.decode("ascii"))
 
-    def _check_signed(self, headers: Any) -> None:
+    def _check_signed(self, request: StreamingRequest) -> None:
         """
-        Check that a request was signed by the front door, for this container.
+        Check that a request was signed by the front door, for this container, and for this
+        very request (L{policy.request_binding}).
 
         @raise ProxyError: marked as the gateway's own refusal.
         """
+        headers = request.requestHeaders
         try:
             policy.verify(
-                headers.getRawHeaders(policy.AUTHORIZATION),
+                headers.getRawHeaders(policy.SIGNATURE),
                 self._secret,
                 self._reactor.seconds(),
                 self.nonces,
+                policy.request_binding(request.method, request.uri, headers),
             )
         except policy.SignatureError as e:
             raise refusal(Unauthorized, str(e)) from None
         if headers.getRawHeaders(policy.TARGET_UUID) != [self._uuid]:
             raise refusal(BadGateway, "misdirected request: the target is another container")
 
-    def check(self, headers: Any) -> tuple[int, bytes]:
+    def check(self, request: StreamingRequest) -> tuple[int, bytes]:
         """
         Check a forwarded request's signature and target.
 
         @return: the target port and the original request's host.
         @raise ProxyError: marked as the gateway's own refusal.
         """
-        self._check_signed(headers)
+        self._check_signed(request)
+        headers = request.requestHeaders
         try:
             port = policy.parse_target_port(headers.getRawHeaders(policy.TARGET_PORT))
         except ValueError as e:
@@ -241,7 +245,7 @@ class Gateway:
         if policy.upgrade_requested(request.requestHeaders) == carrier.PROTOCOL:
             self._carry(request)
             return
-        port, request_host = self.check(request.requestHeaders)
+        port, request_host = self.check(request)
         if not self.accepting:
             raise refusal(Gone, "the container has finished")
         with self._slots.hold(self._uuid.decode("ascii")) as slot:
@@ -258,7 +262,7 @@ class Gateway:
         usual.
         """
         headers = request.requestHeaders
-        self._check_signed(headers)
+        self._check_signed(request)
         if (
             request.path != carrier.PATH
             or headers.hasHeader(policy.TARGET_PORT)
