@@ -1,0 +1,295 @@
+"""
+Adversarial tests of the proxy's life cycle, through the real plugins (issue 16): several
+processes sharing the registry (hole 0), a gateway that freezes (hole 9), and faults at shutdown
+and start-up (hole 10).  See L{tests.e2e} for the harness.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import quote
+
+from twisted.internet import defer, task, utils
+from twisted.internet import reactor as _reactor
+from twisted.trial import unittest
+from twisted.web.http_headers import Headers
+
+from arvproxy import policy
+from tests import e2e
+
+reactor: Any = _reactor
+
+
+def run(coroutine: Any) -> defer.Deferred[Any]:
+    """A coroutine as the Deferred trial waits for."""
+    return defer.ensureDeferred(coroutine)
+
+
+async def admin(directory: str, config: str, *args: str) -> str:
+    """
+    Run the real C{arvproxy} admin command (a process of its own, as an operator would) and
+    return what it printed.
+
+    @raise AssertionError: it failed.
+    """
+    env = dict(os.environ, PYTHONPATH=e2e.REPO_ROOT)
+    argv = ["-m", "arvproxy.cli", "--config", config, *args]
+    out, err, code = await utils.getProcessOutputAndValue(
+        sys.executable, argv, env=env, path=directory
+    )
+    if code != 0:
+        raise AssertionError(f"arvproxy {' '.join(args)} failed ({code}): {err.decode()}")
+    return out.decode().strip()
+
+
+async def until(
+    check: Callable[[], Awaitable[Any]], what: str, watch: list[e2e.Twistd], timeout: float
+) -> Any:
+    """
+    Ask C{check()} again and again until it gives something true, and return that.
+
+    @raise AssertionError: C{timeout} seconds passed (saying what C{check} last gave), or a
+        watched process exited.
+    """
+    deadline = reactor.seconds() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        for process in watch:
+            if not process.running:
+                raise AssertionError(
+                    f"{process.name} exited waiting for {what}\n{process.describe()}"
+                )
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s (last: {result!r})")
+        await task.deferLater(reactor, 0.1, lambda: None)
+
+
+class RegistrySharedByProcessesTests(unittest.TestCase):
+    """
+    Hole 0: the front door, the gateways and admin commands come and go on one registry file;
+    every process sees every change, and no write is lost.
+    """
+
+    CACHE_TTL = 10.0
+    # Changes must show within CacheTTL; the margin only absorbs a slow machine.
+    DEADLINE = CACHE_TTL + 20.0
+
+    def test_every_change_is_seen_and_nothing_lost(self) -> defer.Deferred[None]:
+        """
+        Tokens created and revoked, a Connect link exchanged, a gateway that moves and a
+        container cancelled by admin commands are all seen by the running front door and
+        gateways, and every write of every process is in the file afterwards.
+        """
+        return run(self._every_change())
+
+    async def _every_change(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        service = e2e.ServiceSite(reactor)
+        service_port = service.listen(reactor)
+        self.addCleanup(service.stop, reactor)
+        controller_port = e2e.free_port()
+        config = e2e.write_config(directory, controller_port, CacheTTL=f"{self.CACHE_TTL:g}s")
+
+        # Everything through the admin command: this test process holds no connection to the
+        # registry, so it cannot hold the locks a stale process would lack.
+        async def cli(*args: str) -> str:
+            return await admin(directory, config, *args)
+
+        user = json.loads(await cli("user", "create", "--name", "Ada"))["uuid"]
+        requests = [
+            json.loads(
+                await cli(
+                    "container-request", "create", "--user", user, "--port", str(service_port)
+                )
+            )
+            for _ in range(2)
+        ]
+        containers = [r["container_uuid"] for r in requests]
+        token = await cli("token", "create", "--user", user, "--plain")
+
+        controller = e2e.Twistd.spawn(
+            reactor, directory, "controller", ["arv-controller-proxy", "--config", config]
+        )
+        self.addCleanup(controller.stop, reactor)
+
+        def gateway(name: str, container: str) -> e2e.Twistd:
+            process = e2e.Twistd.spawn(
+                reactor,
+                directory,
+                name,
+                ["crunch-run-gateway", "--config", config, "--container-uuid", container],
+                stdin=e2e.dispatch_json(policy.gateway_secret(e2e.ROOT_TOKEN, container)),
+            )
+            self.addCleanup(process.stop, reactor)
+            return process
+
+        async def record(uuid: str) -> dict[str, Any]:
+            return dict(json.loads(await cli("get", uuid)))
+
+        async def running(uuid: str) -> str:
+            container = await record(uuid)
+            return container["gateway_address"] if container["state"] == "Running" else ""
+
+        await e2e.wait_for(
+            reactor, lambda: e2e.accepting(controller_port), "the controller", [controller]
+        )
+        client = e2e.Client(reactor)
+        self.addCleanup(client.close)
+
+        def vhost(index: int) -> bytes:
+            label = f"{requests[index]['uuid']}-{service_port}"
+            return f"{label}.{e2e.SUFFIX}:{controller_port}".encode()
+
+        async def status(index: int, token: str | None) -> int:
+            headers = Headers({b"host": [vhost(index)]})
+            if token is not None:
+                cookie = policy.encode_token_cookie(token.encode())
+                headers.setRawHeaders(b"cookie", [policy.TOKEN_COOKIE + b"=" + cookie])
+            response, _ = await client.fetch(
+                b"GET", b"http://127.0.0.1:%d/" % (controller_port,), headers
+            )
+            return int(response.code)
+
+        async def answers(index: int, token: str | None, code: int) -> bool:
+            return await status(index, token) == code
+
+        async def token_rounds(processes: list[e2e.Twistd], valid: int) -> str:
+            """New tokens work and revoked ones stop working (C{valid}: a good token's status)."""
+            nonlocal token
+            for round in range(3):
+                # Commands that only read come and go between the changes: each is a process
+                # that closes the registry last when nobody else holds it properly.
+                await cli("user", "list")
+                new = await cli("token", "create", "--user", user, "--plain")
+                await until(
+                    lambda i=round % 2, t=new: answers(i, t, valid),
+                    "a new token works",
+                    processes,
+                    self.DEADLINE,
+                )
+                await cli("container", "list")
+                await cli("token", "revoke", token)
+                await until(
+                    lambda i=round % 2, t=token: answers(i, t, 401),
+                    "a revoked token fails",
+                    processes,
+                    self.DEADLINE,
+                )
+                token = new
+            return token
+
+        # The front door alone, as before any container runs: the containers are Queued
+        # (503 for a good token), and a bad token is refused (401).
+        self.assertEqual(await status(0, token), 503)
+        await token_rounds([controller], 503)
+
+        # The gateways start and mark their containers Running.
+        gateways = [gateway("gateway-0", containers[0]), gateway("gateway-1", containers[1])]
+        processes = [controller, *gateways]
+        for uuid in containers:
+            await until(lambda uuid=uuid: running(uuid), "the gateway", processes, 30.0)
+        for index in range(2):
+            await until(
+                lambda i=index: answers(i, token, 200),
+                "the running container is reached",
+                processes,
+                self.DEADLINE,
+            )
+        await token_rounds(processes, 200)
+
+        # A Connect link: the front door exchanges it for a session token (its own write).
+        link = await cli(
+            "token",
+            "create",
+            "--user",
+            user,
+            "--scope",
+            f"CONNECT /arvados/v1/container/{requests[0]['uuid']}/{service_port}",
+            "--ttl",
+            "90",
+            "--plain",
+        )
+        headers = Headers({b"host": [vhost(0)]})
+        path = b"/?arvados_api_token=" + quote(link, safe="").encode()
+        response, _ = await client.fetch(
+            b"GET", b"http://127.0.0.1:%d%s" % (controller_port, path), headers
+        )
+        self.assertEqual(response.code, 303)
+        [set_cookie] = response.headers.getRawHeaders(b"set-cookie")
+        value = set_cookie.split(b";")[0].split(b"=", 1)[1]
+        session = policy.decode_token_cookie(value).decode()
+        self.assertNotEqual(session, link)
+        self.assertEqual(await status(0, session), 200)
+
+        # The gateway of container 1 dies unannounced, and a new one takes over at a new
+        # address: the front door must follow the record to it.
+        old_address = await running(containers[1])
+        await gateways[1].stop(reactor, "KILL")
+        processes.remove(gateways[1])
+        gateways[1] = gateway("gateway-1b", containers[1])
+        processes.append(gateways[1])
+        await until(
+            lambda: _moved(running, containers[1], old_address),
+            "the new gateway address",
+            processes,
+            30.0,
+        )
+        await until(
+            lambda: answers(1, token, 200), "the new gateway is used", processes, self.DEADLINE
+        )
+
+        # An admin cancels container 0: its gateway notices, stops and exits; the front door
+        # refuses it as finished.
+        await cli("cancel", containers[0])
+        processes.remove(gateways[0])
+        await e2e.wait_for(
+            reactor,
+            lambda: not gateways[0].running,
+            "the cancelled container's gateway to exit",
+            processes,
+            timeout=self.DEADLINE,
+        )
+        await until(
+            lambda: answers(0, token, 410),
+            "the cancelled container is gone",
+            processes,
+            self.DEADLINE,
+        )
+
+        # Nothing any process wrote is lost: a new process finds every record as it must be.
+        tokens = json.loads(await cli("token", "list", "--user", user))
+        live = {t["uuid"] for t in tokens}
+        self.assertEqual(
+            live,
+            {token.split("/")[1], session.split("/")[1]},
+            "only the last admin token and the front door's session token are left",
+        )
+        self.assertEqual((await record(containers[0]))["state"], "Cancelled")
+        moved = await record(containers[1])
+        self.assertEqual(moved["state"], "Running")
+        self.assertNotEqual(moved["gateway_address"], old_address)
+        self.assertEqual(
+            moved["gateway_address"].rsplit(":", 1)[1],
+            str(await _listening_port(gateways[1])),
+        )
+
+
+async def _moved(running: Any, uuid: str, old: str) -> str:
+    address = await running(uuid)
+    return address if address not in ("", old) else ""
+
+
+async def _listening_port(process: e2e.Twistd) -> int:
+    """The port a gateway says it listens on (from its log)."""
+    text = await e2e.wait_for(
+        reactor, lambda: "Listening on" in process.log_text() and process.log_text(), "a port"
+    )
+    line = [line for line in text.splitlines() if "Listening on" in line][-1]
+    return int(line.rsplit(":", 1)[1])
