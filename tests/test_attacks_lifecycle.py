@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -293,3 +294,60 @@ async def _listening_port(process: e2e.Twistd) -> int:
     )
     line = [line for line in text.splitlines() if "Listening on" in line][-1]
     return int(line.rsplit(":", 1)[1])
+
+
+class RegistryAtStartupTests(unittest.TestCase):
+    """Hole 10 (b): a front door whose registry cannot be used refuses to start."""
+
+    def test_unusable_registry_refused_at_start(self) -> defer.Deferred[None]:
+        """
+        A Registry path that cannot be opened, or a file that is no registry this code can use,
+        makes the front door exit 1 before it listens, with one plain line naming the key and
+        the reason.
+        """
+        return run(self._unusable_registry())
+
+    async def _unusable_registry(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        with open(os.path.join(directory, "a-file"), "w") as f:
+            f.write("not a directory\n")
+        with open(os.path.join(directory, "garbage.sqlite"), "wb") as f:
+            f.write(b"this is no database " * 100)
+        os.makedirs(os.path.join(directory, "a-directory.sqlite"))
+        newer = sqlite3.connect(os.path.join(directory, "newer.sqlite"))
+        newer.execute("PRAGMA user_version = 99")
+        newer.close()
+        cases = [
+            ("not-a-directory", "a-file/registry.sqlite", "Not a directory"),
+            ("a-directory", "a-directory.sqlite", "unable to open database file"),
+            ("garbage", "garbage.sqlite", "file is not a database"),
+            ("newer", "newer.sqlite", "schema version 99"),
+        ]
+        processes = []
+        ports = []
+        for name, registry, _ in cases:
+            port = e2e.free_port()
+            config = e2e.write_config(directory, port, Registry=registry)
+            os.rename(config, os.path.join(directory, f"{name}.yml"))
+            ports.append(port)
+            process = e2e.Twistd.spawn(
+                reactor,
+                directory,
+                name,
+                ["arv-controller-proxy", "--config", f"{name}.yml"],
+            )
+            self.addCleanup(process.stop, reactor)
+            processes.append(process)
+        for (name, _, reason), process, port in zip(cases, processes, ports, strict=True):
+            await e2e.wait_for(
+                reactor, lambda p=process: not p.running, f"{name} to exit", timeout=60.0
+            )
+            self.assertEqual(await process.ended, 1, name)
+            lines = process.output.decode().strip().splitlines()
+            self.assertEqual(len(lines), 1, f"{name}: {lines}")
+            self.assertIn("Clusters.zzzzz.ArvProxy.Registry: cannot use the registry: ", lines[0])
+            self.assertIn(reason, lines[0], name)
+            self.assertNotIn("Traceback", process.log_text(), name)
+            self.assertNotIn("Listening on", process.log_text(), name)
+            self.assertFalse(e2e.accepting(port), name)

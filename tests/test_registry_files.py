@@ -21,7 +21,9 @@ from twisted.trial import unittest
 
 from arvproxy.backends.embedded import EmbeddedRegistry
 from arvproxy.backends.registry import RegistryError, RegistryStore
+from arvproxy.config import parse_config
 from arvproxy.errors import Unauthorized, Unavailable
+from arvproxy.service import check_registry
 
 reactor = cast(IReactorFromThreads, _reactor)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -218,3 +220,46 @@ class RegistryFileTests(unittest.TestCase):
         with open(garbage, "wb") as f:
             f.write(b"this is not a database" * 100)
         self.assertRaises(sqlite3.DatabaseError, RegistryStore(garbage, "zzzzz").check)
+
+
+class CheckRegistryTests(unittest.TestCase):
+    """L{service.check_registry}: the start-up check of the front door's registry."""
+
+    def config(self, registry: str, backend: str = "embedded") -> Any:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        document = {
+            "Clusters": {
+                "zzzzz": {
+                    "SystemRootToken": "x" * 40,
+                    "Services": {
+                        "ContainerWebServices": {"ExternalURL": "https://*.containers.example"},
+                        "Controller": {"ExternalURL": "https://zzzzz.example.com"},
+                    },
+                    "ArvProxy": {"Backend": backend, "Registry": registry},
+                }
+            }
+        }
+        with open(os.path.join(directory, "a-file"), "w"):
+            pass
+        return parse_config(document, os.path.join(directory, "config.yml"))
+
+    def test_usable_registry_passes(self) -> None:
+        """A registry that can be opened (here, created) passes the check."""
+        config = self.config("registry.sqlite")
+        check_registry(config)
+        self.assertTrue(os.path.exists(config.registry_path))
+
+    def test_unusable_registry_exits_naming_the_key(self) -> None:
+        """One that cannot be opened raises SystemExit with one line: file, key and reason."""
+        config = self.config("a-file/registry.sqlite")
+        error = self.assertRaises(SystemExit, check_registry, config)
+        self.assertEqual(
+            str(error.code),
+            f"{config.source}: Clusters.zzzzz.ArvProxy.Registry: cannot use the registry: "
+            f"{os.path.dirname(config.registry_path)}: Not a directory",
+        )
+
+    def test_arvados_backend_not_checked(self) -> None:
+        """With the Arvados backend there is no registry file to check."""
+        check_registry(self.config("a-file/registry.sqlite", backend="arvados"))

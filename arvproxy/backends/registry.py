@@ -23,6 +23,7 @@ SHA-256 of the secret is stored, so a copy of the file does not leak working tok
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import hmac
 import json
@@ -421,7 +422,11 @@ class RegistryStore:
         from under this one, leaving it on a copy nobody else sees (issue 16, hole 0).
         """
         directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        except FileExistsError:
+            # Something that is not a directory is in the way: say so.
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory) from None
         for _ in range(_OPEN_ATTEMPTS):
             before = file_identity(self.path)
             if before is None:

@@ -13,7 +13,13 @@ from arvproxy.backends.cache import CachedCluster
 from arvproxy.controller.proxy import Controller, GatewayConnector
 from arvproxy.controller.workers import WorkerPool, watch_parent
 from arvproxy.httpserver import ProxySite
-from arvproxy.service import ListeningService, freeze_start_up, open_cluster, read_config
+from arvproxy.service import (
+    ListeningService,
+    check_registry,
+    freeze_start_up,
+    open_cluster,
+    read_config,
+)
 
 
 class Options(usage.Options):
@@ -52,6 +58,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         self.setdefault("workers", 1)
         self["cluster"] = read_config(self["config"])
+        check_registry(self["cluster"])
         self["listen_on"] = self["listen"] or self["cluster"].controller_listen
         shared = self["workers"] > 1 or self["worker"]
         if shared and not self["listen_on"].startswith("tcp:"):
