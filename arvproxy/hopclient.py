@@ -527,8 +527,11 @@ class HopPool:
         self._clock = clock
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
+        # Never an empty list under a key.
         self._idle: dict[Hashable, list[HopConnection]] = {}
-        self._closing: list[defer.Deferred[None]] = []
+        # The connections closeCachedConnections closed and still waits for, and its callers.
+        self._closing: set[HopConnection] = set()
+        self._closed_waiters: list[defer.Deferred[None]] = []
 
     def request(
         self,
@@ -567,6 +570,9 @@ class HopPool:
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
+            if not idle:
+                # No key is ever left with an empty list (see closeCachedConnections).
+                del self._idle[key]
             if connection.usable():
                 return send_on(connection, kept=True)
             connection.abandon()
@@ -625,10 +631,21 @@ class HopPool:
     def _expire(self, connection: HopConnection) -> None:
         connection.idle_call = None
         if connection.state is _IDLE:
-            self._forget(connection)
+            self._unpool(connection)
             connection.close()
 
     def _forget(self, connection: HopConnection) -> None:
+        """A connection is gone: it is no longer kept, nor waited for."""
+        self._unpool(connection)
+        if self._closing:
+            self._closing.discard(connection)
+            if not self._closing:
+                waiters, self._closed_waiters = self._closed_waiters, []
+                for waiter in waiters:
+                    waiter.callback(None)
+
+    def _unpool(self, connection: HopConnection) -> None:
+        """Keep C{connection} no longer (if it is kept), and drop its idle timer."""
         idle = self._idle.get(connection.key)
         if idle and connection in idle:
             idle.remove(connection)
@@ -637,18 +654,21 @@ class HopPool:
         call, connection.idle_call = connection.idle_call, None
         if call is not None and call.active():
             call.cancel()
-        if not self._idle:
-            waiters, self._closing = self._closing, []
-            for waiter in waiters:
-                waiter.callback(None)
 
     def closeCachedConnections(self) -> defer.Deferred[None]:
-        """Close every idle connection; fires once they are gone."""
+        """
+        Close every idle connection at once (aborted, as Twisted's own pool does: nothing is in
+        flight on an idle connection, and a next hop that has stopped answering must not hold
+        up a shutdown waiting for TLS to close politely); fires once those are gone.
+        Connections busy meanwhile are not waited for.
+        """
         connections = self.idle_connections()
         if not connections:
             return defer.succeed(None)
         done: defer.Deferred[None] = defer.Deferred()
-        self._closing.append(done)
+        self._closed_waiters.append(done)
+        self._closing.update(connections)
         for connection in connections:
-            connection.close()
+            self._unpool(connection)
+            connection.abandon()
         return done

@@ -17,9 +17,12 @@ from urllib.parse import quote
 from twisted.internet import defer, task, utils
 from twisted.internet import reactor as _reactor
 from twisted.trial import unittest
+from twisted.web import resource, server
+from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
 
 from arvproxy import policy
+from arvproxy.backends.registry import RegistryStore
 from tests import e2e
 
 reactor: Any = _reactor
@@ -351,3 +354,114 @@ class RegistryAtStartupTests(unittest.TestCase):
             self.assertNotIn("Traceback", process.log_text(), name)
             self.assertNotIn("Listening on", process.log_text(), name)
             self.assertFalse(e2e.accepting(port), name)
+
+
+class _DyingService(resource.Resource):
+    """A service whose C{/die} starts an answer and then closes the connection."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> Any:
+        if request.path != b"/die":
+            request.setHeader(b"content-length", b"2")
+            return b"ok"
+        request.setHeader(b"content-length", b"1000")
+        request.write(b"cut short")
+        # What was written goes first; then the connection ends, 991 bytes short.
+        request.channel.transport.loseConnection()
+        return server.NOT_DONE_YET
+
+
+class ShutdownTests(unittest.TestCase):
+    """Hole 10 (a): a failed answer on a reused connection never stops a shutdown."""
+
+    def test_sigterm_after_a_failed_answer_on_a_reused_connection(self) -> defer.Deferred[None]:
+        """
+        After GET A, GET B and a GET A whose answer dies on a reused connection, SIGTERM
+        stops the front door and the gateway (both pool connections by key).
+        """
+        return run(self._sigterm_after_failed_answer())
+
+    async def _sigterm_after_failed_answer(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        sites = [e2e.ServiceSite(reactor), e2e.ServiceSite(reactor)]
+        ports = []
+        for site in sites:
+            site.resource = _DyingService()
+            ports.append(site.listen(reactor))
+            self.addCleanup(site.stop, reactor)
+        store = RegistryStore(
+            os.path.join(directory, "registry.sqlite"),
+            e2e.CLUSTER_ID,
+            system_root_token=e2e.ROOT_TOKEN,
+        )
+        self.addCleanup(store.close)
+        user = store.create_user("Ada")
+        token, _ = store.create_token(user.uuid)
+        # Container A publishes two ports (the gateway pools by port), B one (the front door
+        # pools by container).
+        a = store.create_container_request(user.uuid, published_ports={p: {} for p in ports})
+        b = store.create_container_request(user.uuid, published_ports={ports[0]: {}})
+        controller_port = e2e.free_port()
+        config = e2e.write_config(directory, controller_port)
+        controller = e2e.Twistd.spawn(
+            reactor, directory, "controller", ["arv-controller-proxy", "--config", config]
+        )
+        self.addCleanup(controller.stop, reactor)
+        gateways = []
+        for name, request in (("gateway-a", a), ("gateway-b", b)):
+            assert request.container_uuid is not None
+            gateway = e2e.Twistd.spawn(
+                reactor,
+                directory,
+                name,
+                [
+                    "crunch-run-gateway",
+                    "--config",
+                    config,
+                    "--container-uuid",
+                    request.container_uuid,
+                ],
+                stdin=e2e.dispatch_json(
+                    policy.gateway_secret(e2e.ROOT_TOKEN, request.container_uuid)
+                ),
+            )
+            self.addCleanup(gateway.stop, reactor)
+            gateways.append(gateway)
+        processes = [controller, *gateways]
+        await e2e.wait_for(
+            reactor, lambda: e2e.accepting(controller_port), "the controller", processes
+        )
+        for request in (a, b):
+            await e2e.wait_for(
+                reactor,
+                lambda r=request: store.get_container(r.container_uuid).gateway_address,
+                "the gateways",
+                processes,
+            )
+        client = e2e.Client(reactor)
+        self.addCleanup(client.close)
+        cookie = policy.TOKEN_COOKIE + b"=" + policy.encode_token_cookie(token.encode())
+
+        async def get(request: Any, port: int, path: bytes) -> Any:
+            host = f"{request.uuid}-{port}.{e2e.SUFFIX}:{controller_port}".encode()
+            headers = Headers({b"host": [host], b"cookie": [cookie]})
+            url = b"http://127.0.0.1:%d%s" % (controller_port, path)
+            return await client.fetch(b"GET", url, headers)
+
+        for request, port in ((a, ports[0]), (a, ports[1]), (b, ports[0])):
+            response, body = await get(request, port, b"/")
+            self.assertEqual((response.code, body), (200, b"ok"))
+        with self.assertRaises(ResponseFailed):
+            await get(a, ports[0], b"/die")
+
+        stopping = [
+            controller.stop(reactor, "TERM", grace=60.0),
+            gateways[0].stop(reactor, "TERM", grace=60.0),
+        ]
+        codes = await defer.gatherResults([defer.ensureDeferred(s) for s in stopping])
+        # twistd re-raises the signal once it has shut down cleanly; -9 would be the KILL that
+        # follows a shutdown that never ends.
+        for process, code in zip(processes, codes, strict=False):
+            self.assertIn(code, (0, -15), process.describe())
