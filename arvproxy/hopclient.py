@@ -52,6 +52,7 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from arvproxy import policy
+from arvproxy.deadlines import ANSWER_HEAD, DeadlinePassed
 from arvproxy.streaming import (
     add_field_lines,
     add_parsed_field,
@@ -269,6 +270,8 @@ class HopConnection(Protocol):
         self._unusable = False
         self._body: Any = None
         self._writer: _BodyWriter | None = None
+        # The deadline on the answer's head (HopPool.answer_timeout), while it runs.
+        self._answer_deadline: Any = None
 
     # Sending.
 
@@ -303,8 +306,36 @@ class HopConnection(Protocol):
         self.transport.write(head)
         if body is not None:
             self._send_body(body)
+        else:
+            self._await_answer()
         send_now(self.transport)
         return answer
+
+    def _await_answer(self) -> None:
+        """
+        The whole request has gone: start the deadline on its answer's head, if the pool has
+        one (as Go's C{ResponseHeaderTimeout} does, from the end of the request's body).
+        """
+        timeout = self._pool.answer_timeout
+        if timeout is not None and self._answer is not None:
+            self._answer_deadline = self._pool._clock.callLater(timeout, self._answer_late)
+
+    def _answer_arrived(self) -> None:
+        deadline, self._answer_deadline = self._answer_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _answer_late(self) -> None:
+        """The answer's head did not come in time: fail the request, end the connection."""
+        self._answer_deadline = None
+        timeout = self._pool.answer_timeout
+        assert timeout is not None
+        if self._answer is not None:
+            answer, self._answer = self._answer, None
+            # Not a lost connection: never sent again (HopPool._resend).
+            answer.errback(DeadlinePassed(ANSWER_HEAD, timeout))
+        self._stop_body()
+        self.abandon()
 
     def _send_body(self, body: iweb.IBodyProducer) -> None:
         self._body = body
@@ -330,6 +361,7 @@ class HopConnection(Protocol):
         self._body = None
         self.transport.unregisterProducer()
         send_now(self.transport)
+        self._await_answer()
 
     def _body_failed(self, reason: Failure) -> None:
         if self._body is None:
@@ -418,6 +450,7 @@ class HopConnection(Protocol):
             return
         self._headers_done = True
         self._informational = None
+        self._answer_arrived()
         headers, content_length, codings = parsed_headers(self._headers)
         length: Any = iweb.UNKNOWN_LENGTH
         if content_length is not None and not codings:
@@ -462,6 +495,7 @@ class HopConnection(Protocol):
 
     def _fail(self, reason: Failure) -> None:
         """End the current exchange with C{reason}."""
+        self._answer_arrived()
         self._stop_body()
         if self._answer is not None:
             answer, self._answer = self._answer, None
@@ -521,12 +555,24 @@ class HopPool:
     """
     Connections to the next hop, kept idle by key for at most C{idle_timeout} seconds and at
     most C{max_idle} per key.  A connection that is closing is never used or kept.
+
+    @ivar answer_timeout: seconds a request's answer has to bring its head once the whole
+        request has been sent, or C{None} for no limit.  Past it the request fails with
+        L{DeadlinePassed} and its connection is closed; the body of an answer that came in
+        time may take as long as it likes.
     """
 
-    def __init__(self, clock: Any, idle_timeout: float, max_idle: int = 64) -> None:
+    def __init__(
+        self,
+        clock: Any,
+        idle_timeout: float,
+        max_idle: int = 64,
+        answer_timeout: float | None = None,
+    ) -> None:
         self._clock = clock
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
+        self.answer_timeout = answer_timeout
         # Never an empty list under a key.
         self._idle: dict[Hashable, list[HopConnection]] = {}
         # The connections closeCachedConnections closed and still waits for, and its callers.

@@ -8,22 +8,31 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from twisted.internet import defer, task, utils
+from twisted.internet import defer, protocol, task, utils
 from twisted.internet import reactor as _reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
 from twisted.web import resource, server
 from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
 
 from arvproxy import policy
+from arvproxy.backends import ContainerRequest
 from arvproxy.backends.registry import RegistryStore
+from arvproxy.tlsidentity import server_context_factory
 from tests import e2e
+from tests.test_end_to_end import connections_to
+from tests.wsservice import Client as WebSocketClient
+from tests.wsservice import EchoFactory, TextMessage
 
 reactor: Any = _reactor
 
@@ -465,3 +474,273 @@ class ShutdownTests(unittest.TestCase):
         # follows a shutdown that never ends.
         for process, code in zip(processes, codes, strict=False):
             self.assertIn(code, (0, -15), process.describe())
+
+
+@dataclass
+class System:
+    """One container request (its ports in this process) behind the real front door."""
+
+    directory: str
+    store: RegistryStore
+    request: ContainerRequest
+    token: str
+    controller_port: int
+    controller: e2e.Twistd
+    gateway: e2e.Twistd
+    client: e2e.Client
+
+    @property
+    def container_uuid(self) -> str:
+        assert self.request.container_uuid is not None
+        return self.request.container_uuid
+
+    def vhost(self, port: int) -> bytes:
+        return f"{self.request.uuid}-{port}.{e2e.SUFFIX}:{self.controller_port}".encode()
+
+    def headers(self, port: int) -> Headers:
+        cookie = policy.TOKEN_COOKIE + b"=" + policy.encode_token_cookie(self.token.encode())
+        return Headers({b"host": [self.vhost(port)], b"cookie": [cookie]})
+
+    def url(self, path: bytes) -> bytes:
+        return b"http://127.0.0.1:%d%s" % (self.controller_port, path)
+
+    async def get(self, port: int, path: bytes, body: bytes | None = None) -> tuple[Any, bytes]:
+        method = b"GET" if body is None else b"POST"
+        return await self.client.fetch(method, self.url(path), self.headers(port), body)
+
+    def gateway_port(self) -> int:
+        address = self.store.get_container(self.container_uuid).gateway_address
+        return int(address.rsplit(":", 1)[1])
+
+
+async def start_system(testcase: Any, ports: list[int], **arvproxy: Any) -> System:
+    """
+    Start the front door and the gateway (twistd) for one container request publishing
+    C{ports}; C{arvproxy}: extra keys of the configuration's C{ArvProxy} section.
+    """
+    directory = os.path.abspath(testcase.mktemp())
+    os.makedirs(directory)
+    store = RegistryStore(
+        os.path.join(directory, "registry.sqlite"), e2e.CLUSTER_ID, system_root_token=e2e.ROOT_TOKEN
+    )
+    testcase.addCleanup(store.close)
+    user = store.create_user("Ada")
+    token, _ = store.create_token(user.uuid)
+    request = store.create_container_request(user.uuid, published_ports={p: {} for p in ports})
+    assert request.container_uuid is not None
+    controller_port = e2e.free_port()
+    config = e2e.write_config(directory, controller_port, **arvproxy)
+    controller = e2e.Twistd.spawn(
+        reactor, directory, "controller", ["arv-controller-proxy", "--config", config]
+    )
+    testcase.addCleanup(controller.stop, reactor)
+    gateway = e2e.Twistd.spawn(
+        reactor,
+        directory,
+        "gateway",
+        ["crunch-run-gateway", "--config", config, "--container-uuid", request.container_uuid],
+        stdin=e2e.dispatch_json(policy.gateway_secret(e2e.ROOT_TOKEN, request.container_uuid)),
+    )
+    testcase.addCleanup(gateway.stop, reactor)
+    client = e2e.Client(reactor)
+    testcase.addCleanup(client.close)
+    system = System(directory, store, request, token, controller_port, controller, gateway, client)
+    await e2e.wait_for(
+        reactor, lambda: e2e.accepting(controller_port), "the controller", [controller, gateway]
+    )
+    await e2e.wait_for(
+        reactor,
+        lambda: store.get_container(system.container_uuid).gateway_address,
+        "the gateway",
+        [controller, gateway],
+    )
+    return system
+
+
+class _SlowService(resource.Resource):
+    """
+    C{/hang} never answers; C{/slow} answers at once and ends its body only when the test
+    says so (L{finish_slow}); anything else answers C{ok}.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slow: list[Any] = []
+        self.hanging: list[Any] = []
+        self.started: defer.Deferred[None] = defer.Deferred()
+
+    def render_GET(self, request: Any) -> Any:
+        if request.path == b"/hang":
+            self.hanging.append(request)
+            return server.NOT_DONE_YET
+        if request.path == b"/slow":
+            request.write(b"first part, ")
+            self.slow.append(request)
+            return server.NOT_DONE_YET
+        request.setHeader(b"content-length", b"2")
+        return b"ok"
+
+    render_POST = render_GET
+
+    def finish_slow(self) -> None:
+        for request in self.slow:
+            request.write(b"last part")
+            request.finish()
+
+
+class _Silent(protocol.Protocol):
+    """Accepts a connection and never says a thing."""
+
+
+def listen_silently(testcase: Any, context: Any = None) -> int:
+    """
+    Listen on loopback where nothing is ever answered (with TLS from C{context}, if given: the
+    handshake completes, and then nothing); return the port.
+    """
+    factory = protocol.Factory.forProtocol(_Silent)
+    tracker = e2e.ConnectionTracker()
+    if context is None:
+        port = reactor.listenTCP(0, tracker.wrap(factory), interface="127.0.0.1")
+    else:
+        tls = TLSMemoryBIOFactory(context, False, tracker.wrap(factory))
+        port = reactor.listenTCP(0, tls, interface="127.0.0.1")
+
+    async def stop() -> None:
+        await port.stopListening()
+        for p in tracker.protocols:
+            if p.transport is not None and p.transport.connected:
+                p.transport.abortConnection()
+        await tracker.disconnected(reactor)
+
+    testcase.addCleanup(lambda: defer.ensureDeferred(stop()))
+    return int(port.getHost().port)
+
+
+def error_message(body: bytes) -> str:
+    """The message of one of the front door's JSON error pages."""
+    return str(json.loads(body)["errors"][0])
+
+
+TIGHT = {"Timeouts": {"TLSHandshake": "2s", "CarrierHandshake": "2s", "ResponseHeaders": "3s"}}
+"""Deadlines short enough for a test to wait them out."""
+
+
+class FrozenGatewayTests(unittest.TestCase):
+    """Hole 9: a gateway that says nothing costs the client a 504, never an endless wait."""
+
+    def test_stopped_gateway(self) -> defer.Deferred[None]:
+        """
+        With the gateway stopped by SIGSTOP, a request on the open carrier and an upload on a
+        new connection (whose TLS handshake never ends) each get a 504 that names the step,
+        and SIGTERM still stops the front door.
+        """
+        return run(self._stopped_gateway())
+
+    async def _stopped_gateway(self) -> None:
+        site = e2e.ServiceSite(reactor)
+        service_port = site.listen(reactor)
+        self.addCleanup(site.stop, reactor)
+        system = await start_system(self, [service_port], **TIGHT)
+        response, _ = await system.get(service_port, b"/before")
+        self.assertEqual(response.code, 200)
+
+        assert system.gateway.pid is not None
+        os.kill(system.gateway.pid, signal.SIGSTOP)
+        self.addCleanup(os.kill, system.gateway.pid, signal.SIGCONT)
+        response, body = await system.get(service_port, b"/frozen")
+        self.assertEqual(response.code, 504, body)
+        self.assertEqual(
+            error_message(body), "The container's service did not start to answer within 3 s."
+        )
+        # An upload larger than a carrier takes goes on a connection of its own: the stopped
+        # process's socket still accepts TCP, and then the TLS handshake never ends.
+        response, body = await system.get(service_port, b"/upload", b"x" * (100 * 1024))
+        self.assertEqual(response.code, 504, body)
+        self.assertEqual(
+            error_message(body),
+            "The container's gateway did not complete the TLS handshake within 2 s.",
+        )
+        self.assertEqual(site.uris(), [b"/before"])
+        await system.client.close()
+        # The front door's carrier to the stopped gateway never sees TLS close politely.
+        self.assertIn(await system.controller.stop(reactor, "TERM", grace=60.0), (0, -15))
+
+    def test_silent_listeners(self) -> defer.Deferred[None]:
+        """
+        A gateway address where something accepts TCP and never speaks TLS gets a 504 for the
+        TLS handshake; one that completes TLS (the container's own key) and never answers the
+        carrier's handshake gets a 504 for that.
+        """
+        return run(self._silent_listeners())
+
+    async def _silent_listeners(self) -> None:
+        site = e2e.ServiceSite(reactor)
+        service_port = site.listen(reactor)
+        self.addCleanup(site.stop, reactor)
+        system = await start_system(self, [service_port], **TIGHT)
+        secret = policy.gateway_secret(e2e.ROOT_TOKEN, system.container_uuid)
+        cases = [
+            (
+                listen_silently(self),
+                "The container's gateway did not complete the TLS handshake within 2 s.",
+            ),
+            (
+                listen_silently(self, server_context_factory(secret, ["127.0.0.1"])),
+                "The container's gateway did not accept the connection within 2 s.",
+            ),
+        ]
+        for port, message in cases:
+            system.store.update_container(
+                system.container_uuid, gateway_address=f"127.0.0.1:{port}"
+            )
+            response, body = await system.get(service_port, b"/")
+            self.assertEqual((response.code, error_message(body)), (504, message))
+        self.assertEqual(site.uris(), [])
+
+    def test_answering_streams_are_not_cut(self) -> defer.Deferred[None]:
+        """
+        A request whose answer never starts gets a 504 after ResponseHeaders, while a slow
+        answer and a WebSocket on the same carrier, both older than that deadline, go on.
+        """
+        return run(self._answering_streams())
+
+    async def _answering_streams(self) -> None:
+        service = _SlowService()
+        site = e2e.ServiceSite(reactor)
+        site.resource = service
+        http_port = site.listen(reactor)
+        self.addCleanup(site.stop, reactor)
+        echo = EchoFactory()
+        listening = reactor.listenTCP(0, echo, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        ws_port = listening.getHost().port
+        system = await start_system(self, [http_port, ws_port], **TIGHT)
+
+        slow = await system.client.request(b"GET", system.url(b"/slow"), system.headers(http_port))
+        self.assertEqual(slow.code, 200)
+        slow_body = e2e.Collect()
+        slow.deliverBody(slow_body)
+
+        ws = WebSocketClient(
+            system.vhost(ws_port).decode(),
+            "/ws",
+            [(b"cookie", system.headers(ws_port).getRawHeaders(b"cookie")[0])],
+        )
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", system.controller_port)
+        await connectProtocol(endpoint, ws)
+        self.addCleanup(lambda: ws.transport.abortConnection())
+        await ws.accepted
+
+        response, body = await system.get(http_port, b"/hang")
+        self.assertEqual(response.code, 504, body)
+        self.assertEqual(
+            error_message(body), "The container's service did not start to answer within 3 s."
+        )
+        self.assertEqual(connections_to(system.gateway_port()), 1, "one carrier for all")
+
+        ws.send(TextMessage(data="still there"))
+        self.assertEqual(await ws.messages.get(), ("text", ("still there", 1)))
+        service.finish_slow()
+        self.assertEqual(await slow_body.done, b"first part, last part")

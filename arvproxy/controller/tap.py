@@ -82,7 +82,13 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         # Kept answers go as soon as the registry file changes: a finished container or a
         # revoked token is refused at once.
         cluster = CachedCluster(reactor, cluster, config.cache_ttl, version=cluster.data_version)
-    gateways = GatewayConnector(reactor)
+    limits = config.limits
+    gateways = GatewayConnector(
+        reactor,
+        tls_handshake=limits.tls_handshake,
+        carrier_handshake=limits.carrier_handshake,
+        response_headers=limits.response_headers,
+    )
     site = ProxySite(Controller(reactor, config, cluster, gateways), reactor, config.limits)
     site.access_log = bool(options["access-log"])
     on_listening = None
