@@ -96,6 +96,28 @@ class RegistryFileTests(unittest.TestCase):
         self.assertRaises(Unauthorized, in_thread, lambda: store.authenticate(token))
         self.assertTrue(os.path.exists(self.path + "-wal"))
 
+    def test_journal_mode_cannot_change_under_a_running_process(self) -> None:
+        """
+        While a process uses the registry (from several threads), no other can take it out of
+        WAL mode, which would delete the -wal file under it.
+        """
+        store = self.open_store()
+        store.create_user("A")
+        in_thread(store.list_users)
+        switch = (
+            "import sqlite3, sys\n"
+            "c = sqlite3.connect(sys.argv[1], timeout=0.1, isolation_level=None)\n"
+            "try:\n"
+            "    print(c.execute('PRAGMA journal_mode = DELETE').fetchone()[0])\n"
+            "except sqlite3.OperationalError as e:\n"
+            "    print('refused:', e)\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", switch, self.path], capture_output=True, text=True, check=True
+        )
+        self.assertNotEqual(done.stdout.strip(), "delete")
+        self.assertTrue(os.path.exists(self.path + "-wal"))
+
     def test_data_version_after_other_processes(self) -> None:
         """The front door's data_version moves on a change made after another process left."""
         store = self.open_store()
