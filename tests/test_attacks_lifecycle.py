@@ -599,23 +599,10 @@ def listen_silently(testcase: Any, context: Any = None) -> int:
     Listen on loopback where nothing is ever answered (with TLS from C{context}, if given: the
     handshake completes, and then nothing); return the port.
     """
-    factory = protocol.Factory.forProtocol(_Silent)
-    tracker = e2e.ConnectionTracker()
-    if context is None:
-        port = reactor.listenTCP(0, tracker.wrap(factory), interface="127.0.0.1")
-    else:
-        tls = TLSMemoryBIOFactory(context, False, tracker.wrap(factory))
-        port = reactor.listenTCP(0, tls, interface="127.0.0.1")
-
-    async def stop() -> None:
-        await port.stopListening()
-        for p in tracker.protocols:
-            if p.transport is not None and p.transport.connected:
-                p.transport.abortConnection()
-        await tracker.disconnected(reactor)
-
-    testcase.addCleanup(lambda: defer.ensureDeferred(stop()))
-    return int(port.getHost().port)
+    factory: Any = protocol.Factory.forProtocol(_Silent)
+    if context is not None:
+        factory = TLSMemoryBIOFactory(context, False, factory)
+    return e2e.listen_tracked(testcase, reactor, factory)
 
 
 def error_message(body: bytes) -> str:

@@ -19,10 +19,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web import iweb
 from twisted.web.client import ResponseDone, ResponseNeverReceived
 from twisted.web.http_headers import Headers
-from zope.interface import implementer
 
 from arvproxy import deadlines, policy
 from arvproxy.carrier import Carrier, CarrierPool
@@ -35,34 +33,11 @@ from arvproxy.testing import MemoryEndpoint
 from arvproxy.tlsidentity import client_creator, server_context_factory
 from arvproxy.upgrade import open_upgrade
 from tests import e2e
+from tests.test_hopclient import Upload
 
 reactor: Any = _reactor
 SECRET = policy.gateway_secret("r" * 40, "zzzzz-dz642-000000000000000")
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n"
-
-
-@implementer(iweb.IBodyProducer)
-class _Upload:
-    """A request body its test ends by hand."""
-
-    length = 4
-
-    def __init__(self) -> None:
-        self.done: defer.Deferred[None] = defer.Deferred()
-        self.consumer: Any = None
-
-    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
-        self.consumer = consumer
-        return self.done
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class _Body(protocol.Protocol):
@@ -118,7 +93,7 @@ class AnswerDeadlineTests(SynchronousTestCase):
 
     def test_starts_once_the_body_is_sent(self) -> None:
         """An upload's deadline runs from the end of its body, however long that takes."""
-        upload = _Upload()
+        upload = Upload(4)
         d, connection, _ = self.send(upload, b"POST")
         self.clock.advance(3600)
         self.assertNoResult(d)
@@ -209,18 +184,7 @@ class TLSDeadlineTests(unittest.TestCase):
     """tls_with_deadline over real loopback sockets."""
 
     def listen(self, factory: Any) -> int:
-        tracker = e2e.ConnectionTracker()
-        port = reactor.listenTCP(0, tracker.wrap(factory), interface="127.0.0.1")
-
-        async def stop() -> None:
-            await port.stopListening()
-            for p in tracker.protocols:
-                if p.transport is not None and p.transport.connected:
-                    p.transport.abortConnection()
-            await tracker.disconnected(reactor)
-
-        self.addCleanup(lambda: defer.ensureDeferred(stop()))
-        return int(port.getHost().port)
+        return e2e.listen_tracked(self, reactor, factory)
 
     def pool(self) -> HopPool:
         pool = HopPool(reactor, idle_timeout=60)
