@@ -94,11 +94,7 @@ class RegistrySharedByProcessesTests(unittest.TestCase):
     DEADLINE = CACHE_TTL + 20.0
 
     def test_every_change_is_seen_and_nothing_lost(self) -> defer.Deferred[None]:
-        """
-        Tokens created and revoked, a Connect link exchanged, a gateway that moves and a
-        container cancelled by admin commands are all seen by the running front door and
-        gateways, and every write of every process is in the file afterwards.
-        """
+        """Running processes see every admin change within CacheTTL, and lose no write."""
         return run(self._every_change())
 
     async def _every_change(self) -> None:
@@ -312,11 +308,7 @@ class RegistryAtStartupTests(unittest.TestCase):
     """Hole 10 (b): a front door whose registry cannot be used refuses to start."""
 
     def test_unusable_registry_refused_at_start(self) -> defer.Deferred[None]:
-        """
-        A Registry path that cannot be opened, or a file that is no registry this code can use,
-        makes the front door exit 1 before it listens, with one plain line naming the key and
-        the reason.
-        """
+        """An unusable Registry makes the front door exit 1 before listening, in one line."""
         return run(self._unusable_registry())
 
     async def _unusable_registry(self) -> None:
@@ -385,10 +377,7 @@ class ShutdownTests(unittest.TestCase):
     """Hole 10 (a): a failed answer on a reused connection never stops a shutdown."""
 
     def test_sigterm_after_a_failed_answer_on_a_reused_connection(self) -> defer.Deferred[None]:
-        """
-        After GET A, GET B and a GET A whose answer dies on a reused connection, SIGTERM
-        stops the front door and the gateway (both pool connections by key).
-        """
+        """SIGTERM stops both hops after GET A, GET B, and a GET A dying on a reused connection."""
         return run(self._sigterm_after_failed_answer())
 
     async def _sigterm_after_failed_answer(self) -> None:
@@ -618,11 +607,7 @@ class FrozenGatewayTests(unittest.TestCase):
     """Hole 9: a gateway that says nothing costs the client a 504, never an endless wait."""
 
     def test_stopped_gateway(self) -> defer.Deferred[None]:
-        """
-        With the gateway stopped by SIGSTOP, a request on the open carrier and an upload on a
-        new connection (whose TLS handshake never ends) each get a 504 that names the step,
-        and SIGTERM still stops the front door.
-        """
+        """A SIGSTOPped gateway costs a request a 504 naming the step, and SIGTERM still works."""
         return run(self._stopped_gateway())
 
     async def _stopped_gateway(self) -> None:
@@ -655,11 +640,7 @@ class FrozenGatewayTests(unittest.TestCase):
         self.assertIn(await system.controller.stop(reactor, "TERM", grace=60.0), (0, -15))
 
     def test_silent_listeners(self) -> defer.Deferred[None]:
-        """
-        A gateway address where something accepts TCP and never speaks TLS gets a 504 for the
-        TLS handshake; one that completes TLS (the container's own key) and never answers the
-        carrier's handshake gets a 504 for that.
-        """
+        """Silent TCP gets a 504 for the TLS handshake; silent TLS, one for the carrier's."""
         return run(self._silent_listeners())
 
     async def _silent_listeners(self) -> None:
@@ -687,10 +668,7 @@ class FrozenGatewayTests(unittest.TestCase):
         self.assertEqual(site.uris(), [])
 
     def test_answering_streams_are_not_cut(self) -> defer.Deferred[None]:
-        """
-        A request whose answer never starts gets a 504 after ResponseHeaders, while a slow
-        answer and a WebSocket on the same carrier, both older than that deadline, go on.
-        """
+        """A 504 for a late head never cuts a slow answer or a WebSocket on the same carrier."""
         return run(self._answering_streams())
 
     async def _answering_streams(self) -> None:

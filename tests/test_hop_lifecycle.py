@@ -62,10 +62,7 @@ class PoolShutdownTests(SynchronousTestCase):
         return connection
 
     def test_closing_after_a_failed_answer_on_a_reused_connection(self) -> None:
-        """
-        GET A, GET B, then a GET A whose kept connection dies: closing the pool still finishes
-        once B's connection is gone (A's emptied key no longer holds it up forever).
-        """
+        """After GET A, GET B and a GET A dying on its kept connection, closing still finishes."""
         self.get("a")
         b = self.get("b")
         d, reused = self.send("a")
@@ -90,10 +87,7 @@ class PoolShutdownTests(SynchronousTestCase):
         self.successResultOf(closed)
 
     def test_closing_aborts_idle_connections(self) -> None:
-        """
-        Idle connections are aborted, as Twisted's pool does: a next hop that no longer
-        answers (a frozen gateway never sends TLS's close_notify back) cannot stall a shutdown.
-        """
+        """Idle connections are aborted at close: a frozen next hop cannot stall a shutdown."""
         connections = [self.get(key) for key in ("a", "b")]
         closed = self.pool.closeCachedConnections()
         self.assertEqual([c.transport.aborted for c in connections], [True, True])

@@ -81,11 +81,7 @@ class RegistryFileTests(unittest.TestCase):
             os.rename(name, name.replace("registry.sqlite", "old.sqlite"))
 
     def test_other_threads_keep_the_locks(self) -> None:
-        """
-        A store that opens a connection in another thread still sees what other processes
-        commit after a third process has come and gone (its locks were not dropped, so that
-        process did not delete the -wal and -shm files under it).
-        """
+        """A connection in a new thread keeps the process's locks: later changes are still seen."""
         store = self.open_store()
         user = store.create_user("A")
         token, _ = store.create_token(user.uuid)
@@ -97,10 +93,7 @@ class RegistryFileTests(unittest.TestCase):
         self.assertTrue(os.path.exists(self.path + "-wal"))
 
     def test_journal_mode_cannot_change_under_a_running_process(self) -> None:
-        """
-        While a process uses the registry (from several threads), no other can take it out of
-        WAL mode, which would delete the -wal file under it.
-        """
+        """No other process can take a registry in use out of WAL mode (deleting its -wal)."""
         store = self.open_store()
         store.create_user("A")
         in_thread(store.list_users)
@@ -135,11 +128,7 @@ class RegistryFileTests(unittest.TestCase):
         self.assertIsNotNone(before)
 
     def test_replaced_file_is_followed(self) -> None:
-        """
-        A store whose file is renamed away and replaced by another uses the new file from
-        its next call, in every thread; data_version says None once (the numbers of two files
-        cannot be compared), then numbers again.
-        """
+        """A store whose file is replaced uses the new one, in every thread; data_version too."""
         store = self.open_store()
         old_user = store.create_user("Old")
         registry = EmbeddedRegistry(reactor, store)
@@ -167,11 +156,7 @@ class RegistryFileTests(unittest.TestCase):
         self.assertIn(written.uuid, admin(self.path, "user", "list"))
 
     def test_removed_file_is_refused_until_replaced(self) -> None:
-        """
-        A store whose file is removed refuses to answer (RegistryError, 503 in the front door)
-        rather than read the removed copy or make an empty registry; once a registry is there
-        again it uses it.
-        """
+        """A removed registry file is an error (no orphan, no empty one) until one is back."""
         store = self.open_store()
         store.create_user("Old")
         registry = EmbeddedRegistry(reactor, store)
