@@ -85,6 +85,9 @@ MAX_STREAMS = 1000
 more on it, and the gateway's end ends a carrier that opens more (its memory is the gateway's
 to guard)."""
 
+CLOSE_GRACE = 5.0
+"""Seconds L{CarrierPool.close} lets carriers close politely before it aborts them."""
+
 
 class CarrierError(Exception):
     """A frame, or a handshake, broke the carrier protocol."""
@@ -654,13 +657,35 @@ class CarrierPool:
         if not carriers:
             self._carriers.pop(key, None)
 
-    def close(self) -> defer.Deferred[list[Any]]:
-        """Close every carrier; fires once they are all gone."""
+    def close(self, grace: float = CLOSE_GRACE) -> defer.Deferred[list[Any]]:
+        """
+        Close every carrier; fires once they are all gone.  A carrier still there after
+        C{grace} seconds is aborted: TLS closes politely only once the other end answers, and
+        a gateway that has stopped (SIGSTOP, a frozen node) never does, which would hold up
+        the front door's shutdown for ever.
+        """
         carriers = [c for cs in self._carriers.values() for c in cs]
         for carrier in carriers:
             self._not_idle(carrier)
             carrier.close()
-        return defer.gatherResults([_copy(c.closed) for c in carriers])
+        done = defer.gatherResults([_copy(c.closed) for c in carriers])
+        if carriers:
+            late = self._clock.callLater(grace, _abort_all, carriers)
+
+            def in_time(result: Any) -> Any:
+                if late.active():
+                    late.cancel()
+                return result
+
+            done.addBoth(in_time)
+        return done
+
+
+def _abort_all(carriers: list[Carrier]) -> None:
+    for carrier in carriers:
+        if carrier.lost is None:
+            log.warn("A carrier did not close in time: aborting it")
+            carrier.transport.abortConnection()
 
 
 def _copy(d: defer.Deferred[Any]) -> defer.Deferred[Any]:

@@ -153,6 +153,13 @@ class Limits:
     @ivar connect_session: seconds a session opened with a short-lived, single-target link
         (the services page's "Connect") lasts: the link's token is exchanged for one that lasts
         this long.
+    @ivar tls_handshake: seconds the front door gives a gateway to complete the TLS handshake,
+        from the moment TCP connects; 504 after that.
+    @ivar carrier_handshake: seconds the front door gives a gateway to answer a new carrier's
+        handshake (its C{101}), once TLS is up; 504 after that.
+    @ivar response_headers: seconds the front door waits for the head of an answer (or of a
+        WebSocket's C{101}) once the whole request has gone to the gateway; 504 after that.
+        The body that follows, and a WebSocket, may then take as long as they like.
     @ivar max_header_bytes: the largest request line plus headers accepted; larger gets 431.
     @ivar max_connections_per_container: requests and tunnels open at once to one container;
         more get 503 with Retry-After.
@@ -162,6 +169,9 @@ class Limits:
     request_headers: float = 30.0
     tunnel_idle: float = 24 * 3600.0
     connect_session: float = 12 * 3600.0
+    tls_handshake: float = 10.0
+    carrier_handshake: float = 10.0
+    response_headers: float = 300.0
     max_header_bytes: int = 32 * 1024
     max_connections_per_container: int = 1000
 
@@ -178,7 +188,15 @@ ARVPROXY_KEYS = (
     "Limits",
     "CacheTTL",
 )
-TIMEOUT_KEYS = ("ClientIdle", "RequestHeaders", "TunnelIdle", "ConnectSession")
+TIMEOUT_KEYS = (
+    "ClientIdle",
+    "RequestHeaders",
+    "TunnelIdle",
+    "ConnectSession",
+    "TLSHandshake",
+    "CarrierHandshake",
+    "ResponseHeaders",
+)
 LIMIT_KEYS = ("MaxRequestHeaderBytes", "MaxConnectionsPerContainer")
 GATEWAY_KEYS = ("MaxClockSkew", "SignForOldGateways")
 DEFAULT_LISTEN_PORT = 8900
@@ -621,6 +639,9 @@ class _Parser:
             request_headers=duration("RequestHeaders", defaults.request_headers),
             tunnel_idle=duration("TunnelIdle", defaults.tunnel_idle),
             connect_session=duration("ConnectSession", defaults.connect_session),
+            tls_handshake=duration("TLSHandshake", defaults.tls_handshake),
+            carrier_handshake=duration("CarrierHandshake", defaults.carrier_handshake),
+            response_headers=duration("ResponseHeaders", defaults.response_headers),
             max_header_bytes=count("MaxRequestHeaderBytes", defaults.max_header_bytes, 1024),
             max_connections_per_container=count(
                 "MaxConnectionsPerContainer", defaults.max_connections_per_container, 1

@@ -52,6 +52,7 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from arvproxy import policy
+from arvproxy.deadlines import ANSWER_HEAD, DeadlinePassed
 from arvproxy.streaming import (
     add_field_lines,
     add_parsed_field,
@@ -269,6 +270,8 @@ class HopConnection(Protocol):
         self._unusable = False
         self._body: Any = None
         self._writer: _BodyWriter | None = None
+        # The deadline on the answer's head (HopPool.answer_timeout), while it runs.
+        self._answer_deadline: Any = None
 
     # Sending.
 
@@ -303,8 +306,36 @@ class HopConnection(Protocol):
         self.transport.write(head)
         if body is not None:
             self._send_body(body)
+        else:
+            self._await_answer()
         send_now(self.transport)
         return answer
+
+    def _await_answer(self) -> None:
+        """
+        The whole request has gone: start the deadline on its answer's head, if the pool has
+        one (as Go's C{ResponseHeaderTimeout} does, from the end of the request's body).
+        """
+        timeout = self._pool.answer_timeout
+        if timeout is not None and self._answer is not None:
+            self._answer_deadline = self._pool._clock.callLater(timeout, self._answer_late)
+
+    def _answer_arrived(self) -> None:
+        deadline, self._answer_deadline = self._answer_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _answer_late(self) -> None:
+        """The answer's head did not come in time: fail the request, end the connection."""
+        self._answer_deadline = None
+        timeout = self._pool.answer_timeout
+        assert timeout is not None
+        if self._answer is not None:
+            answer, self._answer = self._answer, None
+            # Not a lost connection: never sent again (HopPool._resend).
+            answer.errback(DeadlinePassed(ANSWER_HEAD, timeout))
+        self._stop_body()
+        self.abandon()
 
     def _send_body(self, body: iweb.IBodyProducer) -> None:
         self._body = body
@@ -330,6 +361,7 @@ class HopConnection(Protocol):
         self._body = None
         self.transport.unregisterProducer()
         send_now(self.transport)
+        self._await_answer()
 
     def _body_failed(self, reason: Failure) -> None:
         if self._body is None:
@@ -418,6 +450,7 @@ class HopConnection(Protocol):
             return
         self._headers_done = True
         self._informational = None
+        self._answer_arrived()
         headers, content_length, codings = parsed_headers(self._headers)
         length: Any = iweb.UNKNOWN_LENGTH
         if content_length is not None and not codings:
@@ -462,6 +495,7 @@ class HopConnection(Protocol):
 
     def _fail(self, reason: Failure) -> None:
         """End the current exchange with C{reason}."""
+        self._answer_arrived()
         self._stop_body()
         if self._answer is not None:
             answer, self._answer = self._answer, None
@@ -521,14 +555,29 @@ class HopPool:
     """
     Connections to the next hop, kept idle by key for at most C{idle_timeout} seconds and at
     most C{max_idle} per key.  A connection that is closing is never used or kept.
+
+    @ivar answer_timeout: seconds a request's answer has to bring its head once the whole
+        request has been sent, or C{None} for no limit.  Past it the request fails with
+        L{DeadlinePassed} and its connection is closed; the body of an answer that came in
+        time may take as long as it likes.
     """
 
-    def __init__(self, clock: Any, idle_timeout: float, max_idle: int = 64) -> None:
+    def __init__(
+        self,
+        clock: Any,
+        idle_timeout: float,
+        max_idle: int = 64,
+        answer_timeout: float | None = None,
+    ) -> None:
         self._clock = clock
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
+        self.answer_timeout = answer_timeout
+        # Never an empty list under a key.
         self._idle: dict[Hashable, list[HopConnection]] = {}
-        self._closing: list[defer.Deferred[None]] = []
+        # The connections closeCachedConnections closed and still waits for, and its callers.
+        self._closing: set[HopConnection] = set()
+        self._closed_waiters: list[defer.Deferred[None]] = []
 
     def request(
         self,
@@ -567,6 +616,9 @@ class HopPool:
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
+            if not idle:
+                # No key is ever left with an empty list (see closeCachedConnections).
+                del self._idle[key]
             if connection.usable():
                 return send_on(connection, kept=True)
             connection.abandon()
@@ -625,10 +677,21 @@ class HopPool:
     def _expire(self, connection: HopConnection) -> None:
         connection.idle_call = None
         if connection.state is _IDLE:
-            self._forget(connection)
+            self._unpool(connection)
             connection.close()
 
     def _forget(self, connection: HopConnection) -> None:
+        """A connection is gone: it is no longer kept, nor waited for."""
+        self._unpool(connection)
+        if self._closing:
+            self._closing.discard(connection)
+            if not self._closing:
+                waiters, self._closed_waiters = self._closed_waiters, []
+                for waiter in waiters:
+                    waiter.callback(None)
+
+    def _unpool(self, connection: HopConnection) -> None:
+        """Keep C{connection} no longer (if it is kept), and drop its idle timer."""
         idle = self._idle.get(connection.key)
         if idle and connection in idle:
             idle.remove(connection)
@@ -637,18 +700,21 @@ class HopPool:
         call, connection.idle_call = connection.idle_call, None
         if call is not None and call.active():
             call.cancel()
-        if not self._idle:
-            waiters, self._closing = self._closing, []
-            for waiter in waiters:
-                waiter.callback(None)
 
     def closeCachedConnections(self) -> defer.Deferred[None]:
-        """Close every idle connection; fires once they are gone."""
+        """
+        Close every idle connection at once (aborted, as Twisted's own pool does: nothing is in
+        flight on an idle connection, and a next hop that has stopped answering must not hold
+        up a shutdown waiting for TLS to close politely); fires once those are gone.
+        Connections busy meanwhile are not waited for.
+        """
         connections = self.idle_connections()
         if not connections:
             return defer.succeed(None)
         done: defer.Deferred[None] = defer.Deferred()
-        self._closing.append(done)
+        self._closed_waiters.append(done)
+        self._closing.update(connections)
         for connection in connections:
-            connection.close()
+            self._unpool(connection)
+            connection.abandon()
         return done

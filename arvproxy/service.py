@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import re
+import sqlite3
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -42,6 +43,36 @@ def read_config(path: str | None) -> ClusterConfig:
         return load_config(path)
     except ConfigError as e:
         raise usage.UsageError(str(e)) from None
+
+
+def check_registry(config: ClusterConfig) -> None:
+    """
+    Refuse to start on an embedded registry that cannot be used: open it once now (creating
+    it if there is none), so that a wrong C{Registry} path stops the process at start-up with
+    one plain line rather than with a 503 for every request once it listens.
+
+    @raise SystemExit: with that line (the process exits with status 1), naming the key.
+    """
+    if config.backend != "embedded":
+        return
+    from arvproxy.backends.registry import RegistryError, RegistryStore
+
+    path = config.registry_path
+    store = RegistryStore(path, config.cluster_id)
+    try:
+        store.check()
+    except RegistryError as e:
+        reason = str(e)
+    except sqlite3.Error as e:
+        reason = f"{path}: {e}"
+    except OSError as e:
+        reason = f"{e.filename or path}: {e.strerror or e}"
+    else:
+        return
+    finally:
+        store.close()
+    key = f"Clusters.{config.cluster_id}.ArvProxy.Registry"
+    raise SystemExit(f"{config.source}: {key}: cannot use the registry: {reason}")
 
 
 def open_cluster(

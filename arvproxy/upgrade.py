@@ -20,13 +20,17 @@ from typing import Any
 
 import h11
 from twisted.internet import defer
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
 from arvproxy import policy
 from arvproxy.carrier import Carrier
+from arvproxy.deadlines import DeadlinePassed
 from arvproxy.errors import BadGateway
 from arvproxy.httpserver import StreamingRequest
 from arvproxy.streaming import add_field_lines, relay_headers
@@ -73,17 +77,28 @@ class _Switched:
 _SWITCHED: Any = _Switched()
 
 
+@implementer(IHandshakeListener)
 class _UpgradeClient(Protocol):
     """
     Sends one upgrade request to the next hop and reads its answer with h11.
 
     Bytes that follow the answer (a response body, or the first frames after a 101) are held
     until a sink is attached with L{attach}.
+
+    With a C{deadline} (its clock, seconds and the step's name), an answer that has not come
+    that long after the request was sent (after the TLS handshake, on a TLS connection) fails
+    the request with L{DeadlinePassed} and ends the connection.
     """
 
     transport: Any
 
-    def __init__(self, method: bytes, target: bytes, headers: Headers) -> None:
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        deadline: tuple[IReactorTime, float, str] | None = None,
+    ) -> None:
         self._request = h11.Request(
             method=method,
             target=target,
@@ -98,9 +113,33 @@ class _UpgradeClient(Protocol):
         self._pending: list[bytes] = []
         self._ended = False
         self._lost: Failure | None = None
+        self._deadline = deadline
+        self._timer: Any = None
 
     def connectionMade(self) -> None:
         self.transport.write(self._h11.send(self._request) + self._h11.send(h11.EndOfMessage()))
+        if not isinstance(self.transport, TLSMemoryBIOProtocol):
+            self._start_deadline()
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up (L{IHandshakeListener}): the answer's deadline starts now."""
+        self._start_deadline()
+
+    def _start_deadline(self) -> None:
+        if self._deadline is not None and not self.answered.called:
+            clock, seconds, _ = self._deadline
+            self._timer = clock.callLater(seconds, self._late)
+
+    def _stop_deadline(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _late(self) -> None:
+        self._timer = None
+        assert self._deadline is not None
+        _, seconds, step = self._deadline
+        self._fail(DeadlinePassed(step, seconds))
 
     def dataReceived(self, data: bytes) -> None:
         if self._h11.their_state is h11.SWITCHED_PROTOCOL:
@@ -139,6 +178,7 @@ class _UpgradeClient(Protocol):
             elif isinstance(event, h11.ConnectionClosed):
                 break
         if self._answer is not None and not self.answered.called:
+            self._stop_deadline()
             headers = Headers()
             for name, value in self._answer.headers.raw_items():
                 headers.addRawHeader(name, value)
@@ -175,7 +215,11 @@ class _UpgradeClient(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = reason
+        self._stop_deadline()
         if not self.answered.called:
+            if reason.check(DeadlinePassed):
+                self.answered.errback(reason)  # The TLS handshake's deadline.
+                return
             self.answered.errback(
                 BadGateway("The next hop closed the connection without answering.")
             )
@@ -263,14 +307,21 @@ class _ResponseRelay:
 
 
 async def open_upgrade(
-    endpoint: Any, method: bytes, target: bytes, headers: Headers
+    endpoint: Any,
+    method: bytes,
+    target: bytes,
+    headers: Headers,
+    deadline: tuple[IReactorTime, float, str] | None = None,
 ) -> UpgradeResponse:
     """
     Send an upgrade request to the next hop over a connection of its own.
 
+    @param deadline: how long the answer may take once the request is sent (see
+        L{_UpgradeClient}).
     @return: its answer, once the status and headers have arrived.
+    @raise DeadlinePassed: it did not come in time.
     """
-    client = _UpgradeClient(method, target, headers)
+    client = _UpgradeClient(method, target, headers, deadline)
     await endpoint.connect(_SingleUse(client))
     return await client.answered
 
@@ -356,15 +407,22 @@ def take_over(
 
 
 async def open_upgrade_on(
-    carrier: Carrier, method: bytes, target: bytes, headers: Headers
+    carrier: Carrier,
+    method: bytes,
+    target: bytes,
+    headers: Headers,
+    deadline: tuple[IReactorTime, float, str] | None = None,
 ) -> UpgradeResponse:
     """
     Send an upgrade request to the next hop on a stream of C{carrier}.
 
+    @param deadline: how long the answer may take once the request is sent (see
+        L{_UpgradeClient}); past it the stream closes, and the carrier stays.
     @return: its answer, once the status and headers have arrived.
     @raise CarrierError: the carrier can take no more streams (it has just been lost).
+    @raise DeadlinePassed: the answer did not come in time.
     """
-    client = _UpgradeClient(method, target, headers)
+    client = _UpgradeClient(method, target, headers, deadline)
     carrier.open_stream(client)
     return await client.answered
 

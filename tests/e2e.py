@@ -939,3 +939,22 @@ def start_gateway(
     )
     testcase.addCleanup(gateway.stop, reactor)
     return gateway
+
+
+def listen_tracked(testcase: Any, reactor: Any, factory: Any) -> int:
+    """
+    Listen on 127.0.0.1 with C{factory} for C{testcase}, and return the port; the cleanup
+    stops listening, aborts every connection the factory served and waits until all are gone.
+    """
+    tracker = ConnectionTracker()
+    port = reactor.listenTCP(0, tracker.wrap(factory), interface="127.0.0.1")
+
+    async def stop() -> None:
+        await port.stopListening()
+        for p in tracker.protocols:
+            if p.transport is not None and p.transport.connected:
+                p.transport.abortConnection()
+        await tracker.disconnected(reactor)
+
+    testcase.addCleanup(lambda: defer.ensureDeferred(stop()))
+    return int(port.getHost().port)

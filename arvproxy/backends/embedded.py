@@ -23,7 +23,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from arvproxy.backends import Container, ContainerRequest, Credentials, ICluster, User
-from arvproxy.backends.registry import Link, RegistryError, RegistryStore, Token
+from arvproxy.backends.registry import Link, RegistryError, RegistryStore, Token, file_identity
 from arvproxy.errors import Unavailable
 
 if TYPE_CHECKING:
@@ -72,6 +72,7 @@ class EmbeddedRegistry(Service):
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=0, maxthreads=max_threads, name="arvproxy-registry")
         self._version_db: sqlite3.Connection | None = None
+        self._version_identity: tuple[int, int] | None = None
         self._started = False
         self._stopped = False
 
@@ -105,7 +106,9 @@ class EmbeddedRegistry(Service):
         """
         A number that changes whenever anything (this registry's pool, another process, the
         admin command) has committed a change to the registry file since the previous call;
-        C{None} when SQLite cannot say right now, so that no kept answer may be trusted.
+        C{None} when SQLite cannot say right now, so that no kept answer may be trusted.  Also
+        C{None} once when the path has come to name another file (the registry was replaced):
+        the numbers of two files cannot be compared.
 
         Unlike every other method this runs in the calling (reactor) thread, on a connection
         of its own that never writes: SQLite answers from its shared-memory WAL index, in a few
@@ -114,10 +117,28 @@ class EmbeddedRegistry(Service):
         if self._stopped:
             return None
         try:
+            identity = file_identity(self.store.path)
+            if self._version_db is not None and identity != self._version_identity:
+                # Closing is safe: SQLite leaves alone the -wal and -shm of a moved file.
+                self._version_db.close()
+                self._version_db = None
+                return None
             if self._version_db is None:
+                if identity is None:
+                    return None
                 # mode=rw: never create the file (the store creates it, owner-only).
                 uri = "file:" + urllib.parse.quote(os.path.abspath(self.store.path)) + "?mode=rw"
-                self._version_db = sqlite3.connect(uri, uri=True, timeout=0, isolation_level=None)
+                db = sqlite3.connect(uri, uri=True, timeout=0, isolation_level=None)
+                try:
+                    version = int(db.execute("PRAGMA data_version").fetchone()[0])
+                except sqlite3.Error:
+                    db.close()
+                    raise
+                if file_identity(self.store.path) != identity:
+                    db.close()  # Replaced while being opened: try again next time.
+                    return None
+                self._version_db, self._version_identity = db, identity
+                return version
             return int(self._version_db.execute("PRAGMA data_version").fetchone()[0])
         except sqlite3.Error:
             return None

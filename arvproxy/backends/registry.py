@@ -23,6 +23,7 @@ SHA-256 of the secret is stored, so a copy of the file does not leak working tok
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import hmac
 import json
@@ -30,6 +31,7 @@ import os
 import re
 import secrets
 import sqlite3
+import stat
 import string
 import threading
 import time
@@ -149,6 +151,48 @@ CREATE INDEX IF NOT EXISTS links_tail_head ON links (tail_uuid, head_uuid);
 
 class RegistryError(Exception):
     """The registry file cannot be used (written by a newer arvproxy, or not a registry)."""
+
+
+_OPEN_ATTEMPTS = 5
+"""How many times L{RegistryStore} tries to open a file that is replaced as it opens it."""
+
+
+def file_identity(path: str) -> tuple[int, int] | None:
+    """
+    The device and inode of the file at C{path}, or C{None} when nothing is there.  It tells a
+    process whether the path still names the file its connections opened.  C{stat} opens no
+    descriptor, so it never disturbs the process's POSIX locks on the file.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _create_private_file(path: str) -> None:
+    """
+    Create an empty file at C{path}, readable and writable by its owner only, unless something
+    is there already; SQLite gives the -wal and -shm files the database file's mode.
+
+    C{mknod} makes the file without opening it: no descriptor is ever closed on a file that
+    SQLite may hold locks on (see L{RegistryStore._connect}).
+    """
+    try:
+        os.mknod(path, stat.S_IFREG | 0o600)
+    except FileExistsError:
+        pass
+    except PermissionError:
+        # Some sandboxes refuse mknod even for a plain file: make it under another name, close
+        # it while nobody else can know of it, then link it in unless something is there now.
+        temporary = f"{path}.new-{os.getpid()}-{secrets.token_hex(4)}"
+        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(temporary)
 
 
 @dataclass(frozen=True)
@@ -346,39 +390,88 @@ class RegistryStore:
         self._busy_timeout = busy_timeout
         self._local = threading.local()
         self._schema_lock = threading.Lock()
-        self._schema_ready = False
+        # The identity of the file whose schema was checked, or None.
+        self._schema_ready: tuple[int, int] | None = None
+        # Whether a connection was ever made: from then on a missing file is an error (it was
+        # removed or renamed under this process), not a registry to create.
+        self._opened_once = False
 
     # -- connections and transactions --------------------------------------------------------
 
     def _connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None and file_identity(self.path) != self._local.identity:
+            # The path names another file now (replaced, or removed): this connection reads
+            # a copy no other process will ever write again.  Closing it is safe: SQLite
+            # neither checkpoints nor deletes the -wal and -shm of a file that has moved.
+            self._local.conn = None
+            conn.close()
+            conn = None
         if conn is None:
-            conn = self._connect()
+            conn, self._local.identity = self._connect()
             self._local.conn = conn
         return conn
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self) -> tuple[sqlite3.Connection, tuple[int, int]]:
+        """
+        A new connection, and the identity of the file it opened (see L{file_identity}).
+
+        The file itself is only ever opened by SQLite: closing any descriptor of it outside
+        SQLite would drop the process's POSIX locks on it (all of them, SQLite's too), and the
+        next process to close its last connection would then delete the -wal and -shm files
+        from under this one, leaving it on a copy nobody else sees (issue 16, hole 0).
+        """
         directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        # Token hashes and user records: readable by the owner only.  SQLite gives the -wal
-        # and -shm files the same mode.
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-        conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
         try:
-            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise RegistryError(f"{self.path}: cannot switch the database to WAL mode")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            with self._schema_lock:
-                if not self._schema_ready:
-                    self._create_schema(conn)
-                    self._schema_ready = True
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        except FileExistsError:
+            # Something that is not a directory is in the way: say so.
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory) from None
+        for _ in range(_OPEN_ATTEMPTS):
+            before = file_identity(self.path)
+            if before is None:
+                if self._opened_once:
+                    raise RegistryError(
+                        f"{self.path}: the registry file was removed or renamed while in use"
+                    )
+                _create_private_file(self.path)
+                continue
+            conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
+            try:
+                self._set_up(conn)
+            except BaseException:
+                conn.close()
+                raise
+            if file_identity(self.path) == before:
+                self._opened_once = True
+                return conn, before
+            conn.close()  # Replaced while it was being opened: open what is there now.
+        raise RegistryError(f"{self.path}: the registry file keeps being replaced")
+
+    def _set_up(self, conn: sqlite3.Connection) -> None:
+        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise RegistryError(f"{self.path}: cannot switch the database to WAL mode")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        with self._schema_lock:
+            # Checked once per file: a file put in the path's place gets its own check.
+            identity = file_identity(self.path)
+            if self._schema_ready != identity:
+                self._create_schema(conn)
+                self._schema_ready = identity
+
+    def check(self) -> None:
+        """
+        Open the registry now (creating the file and its tables if there are none), so that a
+        process can refuse to start on a registry it cannot use.
+
+        @raise RegistryError: the file is not a registry this code can use.
+        @raise sqlite3.Error: SQLite cannot open or read it.
+        @raise OSError: its directory cannot be made, or the file cannot be created.
+        """
+        self._connection()
 
     def _create_schema(self, conn: sqlite3.Connection) -> None:
         """Create the tables unless the file has them; safe to race with other processes."""

@@ -17,7 +17,7 @@ from typing import Any
 from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.internet import error as net_error
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -31,12 +31,13 @@ from twisted.web.client import (
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from arvproxy import carrier, pages, permissions, policy
+from arvproxy import carrier, deadlines, pages, permissions, policy
 from arvproxy.backends import CONTAINER_INFIX, CONTAINER_REQUEST_INFIX, ICluster, uuid_infix
 from arvproxy.carrier import Carrier, CarrierError, CarrierPool
-from arvproxy.config import ClusterConfig
+from arvproxy.config import ClusterConfig, Limits
 from arvproxy.controller import sitedata
 from arvproxy.controller.portal import Portal
+from arvproxy.deadlines import tls_with_deadline
 from arvproxy.errors import (
     BadGateway,
     BadRequest,
@@ -92,6 +93,11 @@ class GatewayConnector:
     Connections and carriers are pooled by (container, gateway address), so the pool never
     hands one container's connection to a request for another, and each endpoint pins the key
     derived from that container's secret.
+
+    Each step towards a gateway has a deadline (L{arvproxy.deadlines}), past which the client
+    gets a 504: TCP's connect (C{connect_timeout}), the TLS handshake (C{tls_handshake}), a
+    carrier's handshake (C{carrier_handshake}) and the head of each answer, or of a WebSocket's
+    C{101}, once the request has been sent (C{response_headers}).
     """
 
     def __init__(
@@ -99,6 +105,9 @@ class GatewayConnector:
         reactor: Any,
         connect_timeout: float = 10.0,
         idle_timeout: float = 240.0,
+        tls_handshake: float = Limits.tls_handshake,
+        carrier_handshake: float = Limits.carrier_handshake,
+        response_headers: float = Limits.response_headers,
         old_gateways: bool = False,
     ):
         """
@@ -107,8 +116,11 @@ class GatewayConnector:
         """
         self._reactor = reactor
         self._connect_timeout = connect_timeout
+        self._tls_handshake = tls_handshake
+        self._carrier_handshake = carrier_handshake
+        self._response_headers = response_headers
         self._old_gateways = old_gateways
-        self.pool = HopPool(reactor, idle_timeout)
+        self.pool = HopPool(reactor, idle_timeout, answer_timeout=response_headers)
         # Requests and WebSocket tunnels share a few connections per gateway (arvproxy.carrier).
         self.carriers = CarrierPool(reactor, idle_timeout=idle_timeout)
         self._endpoints: dict[tuple[str, str], Any] = {}
@@ -120,7 +132,8 @@ class GatewayConnector:
         if endpoint is None:
             host, port = split_address(address)
             tcp = HostnameEndpoint(self._reactor, host, port, timeout=self._connect_timeout)
-            endpoint = StreamingEndpoint(wrapClientTLS(client_creator(secret), tcp))
+            tls = tls_with_deadline(client_creator(secret), tcp, self._reactor, self._tls_handshake)
+            endpoint = StreamingEndpoint(tls)
             self._endpoints[key] = endpoint
         return endpoint
 
@@ -199,7 +212,13 @@ class GatewayConnector:
             for retry in (False, True):
                 tunnels = await self.carrier(container_uuid, address, secret)
                 try:
-                    return await open_upgrade_on(tunnels, method, path, headers)
+                    return await open_upgrade_on(
+                        tunnels,
+                        method,
+                        path,
+                        headers,
+                        (self._reactor, self._response_headers, deadlines.ANSWER_HEAD),
+                    )
                 except (CarrierError, BadGateway):
                     if retry or tunnels.lost is None or method not in RETRYABLE:
                         raise
@@ -233,7 +252,11 @@ class GatewayConnector:
         policy.with_upgrade(headers, carrier.PROTOCOL)
         self.sign(headers, secret, b"GET", carrier.PATH)
         answer = await open_upgrade(
-            self.endpoint(container_uuid, address, secret), b"GET", carrier.PATH, headers
+            self.endpoint(container_uuid, address, secret),
+            b"GET",
+            carrier.PATH,
+            headers,
+            (self._reactor, self._carrier_handshake, deadlines.CARRIER_HANDSHAKE),
         )
         if answer.code != 101:
             answer.discard()
@@ -312,6 +335,10 @@ def gateway_error(error: Exception) -> ProxyError | None:
     The error the client should see for a failure to reach or talk to a gateway, or C{None}
     for an exception that is not one.
     """
+    deadline = deadlines.deadline_of(error)
+    if deadline is not None:
+        log.warn("A request to a container's gateway timed out: {error}", error=str(deadline))
+        return _TIMEOUTS[deadline.step](deadline.seconds)
     if isinstance(error, net_error.TimeoutError):
         return GatewayTimeout(
             "The container's gateway did not answer in time.",
@@ -343,6 +370,23 @@ def gateway_error(error: Exception) -> ProxyError | None:
         return BadGateway("The connection to the container's gateway was lost.")
     return None
 
+
+# The 504 for each step that missed its deadline (see arvproxy.deadlines), given the seconds.
+_TIMEOUTS: dict[str, Callable[[float], ProxyError]] = {
+    deadlines.TLS_HANDSHAKE: lambda seconds: GatewayTimeout(
+        f"The container's gateway did not complete the TLS handshake within {seconds:g} s.",
+        hint="Its node may be stopped or overloaded, or something else answers at its address; "
+        "try again shortly.",
+    ),
+    deadlines.CARRIER_HANDSHAKE: lambda seconds: GatewayTimeout(
+        f"The container's gateway did not accept the connection within {seconds:g} s.",
+        hint="Its node may be stopped or overloaded; try again shortly.",
+    ),
+    deadlines.ANSWER_HEAD: lambda seconds: GatewayTimeout(
+        f"The container's service did not start to answer within {seconds:g} s.",
+        hint="The service, or its node, is busy or stuck; try again later.",
+    ),
+}
 
 # Turns failures to reach or talk to a gateway into the errors the client should see.
 translate_gateway_errors = Translating(gateway_error)

@@ -15,7 +15,13 @@ from arvproxy.config import trusted_proxy_warnings
 from arvproxy.controller.proxy import Controller, GatewayConnector
 from arvproxy.controller.workers import WorkerPool, watch_parent
 from arvproxy.httpserver import ProxySite
-from arvproxy.service import ListeningService, freeze_start_up, open_cluster, read_config
+from arvproxy.service import (
+    ListeningService,
+    check_registry,
+    freeze_start_up,
+    open_cluster,
+    read_config,
+)
 
 log = Logger()
 
@@ -56,6 +62,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         self.setdefault("workers", 1)
         self["cluster"] = read_config(self["config"])
+        check_registry(self["cluster"])
         self["listen_on"] = self["listen"] or self["cluster"].controller_listen
         shared = self["workers"] > 1 or self["worker"]
         if shared and not self["listen_on"].startswith("tcp:"):
@@ -82,7 +89,14 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         # Kept answers go as soon as the registry file changes: a finished container or a
         # revoked token is refused at once.
         cluster = CachedCluster(reactor, cluster, config.cache_ttl, version=cluster.data_version)
-    gateways = GatewayConnector(reactor, old_gateways=config.sign_for_old_gateways)
+    limits = config.limits
+    gateways = GatewayConnector(
+        reactor,
+        tls_handshake=limits.tls_handshake,
+        carrier_handshake=limits.carrier_handshake,
+        response_headers=limits.response_headers,
+        old_gateways=config.sign_for_old_gateways,
+    )
     site = ProxySite(Controller(reactor, config, cluster, gateways), reactor, config.limits)
     site.access_log = bool(options["access-log"])
     on_listening = None
