@@ -259,7 +259,9 @@ class ConnectorSigningTests(SynchronousTestCase):
         connector = GatewayConnector(MemoryReactorClock(), old_gateways=old_gateways)
         sent: list[Any] = []
 
-        async def capture(endpoint: Any, method: bytes, target: bytes, headers: Headers) -> Any:
+        async def capture(
+            endpoint: Any, method: bytes, target: bytes, headers: Headers, deadline: Any = None
+        ) -> Any:
             sent.append((method, target, headers))
             raise RuntimeError("captured")
 
