@@ -170,9 +170,9 @@ def connect_scope(uuid: str, port: int) -> str:
 # --- The user's token ---------------------------------------------------------------------------
 
 
-def split_query_token(uri: bytes) -> tuple[bytes, bytes | None]:
+def split_query_token(uri: bytes, key: bytes = TOKEN_PARAM) -> tuple[bytes, bytes | None]:
     """
-    Take C{arvados_api_token} out of a request URI.
+    Take C{arvados_api_token} (or the parameter C{key}) out of a request URI.
 
     @return: the URI without any C{arvados_api_token} parameter (other parameters kept exactly
         as written, in order; no C{?} left when none remain) and the decoded token, or
@@ -187,7 +187,7 @@ def split_query_token(uri: bytes) -> tuple[bytes, bytes | None]:
     found = False
     for param in query.split(b"&"):
         name, _, value = param.partition(b"=")
-        if unquote_to_bytes(name.replace(b"+", b" ")) == TOKEN_PARAM:
+        if unquote_to_bytes(name.replace(b"+", b" ")) == key:
             found = True
             if token is None and value:
                 token = unquote_to_bytes(value.replace(b"+", b" "))
@@ -213,10 +213,19 @@ def decode_token_cookie(value: bytes) -> bytes | None:
     return token or None
 
 
+def token_cookie_name(secure: bool) -> bytes:
+    """
+    The token cookie's name: C{__Host-arvados_api_token} when the ExternalURL is https (no
+    other host can plant such a cookie, see L{arvproxy.controller.statecookies}), else
+    C{arvados_api_token}.
+    """
+    return HOST_PREFIX + TOKEN_COOKIE if secure else TOKEN_COOKIE
+
+
 def token_set_cookie(token: bytes, secure: bool) -> bytes:
     """A C{Set-Cookie} value that stores C{token} for this origin only."""
     attributes = b"; Path=/; HttpOnly; SameSite=Lax" + (b"; Secure" if secure else b"")
-    return TOKEN_COOKIE + b"=" + encode_token_cookie(token) + attributes
+    return token_cookie_name(secure) + b"=" + encode_token_cookie(token) + attributes
 
 
 def _cookie_pairs(header: bytes) -> Iterable[tuple[bytes, bytes]]:
