@@ -28,7 +28,6 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-import json
 import os
 import struct
 from html import escape
@@ -289,33 +288,28 @@ def render_switch_page(
     through L{same_origin_location}); for anything else a 409 in JSON.  Never framed, cached
     or sent on as a referrer.
     """
+    if not pages.wants_html(request):
+        pages.render_error(
+            request,
+            SwitchRefused(
+                "This link would sign you in as another user than the one signed in here.",
+                hint="Open the link in a browser and confirm, or sign out first.",
+            ),
+        )
+        return
     request.finishEarly()
     for name, value in _SECURITY_HEADERS.items():
         request.setHeader(name, value)
-    if pages.wants_html(request):
-        request.setResponseCode(200)
-        body = _PAGE.format(
-            incoming=escape(incoming[0]),
-            incoming_short=escape(incoming[1]),
-            current=escape(current[0]),
-            current_short=escape(current[1]),
-            action=escape(same_origin_location(action).decode("ascii")),
-            stay=escape(same_origin_location(stay).decode("ascii")),
-        ).encode("utf-8")
-        request.setHeader(b"content-type", b"text/html; charset=utf-8")
-    else:
-        refusal = SwitchRefused(
-            "This link would sign you in as another user than the one signed in here.",
-            hint="Open the link in a browser and confirm, or sign out first.",
-        )
-        request.setResponseCode(refusal.status)
-        body = (
-            json.dumps(
-                {"errors": [refusal.message], "status": refusal.status, "hint": refusal.hint}
-            ).encode("utf-8")
-            + b"\n"
-        )
-        request.setHeader(b"content-type", b"application/json")
+    request.setResponseCode(200)
+    body = _PAGE.format(
+        incoming=escape(incoming[0]),
+        incoming_short=escape(incoming[1]),
+        current=escape(current[0]),
+        current_short=escape(current[1]),
+        action=escape(same_origin_location(action).decode("ascii")),
+        stay=escape(same_origin_location(stay).decode("ascii")),
+    ).encode("utf-8")
+    request.setHeader(b"content-type", b"text/html; charset=utf-8")
     request.setHeader(b"content-length", b"%d" % (len(body),))
     if request.method != b"HEAD":
         request.write(body)
