@@ -13,6 +13,7 @@ from html import escape
 from typing import Any
 
 from arvproxy.errors import ProxyError
+from arvproxy.redirects import same_origin_location
 
 _PAGE = """<!doctype html>
 <html lang="en">
@@ -97,11 +98,13 @@ def render_error(request: Any, error: ProxyError) -> None:
 def redirect(request: Any, location: bytes, set_cookies: list[bytes] = ()) -> None:  # type: ignore[assignment]
     """
     Answer with C{303 See Other} to C{location} (a path and query on this origin), setting the
-    given C{Set-Cookie} values.
+    given C{Set-Cookie} values.  Whatever C{location} holds (a request target may hold
+    C{//other.example/}), the C{Location} sent is L{same_origin_location}'s: a path that no
+    browser reads as another origin.
     """
     request.finishEarly()
     request.setResponseCode(303)
-    request.setHeader(b"location", location)
+    request.setHeader(b"location", same_origin_location(location))
     request.setHeader(b"cache-control", b"no-store")
     request.setHeader(b"referrer-policy", b"no-referrer")
     for cookie in set_cookies:

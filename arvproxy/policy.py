@@ -257,9 +257,9 @@ def connect_scope(uuid: str, port: int) -> str:
 # --- The user's token ---------------------------------------------------------------------------
 
 
-def split_query_token(uri: bytes) -> tuple[bytes, bytes | None]:
+def split_query_token(uri: bytes, key: bytes = TOKEN_PARAM) -> tuple[bytes, bytes | None]:
     """
-    Take C{arvados_api_token} out of a request URI.
+    Take C{arvados_api_token} (or the parameter C{key}) out of a request URI.
 
     @return: the URI without any C{arvados_api_token} parameter (other parameters kept exactly
         as written, in order; no C{?} left when none remain) and the decoded token, or
@@ -274,7 +274,7 @@ def split_query_token(uri: bytes) -> tuple[bytes, bytes | None]:
     found = False
     for param in query.split(b"&"):
         name, _, value = param.partition(b"=")
-        if unquote_to_bytes(name.replace(b"+", b" ")) == TOKEN_PARAM:
+        if unquote_to_bytes(name.replace(b"+", b" ")) == key:
             found = True
             if token is None and value:
                 token = unquote_to_bytes(value.replace(b"+", b" "))
@@ -300,10 +300,19 @@ def decode_token_cookie(value: bytes) -> bytes | None:
     return token or None
 
 
+def token_cookie_name(secure: bool) -> bytes:
+    """
+    The token cookie's name: C{__Host-arvados_api_token} when the ExternalURL is https (no
+    other host can plant such a cookie, see L{arvproxy.controller.statecookies}), else
+    C{arvados_api_token}.
+    """
+    return HOST_PREFIX + TOKEN_COOKIE if secure else TOKEN_COOKIE
+
+
 def token_set_cookie(token: bytes, secure: bool) -> bytes:
     """A C{Set-Cookie} value that stores C{token} for this origin only."""
     attributes = b"; Path=/; HttpOnly; SameSite=Lax" + (b"; Secure" if secure else b"")
-    return TOKEN_COOKIE + b"=" + encode_token_cookie(token) + attributes
+    return token_cookie_name(secure) + b"=" + encode_token_cookie(token) + attributes
 
 
 def _cookie_pairs(header: bytes) -> Iterable[tuple[bytes, bytes]]:
@@ -600,28 +609,111 @@ def container_request_headers(gateway: Headers, request_host: bytes) -> Headers:
     return headers
 
 
-# Cookies that only the proxy may set: a service must never plant them (cookie tossing).
-PROXY_COOKIES = frozenset({TOKEN_COOKIE, b"arvados_container_uuid"})
+# Cookies that only the proxy may set: a service must never plant them (cookie tossing).  The
+# front door's state cookies carry the __Host- prefix when the ExternalURL is https (see
+# arvproxy.controller.statecookies); both spellings are its own.
+CONTAINER_COOKIE = b"arvados_container_uuid"
+HOST_PREFIX = b"__Host-"
+PROXY_COOKIES = frozenset(
+    {TOKEN_COOKIE, CONTAINER_COOKIE, HOST_PREFIX + TOKEN_COOKIE, HOST_PREFIX + CONTAINER_COOKIE}
+)
+_PROXY_COOKIE_BASES = frozenset({TOKEN_COOKIE, CONTAINER_COOKIE})
+# Cookie name prefixes with a meaning to browsers (RFC 6265bis section 4.1.3), lower case.
+_COOKIE_PREFIXES = (b"__host-", b"__secure-")
+# RFC 6265bis section 5.6: a Set-Cookie value with a control character other than HTAB is
+# ignored by the browser; such a value is never relayed.
+_COOKIE_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def is_proxy_cookie_name(name: bytes) -> bool:
+    """
+    Whether a cookie called C{name} could be taken for one of the front door's own: one of
+    L{PROXY_COOKIES}' names in any letter case, behind any number of C{__Host-} or
+    C{__Secure-} prefixes (in any case), with any whitespace around it.
+    """
+    name = name.strip().lower()
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _COOKIE_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix) :].strip()
+                stripped = True
+    return name in _PROXY_COOKIE_BASES
+
+
+def set_cookie_name(value: bytes) -> bytes:
+    """
+    The name a browser gives the cookie a C{Set-Cookie} value sets (RFC 6265bis section 5.6:
+    the name-value pair ends at the first C{;}, the name at its first C{=}, both trimmed of
+    whitespace; without C{=} the name is empty).  A nameless cookie goes back to servers as
+    its value alone (C{=a=b} comes back as C{Cookie: a=b}), so for one the name is what a
+    server will read from that value.
+    """
+    pair = value.partition(b";")[0]
+    name, sep, rest = pair.partition(b"=")
+    if not sep:
+        name, rest = b"", pair
+    name = name.strip()
+    if not name:
+        name = rest.strip().partition(b"=")[0].strip()
+    return name
 
 
 def scrub_set_cookie(value: bytes) -> bytes | None:
     """
-    A service's C{Set-Cookie} made safe for a shared domain: C{None} for a cookie only the
-    proxy may set; otherwise the same cookie without any C{Domain} attribute, so it stays on
-    the service's own vhost and cannot reach other containers' services (or be tossed at them).
+    A service's C{Set-Cookie} made safe for a shared domain, parsed as browsers parse it
+    (RFC 6265bis section 5.6: attributes split at C{;}, each name before its first C{=},
+    whitespace around names and values ignored, names in any case, the last of a repeated
+    attribute winning).
+
+    @return: C{None} for a cookie the front door's own names could be read from
+        (L{is_proxy_cookie_name} of L{set_cookie_name}) or that a browser would refuse (a
+        control character); otherwise the same value, as written, without any C{Domain}
+        attribute in any spelling, so the cookie stays on the service's own vhost and cannot
+        reach other containers' services (or be tossed at them).
     """
-    name = value.split(b"=", 1)[0].strip()
-    if name in PROXY_COOKIES or name.lower().startswith(b"__host-arvados"):
+    if _COOKIE_CTL.search(value) or is_proxy_cookie_name(set_cookie_name(value)):
         return None
-    parts = value.split(b";")
-    kept = [parts[0]] + [p for p in parts[1:] if p.strip().lower().split(b"=")[0] != b"domain"]
+    pair, *attributes = value.split(b";")
+    kept = [pair]
+    kept += [a for a in attributes if a.partition(b"=")[0].strip().lower() != b"domain"]
     return b";".join(kept)
+
+
+_CLEAR_SITE_DATA = _canonical(b"clear-site-data")
+# The Clear-Site-Data types whose effect stays on the answering origin.  "cookies" reaches the
+# whole registrable domain (every container's vhost and the services page), "*" includes it,
+# and "storage" is refused as well: a service clears only what is its own.  Anything else
+# (another spelling, a type browsers may add) is dropped, so a browser never reads more.
+ORIGIN_CLEAR_SITE_DATA = (
+    b'"cache"',
+    b'"clientHints"',
+    b'"executionContexts"',
+    b'"prefetchCache"',
+    b'"prerenderCache"',
+)
+
+
+def scrub_clear_site_data(values: Sequence[bytes]) -> bytes | None:
+    """
+    A service's C{Clear-Site-Data} fields as one value holding only the types in
+    L{ORIGIN_CLEAR_SITE_DATA}, each once, spelt exactly so; C{None} when none is left.
+    """
+    kept: list[bytes] = []
+    for value in values:
+        for item in value.split(b","):
+            item = item.strip()
+            if item in ORIGIN_CLEAR_SITE_DATA and item not in kept:
+                kept.append(item)
+    return b", ".join(kept) if kept else None
 
 
 def response_headers(upstream: Headers) -> Headers:
     """
     The headers of an upstream response that may cross a hop back towards the client:
-    end-to-end headers only, and the service's cookies scrubbed (L{scrub_set_cookie}).
+    end-to-end headers only, the service's cookies scrubbed (L{scrub_set_cookie}), and its
+    C{Clear-Site-Data} limited to its own origin (L{scrub_clear_site_data}).
     """
     headers = _forwardable(upstream, _RESPONSE_DROP, connection_listed(upstream))
     cookies = headers._rawHeaders.get(_SET_COOKIE)
@@ -631,6 +723,13 @@ def response_headers(upstream: Headers) -> Headers:
             headers.setRawHeaders(b"set-cookie", kept)
         else:
             headers.removeHeader(b"set-cookie")
+    clear = headers._rawHeaders.get(_CLEAR_SITE_DATA)
+    if clear:
+        allowed = scrub_clear_site_data(clear)
+        if allowed is not None:
+            headers._rawHeaders[_CLEAR_SITE_DATA] = [allowed]
+        else:
+            del headers._rawHeaders[_CLEAR_SITE_DATA]
     return headers
 
 

@@ -21,6 +21,7 @@ from arvproxy.backends import CAN_MANAGE, CAN_READ, CAN_WRITE, CANCELLED, COMPLE
 from arvproxy.backends.cache import CachedCluster
 from arvproxy.config import ClusterConfig, ExternalURL
 from arvproxy.controller.proxy import Controller
+from arvproxy.controller.statecookies import StateCookies
 from arvproxy.errors import BadGateway, GatewayTimeout, NotFound, Unauthorized
 from arvproxy.httpserver import ProxySite
 from arvproxy.testing import (
@@ -42,8 +43,10 @@ NAVIGATE = [(b"Sec-Fetch-Mode", b"navigate"), (b"Accept", b"text/html")]
 FETCH = [(b"Sec-Fetch-Mode", b"cors"), (b"Accept", b"*/*")]
 
 
-def cookie(token: str) -> tuple[bytes, bytes]:
-    return (b"Cookie", b"arvados_api_token=" + policy.encode_token_cookie(token.encode()))
+def cookie(token: str, secure: bool = True) -> tuple[bytes, bytes]:
+    """The token cookie, named as the front door names it for an https (or http) ExternalURL."""
+    name = policy.token_cookie_name(secure)
+    return (b"Cookie", name + b"=" + policy.encode_token_cookie(token.encode()))
 
 
 class ControllerTestCase(SynchronousTestCase):
@@ -96,6 +99,12 @@ class ControllerTestCase(SynchronousTestCase):
     def host(self, uuid: str, port: int = PORT) -> bytes:
         return f"{uuid}-{port}.{SUFFIX}".encode()
 
+    def marker(self, host: bytes, container_uuid: str) -> tuple[bytes, bytes]:
+        """The container marker cookie the front door sets on C{host} for C{container_uuid}."""
+        cookies = StateCookies(ROOT_TOKEN, self.config.external_url)
+        set_cookie = cookies.container_set_cookie(policy.split_host(host)[0], container_uuid)
+        return (b"Cookie", set_cookie.split(b";")[0])
+
     def send(
         self,
         host: bytes | None,
@@ -147,7 +156,7 @@ class ControllerTestCase(SynchronousTestCase):
 class LookupTests(ControllerTestCase):
     def test_one_lookup_per_request_with_the_container_cookie(self) -> None:
         """A browser that carries the container cookie costs no second lookup of the target."""
-        container_cookie = (b"Cookie", b"arvados_container_uuid=" + self.container.uuid.encode())
+        container_cookie = self.marker(self.host(self.cr.uuid), self.container.uuid)
         self.cluster.calls.clear()
         response = self.send(
             self.host(self.cr.uuid), b"/p", self.tokens["alice"], headers=[container_cookie]
@@ -200,7 +209,7 @@ class QueryTokenTests(ControllerTestCase):
         [set_cookie] = response.all(b"set-cookie")
         self.assertTrue(
             set_cookie.startswith(
-                b"arvados_api_token=" + policy.encode_token_cookie(token.encode()) + b";"
+                b"__Host-arvados_api_token=" + policy.encode_token_cookie(token.encode()) + b";"
             )
         )
         self.assertIn(b"; Secure", set_cookie)
@@ -501,12 +510,22 @@ class KeptDecisionTests(ControllerTestCase):
                 lambda alice, host, other: (
                     host,
                     b"/",
+                    [alice, self.marker(host, other.container_uuid)],
+                ),
+                303,
+            ),
+            (
+                "a planted, unsigned container cookie",
+                None,
+                lambda alice, host, other: (
+                    host,
+                    b"/",
                     [
                         alice,
                         (b"Cookie", b"arvados_container_uuid=" + other.container_uuid.encode()),
                     ],
                 ),
-                303,
+                200,
             ),
             ("token revoked", self.revoke, lambda alice, host, other: (host, b"/", [alice]), 401),
             (
@@ -603,9 +622,9 @@ class ForwardingTests(ControllerTestCase):
         headers = [
             (
                 b"Cookie",
-                b"a=1; arvados_api_token="
+                b"a=1; __Host-arvados_api_token="
                 + policy.encode_token_cookie(self.tokens["alice"].encode())
-                + b"; b=2",
+                + b"; b=2; arvados_api_token=old; __Host-arvados_container_uuid=x",
             ),
             (b"Cookie", b"c=3"),
             (b"Authorization", b"Bearer service-own-credential"),

@@ -366,7 +366,8 @@ class ControllerPageTests(SynchronousTestCase):
                 sent: tuple[tuple[bytes, bytes], ...] = headers
                 if token is not None:
                     encoded = policy.encode_token_cookie(token.encode())
-                    sent = headers + ((b"Cookie", b"arvados_api_token=" + encoded),)
+                    name = policy.token_cookie_name(secure=True)
+                    sent = headers + ((b"Cookie", name + b"=" + encoded),)
                 response = self.shown(server, target, sent)
                 where = f"{server!r} {target!r} {mode}"
                 if response.status != status:

@@ -303,10 +303,10 @@ class TokenCookieTests(TableMixin, SynchronousTestCase):
     """The token cookie: how it is set, read, and removed before the next hop."""
 
     def test_set_cookie_https(self) -> None:
-        """On https the cookie is Path=/, HttpOnly, SameSite=Lax and Secure, value base64url."""
+        """On https the cookie is __Host-, Path=/, HttpOnly, SameSite=Lax, Secure, base64url."""
         self.assertEqual(
             policy.token_set_cookie(TOKEN, secure=True),
-            b"arvados_api_token=" + ENCODED + b"; Path=/; HttpOnly; SameSite=Lax; Secure",
+            b"__Host-arvados_api_token=" + ENCODED + b"; Path=/; HttpOnly; SameSite=Lax; Secure",
         )
 
     def test_set_cookie_http(self) -> None:

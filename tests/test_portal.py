@@ -23,6 +23,7 @@ from arvproxy.backends.registry import Token
 from arvproxy.config import ClusterConfig, ExternalURL
 from arvproxy.controller import portal, sitedata
 from arvproxy.controller.proxy import Controller
+from arvproxy.controller.statecookies import StateCookies
 from arvproxy.httpserver import ProxySite
 from arvproxy.testing import (
     FakeCluster,
@@ -67,8 +68,10 @@ class PortalCluster(FakeCluster):
         return self._answer("create_token", (user_uuid, tuple(scopes), ttl), create)
 
 
-def cookie(token: str) -> tuple[bytes, bytes]:
-    return (b"Cookie", b"arvados_api_token=" + policy.encode_token_cookie(token.encode()))
+def cookie(token: str, secure: bool = True) -> tuple[bytes, bytes]:
+    """The token cookie, named as the front door names it for an https (or http) ExternalURL."""
+    name = policy.token_cookie_name(secure)
+    return (b"Cookie", name + b"=" + policy.encode_token_cookie(token.encode()))
 
 
 class PortalTestCase(SynchronousTestCase):
@@ -256,7 +259,7 @@ class SignInTests(PortalTestCase):
         response = self.send(b"/sign-out", self.tokens["alice"], SAME_ORIGIN, b"POST")
         self.assertEqual((response.status, response.header(b"location")), (303, b"/"))
         [set_cookie] = response.all(b"set-cookie")
-        self.assertTrue(set_cookie.startswith(b"arvados_api_token=;"))
+        self.assertTrue(set_cookie.startswith(b"__Host-arvados_api_token=;"))
         self.assertIn(b"Max-Age=0", set_cookie)
 
     def test_large_body(self) -> None:
@@ -548,16 +551,26 @@ class PublicPortTests(PortalTestCase):
 
 
 class StaleStateTests(PortalTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.cookies = StateCookies(ROOT_TOKEN, self.config.external_url)
+
+    def set_marker(self, uuid: str, port: int = 9000) -> bytes:
+        """The Set-Cookie of the container marker for C{uuid} on the vhost of C{cr}'s port."""
+        host_name = self.vhost(self.cr.uuid, port).split(b":")[0]
+        return self.cookies.container_set_cookie(host_name, uuid)
+
+    def marker(self, uuid: str, port: int = 9000) -> bytes:
+        """The marker as the browser sends it back (its name and value)."""
+        return self.set_marker(uuid, port).split(b";")[0]
+
     def test_first_visit_remembers_container(self) -> None:
         """The first response from a container sets the container cookie; later ones do not."""
         host = self.vhost(self.cr.uuid, 9000)
         first = self.send(b"/", self.tokens["alice"], host=host)
         self.assertEqual(first.status, 200)
-        self.assertEqual(
-            first.all(b"set-cookie"),
-            [sitedata.container_set_cookie(self.container.uuid, True)],
-        )
-        seen = (b"Cookie", b"arvados_container_uuid=" + self.container.uuid.encode())
+        self.assertEqual(first.all(b"set-cookie"), [self.set_marker(self.container.uuid)])
+        seen = (b"Cookie", self.marker(self.container.uuid))
         again = self.send(b"/", self.tokens["alice"], [seen], host=host)
         self.assertEqual((again.status, again.all(b"set-cookie")), (200, []))
         self.assertIsNone(again.header(b"clear-site-data"))
@@ -576,8 +589,8 @@ class StaleStateTests(PortalTestCase):
         old = self.container.uuid
         new = self.retry()
         stale = [
-            (b"Cookie", b"arvados_container_uuid=" + old.encode() + b"; app_session=abc"),
-            (b"Cookie", b"theme=dark; bad name=x"),
+            (b"Cookie", self.marker(old) + b"; app_session=abc"),
+            (b"Cookie", b"theme=dark; bad name=x; __Host-pref=1"),
             cookie(self.tokens["alice"]),
         ]
         host = self.vhost(self.cr.uuid, 9000)
@@ -587,17 +600,15 @@ class StaleStateTests(PortalTestCase):
         self.assertEqual(
             response.all(b"set-cookie"),
             [
-                b"app_session=; Path=/; Max-Age=0",
-                b"theme=; Path=/; Max-Age=0",
-                sitedata.container_set_cookie(new, True),
+                b"app_session=; Path=/; Max-Age=0; Secure",
+                b"theme=; Path=/; Max-Age=0; Secure",
+                b"__Host-pref=; Path=/; Max-Age=0; Secure",
+                self.set_marker(new),
             ],
         )
         self.assertEqual(self.gateways.calls, [])
         # The browser follows with the new cookie: the new container answers.
-        fresh = [
-            (b"Cookie", b"arvados_container_uuid=" + new.encode()),
-            cookie(self.tokens["alice"]),
-        ]
+        fresh = [(b"Cookie", self.marker(new)), cookie(self.tokens["alice"])]
         after = self.send(b"/page?x=1", headers=fresh, host=host)
         self.assertEqual((after.status, after.all(b"set-cookie")), (200, []))
         self.assertEqual(self.gateways.calls[-1].container_uuid, new)
@@ -606,13 +617,13 @@ class StaleStateTests(PortalTestCase):
         """An old page's POST never reaches the new container: 410, state cleared."""
         old = self.container.uuid
         new = self.retry()
-        seen = (b"Cookie", b"arvados_container_uuid=" + old.encode() + b"; a=1")
+        seen = (b"Cookie", self.marker(old) + b"; a=1")
         response = self.send(
             b"/save", self.tokens["alice"], [seen], b"POST", b"data", self.vhost(self.cr.uuid, 9000)
         )
         self.assertEqual(response.status, 410)
         self.assertEqual(response.header(b"clear-site-data"), b'"cache", "storage"')
-        self.assertIn(sitedata.container_set_cookie(new, True), response.all(b"set-cookie"))
+        self.assertIn(self.set_marker(new), response.all(b"set-cookie"))
         self.assertEqual(self.gateways.calls, [])
 
     def test_query_token_and_stale_in_one_redirect(self) -> None:
@@ -621,33 +632,34 @@ class StaleStateTests(PortalTestCase):
         new = self.retry()
         token = self.tokens["alice"]
         target = b"/?arvados_api_token=" + quote(token, safe="").encode()
-        seen = (b"Cookie", b"arvados_container_uuid=" + old.encode())
+        seen = (b"Cookie", self.marker(old))
         response = self.send(target, headers=[seen], host=self.vhost(self.cr.uuid, 9000))
         self.assertEqual((response.status, response.header(b"location")), (303, b"/"))
         self.assertEqual(
             response.all(b"set-cookie"),
-            [
-                policy.token_set_cookie(token.encode(), True),
-                sitedata.container_set_cookie(new, True),
-            ],
+            [policy.token_set_cookie(token.encode(), True), self.set_marker(new)],
         )
         self.assertEqual(response.header(b"clear-site-data"), b'"cache", "storage"')
 
     def test_rules(self) -> None:
-        """The cookie rules: which container was seen, staleness, which cookies are deleted."""
+        """The cookie rules: which containers count as seen, staleness, which cookies go."""
         headers = Headers(
-            {b"cookie": [b"arvados_container_uuid=c1; arvados_api_token=t; x=1; x=2", b"y"]}
+            {
+                b"cookie": [
+                    b"__Host-arvados_container_uuid=c1; __Host-arvados_api_token=t; x=1; x=2",
+                    b"y; arvados_api_token=old; ARVADOS_API_TOKEN=z",
+                ]
+            }
         )
-        self.assertEqual(sitedata.seen_container(headers), b"c1")
-        self.assertFalse(sitedata.is_stale(headers, "c1"))
-        self.assertTrue(sitedata.is_stale(headers, "c2"))
-        self.assertFalse(sitedata.is_stale(Headers(), "c2"))
-        self.assertIsNone(sitedata.seen_container(Headers()))
+        self.assertFalse(sitedata.is_stale([b"c1"], "c1"))
+        self.assertFalse(sitedata.is_stale([b"c2", b"c1"], "c1"))
+        self.assertTrue(sitedata.is_stale([b"c2"], "c1"))
+        self.assertFalse(sitedata.is_stale([], "c2"))
         self.assertEqual(
             sitedata.clearing_set_cookies(headers),
             [b"x=; Path=/; Max-Age=0", b"y=; Path=/; Max-Age=0"],
         )
         self.assertEqual(
-            sitedata.container_set_cookie("c1", False),
-            b"arvados_container_uuid=c1; Path=/; HttpOnly; SameSite=Lax",
+            sitedata.clearing_set_cookies(headers, secure=True),
+            [b"x=; Path=/; Max-Age=0; Secure", b"y=; Path=/; Max-Age=0; Secure"],
         )

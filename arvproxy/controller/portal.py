@@ -45,6 +45,8 @@ from arvproxy.backends import (
     Credentials,
 )
 from arvproxy.config import ClusterConfig
+from arvproxy.controller import signin
+from arvproxy.controller.statecookies import StateCookies
 from arvproxy.errors import (
     BadRequest,
     Forbidden,
@@ -236,13 +238,29 @@ class Portal:
         self._static_dir = static_dir
         self.connect_ttl = connect_ttl
         self._origin = config.external_url.url_for().rstrip("/").lower().encode("ascii")
+        self.cookies = StateCookies(config.system_root_token, config.external_url)
 
     async def __call__(self, request: StreamingRequest) -> None:
         uri, query_token = policy.split_query_token(request.uri)
-        if query_token is not None:
-            secure = self._config.external_url.secure
-            cookies = [policy.token_set_cookie(query_token, secure)] if query_token else []
-            pages.redirect(request, uri, cookies)
+        uri, sealed = policy.split_query_token(uri, signin.SWITCH_PARAM)
+        if query_token is not None or sealed is not None:
+            # Never silently signed in as someone else (login CSRF): see signin.
+            answer = await signin.link_token(
+                request,
+                self._cluster,
+                self.cookies,
+                self._config,
+                request.getHeader(b"host") or b"",
+                uri,
+                query_token,
+                sealed,
+                self._reactor.seconds(),
+            )
+            if answer is not None:
+                token = answer[0]
+                pages.redirect(
+                    request, uri, [self.cookies.token_set_cookie(token)] if token else []
+                )
             return
         path, method = request.path, request.method
         if path in STATIC_FILES and method in (b"GET", b"HEAD"):
@@ -293,8 +311,7 @@ class Portal:
         request.finish()
 
     def _clear_token_cookie(self) -> bytes:
-        secure = b"; Secure" if self._config.external_url.secure else b""
-        return policy.TOKEN_COOKIE + b"=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0" + secure
+        return self.cookies.token_clear_cookie()
 
     # -- rules ---------------------------------------------------------------------------------
 
@@ -333,13 +350,13 @@ class Portal:
         @raise Unauthorized: no token cookie, or a token that is not valid.
         @raise Forbidden: a token scoped to less than everything.
         """
-        token = policy.token_from_cookies(request.requestHeaders)
-        if token is None:
+        tokens = self.cookies.tokens(request.requestHeaders)
+        if not tokens:
             raise Unauthorized("Sign in to see your containers.")
-        try:
-            credentials: Credentials = await self._cluster.authenticate(token.decode("ascii"))
-        except UnicodeDecodeError:
-            raise Unauthorized("Your token is not valid.") from None
+        credentials = await signin.signed_in(self._cluster, self.cookies, request.requestHeaders)
+        if credentials is None:
+            # Every cookie failed: say why the first did.
+            credentials = await self._cluster.authenticate(tokens[0].decode("ascii"))
         if "all" not in credentials.scopes:
             raise Forbidden(
                 "This token is limited to a few actions; the page needs a token with scope all.",
@@ -359,8 +376,7 @@ class Portal:
         except Unauthorized:
             pages.redirect(request, b"/?signin=failed", [self._clear_token_cookie()])
             return
-        secure = self._config.external_url.secure
-        pages.redirect(request, b"/", [policy.token_set_cookie(token.encode("utf-8"), secure)])
+        pages.redirect(request, b"/", [self.cookies.token_set_cookie(token.encode("utf-8"))])
 
     async def _containers(self, request: StreamingRequest) -> dict[str, Any]:
         credentials = await self._credentials(request)

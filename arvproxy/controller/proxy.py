@@ -35,8 +35,9 @@ from arvproxy import carrier, deadlines, pages, permissions, policy
 from arvproxy.backends import CONTAINER_INFIX, CONTAINER_REQUEST_INFIX, ICluster, uuid_infix
 from arvproxy.carrier import Carrier, CarrierError, CarrierPool
 from arvproxy.config import ClusterConfig, Limits
-from arvproxy.controller import sitedata
+from arvproxy.controller import signin, sitedata
 from arvproxy.controller.portal import Portal
+from arvproxy.controller.statecookies import StateCookies
 from arvproxy.deadlines import tls_with_deadline
 from arvproxy.errors import (
     BadGateway,
@@ -409,6 +410,7 @@ class Controller:
         self._cluster = cluster
         self._gateways = gateways
         self._slots = ConnectionSlots(config.limits.max_connections_per_container)
+        self.cookies = StateCookies(config.system_root_token, config.external_url)
         self.portal = Portal(reactor, config, cluster)
         # Decisions are kept only with a cluster that says when its answers change.
         self._generation: Callable[[], int | None] | None = getattr(cluster, "generation", None)
@@ -429,13 +431,16 @@ class Controller:
             )
 
         uri, query_token = policy.split_query_token(request.uri)
-        decided = self._decided(request, host) if query_token is None else None
+        uri, sealed = policy.split_query_token(uri, signin.SWITCH_PARAM)
+        linked = query_token is not None or sealed is not None
+        decided = self._decided(request, host) if not linked else None
         if decided is None:
-            decided = await self._decide(request, target, host, uri, query_token)
+            decided = await self._decide(request, target, host, uri, query_token, sealed)
             if decided is None:
                 return  # Answered already: a redirect.
         container, seen = decided
-        remember = seen != container.uuid.encode("ascii")
+        # The marker is set again unless the browser sent a valid one naming this container.
+        remember = container.uuid.encode("ascii") not in seen
         with self._slots.hold(container.uuid) as slot:
             tunnel = await self._forward(
                 request, target, container.uuid, container.gateway_address, host, remember
@@ -451,45 +456,66 @@ class Controller:
         host: bytes,
         uri: bytes,
         query_token: bytes | None,
-    ) -> tuple[Any, bytes | None] | None:
+        sealed: bytes | None = None,
+    ) -> tuple[Any, tuple[bytes, ...]] | None:
         """
         Whether C{request} may reach the service C{target} names: check the token and the
         user's permission, and find the running container.
 
-        @return: the container, and the one the browser says it saw last (its cookie); C{None}
-            when the request has been answered instead (a redirect that moves a query token
-            into a cookie, or that clears a previous container's state).
+        @return: the container, and the containers the browser says it saw here last (its
+            valid markers); C{None} when the request has been answered instead (a redirect
+            that moves a query token into a cookie, or that clears a previous container's
+            state, or the question whether to switch users, L{signin}).
         @raise ProxyError: the request is refused.
         """
         # Kept only if nothing changed in the cluster while the lookups below were made.
         generation = self._generation() if self._generation is not None else None
-        seen = sitedata.seen_container(request.requestHeaders)
+        host_name = policy.split_host(host)[0]
+        seen = tuple(self.cookies.seen_containers(request.requestHeaders, host_name))
         found: tuple[Any, list[Any]] | None = None
-        if query_token is not None or seen is not None:
+        linked = query_token is not None or sealed is not None
+        if linked or seen:
             # A browser that saw a container here: does the vhost still lead to it?
-            found = await self._try_resolve(target.uuid) if seen is not None else None
+            found = await self._try_resolve(target.uuid) if seen else None
             stale = (
                 found is not None
                 and found[0] is not None
-                and sitedata.is_stale(request.requestHeaders, found[0].uuid)
+                and sitedata.is_stale(list(seen), found[0].uuid)
             )
-            if query_token is not None or stale:
+            if linked or stale:
                 new = found[0].uuid if found is not None and stale else None
-                if query_token:
-                    query_token = await self._session_token(query_token)
-                self._redirect(request, uri, query_token, new)
+                confirmed = False
+                if linked:
+                    # Never silently signed in as someone else (login CSRF): see signin.
+                    answer = await signin.link_token(
+                        request,
+                        self._cluster,
+                        self.cookies,
+                        self._config,
+                        host,
+                        uri,
+                        query_token,
+                        sealed,
+                        self._reactor.seconds(),
+                    )
+                    if answer is None:
+                        return None
+                    query_token, confirmed = answer
+                    if query_token:
+                        query_token = await self._session_token(query_token)
+                self._redirect(request, host_name, uri, query_token, new, confirmed)
                 return None
 
-        token = policy.token_from_cookies(request.requestHeaders)
-        refusal: ProxyError | None = None
         credentials = None
-        if token is not None:
+        refusal: ProxyError | None = None
+        # A cookie planted from a sibling host may come first: the first that works is used.
+        for token in self.cookies.tokens(request.requestHeaders):
             try:
                 credentials = await self._cluster.authenticate(token.decode("ascii"))
-            except UnicodeDecodeError:
-                refusal = Unauthorized("Your token is not valid.")
             except Unauthorized as e:
-                refusal = e
+                refusal = refusal or e
+            else:
+                break
 
         if credentials is None:
             # Only a public port opens without a valid token; nothing else is revealed.
@@ -532,7 +558,7 @@ class Controller:
         request: StreamingRequest,
         host: bytes,
         container: Any,
-        seen: bytes | None,
+        seen: tuple[bytes, ...],
         credentials: Any,
         generation: int | None,
     ) -> None:
@@ -552,7 +578,9 @@ class Controller:
             seen,
         )
 
-    def _decided(self, request: StreamingRequest, host: bytes) -> tuple[Any, bytes | None] | None:
+    def _decided(
+        self, request: StreamingRequest, host: bytes
+    ) -> tuple[Any, tuple[bytes, ...]] | None:
         """
         The decision kept on C{request}'s connection, when it holds for C{request}: the same
         Host and cookies, nothing in the cluster changed since, and the token still valid.
@@ -610,24 +638,29 @@ class Controller:
     def _redirect(
         self,
         request: StreamingRequest,
+        host_name: bytes,
         uri: bytes,
         query_token: bytes | None,
         new_container: str | None,
+        confirmed: bool = False,
     ) -> None:
         """
         The 303 that moves a query token into a cookie and, when the vhost now leads to
         C{new_container} (not the container the browser saw), clears the old app's state.
 
-        @raise Gone: state must be cleared but the request is not a GET or HEAD: a form or
-            fetch from the previous container's page must never reach the new one.
+        @param confirmed: the request is the POST of the front door's own question whether to
+            switch users (L{signin}), which never reaches any container.
+        @raise Gone: state must be cleared but the request is not a GET or HEAD (nor
+            C{confirmed}): a form or fetch from the previous container's page must never reach
+            the new one.
         """
         secure = self._config.external_url.secure
-        cookies = [policy.token_set_cookie(query_token, secure)] if query_token else []
+        cookies = [self.cookies.token_set_cookie(query_token)] if query_token else []
         if new_container is not None:
-            cookies += sitedata.clearing_set_cookies(request.requestHeaders)
-            cookies.append(sitedata.container_set_cookie(new_container, secure))
+            cookies += sitedata.clearing_set_cookies(request.requestHeaders, secure)
+            cookies.append(self.cookies.container_set_cookie(host_name, new_container))
             request.setHeader(b"clear-site-data", sitedata.CLEAR_SITE_DATA)
-            if request.method not in (b"GET", b"HEAD"):
+            if request.method not in (b"GET", b"HEAD") and not confirmed:
                 for cookie in cookies:
                     request.responseHeaders.addRawHeader(b"set-cookie", cookie)
                 raise Gone(
@@ -733,7 +766,7 @@ class Controller:
         if remember:
             request.responseHeaders.addRawHeader(
                 b"set-cookie",
-                sitedata.container_set_cookie(container_uuid, config.external_url.secure),
+                self.cookies.container_set_cookie(policy.split_host(host)[0], container_uuid),
             )
         if upgrade is not None:
             return relay_upgrade(request, response)
@@ -750,7 +783,7 @@ class _Decision:
     generation: int
     expires: float | None
     container: Any
-    seen: bytes | None
+    seen: tuple[bytes, ...]
 
 
 class _Discard(Protocol):

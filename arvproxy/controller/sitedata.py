@@ -5,10 +5,11 @@ One vhost (C{<container request uuid>-<port>.<suffix>}) can lead to a different 
 time: a retried container request gets a new container behind the same name.  The browser keeps
 the old app's cookies, local storage and cache for that origin, and the new app would read them.
 As Arvados does, the controller remembers which container a browser last saw in an
-C{arvados_container_uuid} cookie; when the vhost now leads elsewhere, the first response is a
-redirect that deletes the origin's other cookies and sends C{Clear-Site-Data: "cache",
-"storage"} (not C{"cookies"}, which would clear the whole registrable domain, every other
-container's origin included).
+C{arvados_container_uuid} cookie (C{__Host-arvados_container_uuid} over https, signed for its
+host: see L{arvproxy.controller.statecookies}); when the vhost now leads elsewhere, the first
+response is a redirect that deletes the origin's other cookies and sends C{Clear-Site-Data:
+"cache", "storage"} (not C{"cookies"}, which would clear the whole registrable domain, every
+other container's origin included).
 """
 
 from __future__ import annotations
@@ -17,63 +18,38 @@ import re
 
 from twisted.web.http_headers import Headers
 
-from arvproxy.policy import TOKEN_COOKIE
+from arvproxy.controller.statecookies import cookie_pairs
+from arvproxy.policy import is_proxy_cookie_name
 
-CONTAINER_COOKIE = b"arvados_container_uuid"
 CLEAR_SITE_DATA = b'"cache", "storage"'
 
 # RFC 6265 cookie names (RFC 9110 tokens): other names are never echoed back.
 _COOKIE_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
-def _pairs(headers: Headers) -> list[tuple[bytes, bytes]]:
-    pairs = []
-    for header in headers.getRawHeaders(b"cookie", []):
-        for piece in header.split(b";"):
-            name, sep, value = piece.strip().partition(b"=")
-            if name.strip():
-                pairs.append((name.strip(), value.strip().strip(b'"') if sep else b""))
-    return pairs
-
-
-def seen_container(headers: Headers) -> bytes | None:
+def is_stale(seen: list[bytes], container_uuid: str) -> bool:
     """
-    The container the browser last saw on this origin (the first C{arvados_container_uuid}
-    cookie), or C{None} when it has no such cookie.
+    Whether a browser that saw the containers C{seen} on a vhost (the valid markers it sent,
+    L{StateCookies.seen_containers}) holds state from another container than
+    C{container_uuid}, the one the vhost leads to now: it saw some, and none is this one.  A
+    marker of this container among others (a planted one) is enough: no redirect loop.
+
+    @see: L{arvproxy.controller.statecookies.StateCookies.seen_containers}
     """
-    for name, value in _pairs(headers):
-        if name == CONTAINER_COOKIE:
-            return value
-    return None
+    return bool(seen) and container_uuid.encode("ascii") not in seen
 
 
-def is_stale(headers: Headers, container_uuid: str) -> bool:
-    """Whether the browser holds state from a container other than C{container_uuid}."""
-    return any(
-        name == CONTAINER_COOKIE and value != container_uuid.encode("ascii")
-        for name, value in _pairs(headers)
-    )
-
-
-def container_set_cookie(container_uuid: str, secure: bool) -> bytes:
-    """The C{Set-Cookie} value that remembers C{container_uuid} for this origin."""
-    attributes = b"; Path=/; HttpOnly; SameSite=Lax" + (b"; Secure" if secure else b"")
-    return CONTAINER_COOKIE + b"=" + container_uuid.encode("ascii") + attributes
-
-
-def clearing_set_cookies(headers: Headers) -> list[bytes]:
+def clearing_set_cookies(headers: Headers, secure: bool = False) -> list[bytes]:
     """
-    C{Set-Cookie} values that delete every cookie the request carried, except the user's token
-    (still valid for the new container) and the container cookie (set anew by the caller).
-    Each name is deleted once, with C{Path=/} (where apps set cookies in practice: a cookie set
-    under another path survives, as in Arvados).
+    C{Set-Cookie} values that delete every cookie the request carried, except the front door's
+    own (the user's token, still valid for the new container, and the container marker, set
+    anew by the caller).  Each name is deleted once, with C{Path=/} (where apps set cookies in
+    practice: a cookie set under another path survives, as in Arvados), and C{Secure} when
+    C{secure} (an app's C{__Host-} or C{__Secure-} cookie is only deleted so).
     """
     names: list[bytes] = []
-    for name, _ in _pairs(headers):
-        if (
-            name not in (TOKEN_COOKIE, CONTAINER_COOKIE)
-            and name not in names
-            and _COOKIE_NAME.fullmatch(name)
-        ):
+    for name, _ in cookie_pairs(headers):
+        if not is_proxy_cookie_name(name) and name not in names and _COOKIE_NAME.fullmatch(name):
             names.append(name)
-    return [name + b"=; Path=/; Max-Age=0" for name in names]
+    attributes = b"=; Path=/; Max-Age=0" + (b"; Secure" if secure else b"")
+    return [name + attributes for name in names]
