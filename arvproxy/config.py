@@ -139,10 +139,12 @@ class Limits:
     The defaults suit long-lived notebooks: no limit on how long a request, a streamed response
     or a WebSocket may run while it is active.
 
-    @ivar client_idle: seconds a client connection may sit idle between requests, or stall while
-        sending a request body, before it is closed.
-    @ivar request_headers: seconds a client has to send a request's line and headers, from its
-        first byte (slowloris protection); answered with 408.
+    @ivar client_idle: seconds a client connection may stall while sending a request body (or
+        sit idle between requests, when shorter than C{request_headers}) before it is closed.
+    @ivar request_headers: seconds a client has to send a request's line and headers, from the
+        connection's accept and, on a kept connection, from the end of the answer before
+        (slowloris protection; idle connections too): 408 when a request had begun, else the
+        connection is closed without a word.
     @ivar tunnel_idle: seconds a WebSocket (or other upgraded connection) may carry no bytes in
         either direction before it is closed.
     @ivar connect_session: seconds a session opened with a short-lived, single-target link

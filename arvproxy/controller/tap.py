@@ -12,7 +12,7 @@ from twisted.python import usage
 from arvproxy.backends.cache import CachedCluster
 from arvproxy.controller.proxy import Controller, GatewayConnector
 from arvproxy.controller.workers import WorkerPool, watch_parent
-from arvproxy.httpserver import ProxySite
+from arvproxy.httpserver import ProxySite, safe_keep_alive
 from arvproxy.service import ListeningService, freeze_start_up, open_cluster, read_config
 
 
@@ -76,6 +76,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         # revoked token is refused at once.
         cluster = CachedCluster(reactor, cluster, config.cache_ttl, version=cluster.data_version)
     gateways = GatewayConnector(reactor)
+    # A gateway closes a kept connection that brings no request in time (the header deadline).
+    gateways.pool.idle_timeout = min(gateways.pool.idle_timeout, safe_keep_alive(config.limits))
     site = ProxySite(Controller(reactor, config, cluster, gateways), reactor, config.limits)
     site.access_log = bool(options["access-log"])
     on_listening = None
