@@ -6,6 +6,9 @@ plugins on loopback.
     empty lines, trickle a head a byte a second, or sit on a kept connection, at both hops.
     Each must be closed once the header deadline (C{Timeouts.RequestHeaders}) has passed: with
     408 when a request had begun, without a word when nothing had.
+  - Anonymous visitors who would take every connection of a container (hole 8): WebSockets
+    to a public port, from several client addresses (127.0.0.1, 127.0.0.2, ...: all of
+    127.0.0.0/8 is loopback), while the container's owner still opens a private port.
 """
 
 from __future__ import annotations
@@ -23,12 +26,16 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.trial import unittest
+from wsproto.events import CloseConnection
 
+from arvproxy import policy
 from arvproxy.backends.registry import RegistryStore
 from arvproxy.controller import tap as controller_tap
 from arvproxy.service import ListeningService
 from tests import e2e
 from tests.e2e import Cluster, Twistd
+from tests.wsservice import Client as WebSocketClient
+from tests.wsservice import EchoFactory, Rejected, TextMessage
 
 # The header deadline in these tests (RequestHeaders), in seconds: short, so that the tests are
 # quick, yet long enough that a busy machine sends a whole head in time.
@@ -62,11 +69,16 @@ class Running:
         return int(self.cluster.gateway_address().rsplit(":", 1)[1])
 
 
-async def start(testcase: unittest.TestCase, ports: dict[int, str], **arvproxy: Any) -> Running:
+async def start(
+    testcase: unittest.TestCase,
+    ports: dict[int, str],
+    controller_args: tuple[str, ...] = (),
+    **arvproxy: Any,
+) -> Running:
     """
-    Start a controller and a gateway for a container request that publishes C{ports} (port to
-    C{"public"} or C{"private"}), with these extra C{ArvProxy} keys; everything is stopped by
-    the test's cleanups.
+    Start a controller (with C{controller_args}) and a gateway for a container request that
+    publishes C{ports} (port to C{"public"} or C{"private"}), with these extra C{ArvProxy} keys;
+    everything is stopped by the test's cleanups.
     """
     directory = os.path.abspath(testcase.mktemp())
     os.makedirs(directory)
@@ -85,7 +97,10 @@ async def start(testcase: unittest.TestCase, ports: dict[int, str], **arvproxy: 
     controller_port = e2e.free_port()
     config = e2e.write_config(directory, controller_port, **arvproxy)
     controller = Twistd.spawn(
-        reactor, directory, "controller", ["arv-controller-proxy", "--config", config]
+        reactor,
+        directory,
+        "controller",
+        ["arv-controller-proxy", "--config", config, *controller_args],
     )
     testcase.addCleanup(controller.stop, reactor)
     gateway = e2e.start_gateway(reactor, testcase, directory, config, cluster)
@@ -360,3 +375,189 @@ class KeptConnectionTests(unittest.TestCase):
             [listening] = [s for s in service if isinstance(s, ListeningService)]
             gateways: Any = listening._factory.handler._gateways
             self.assertEqual(gateways.pool.idle_timeout, kept, request_headers)
+
+
+# --- Hole 8 --------------------------------------------------------------------------------------
+
+PUBLIC_LIMITS = {
+    "Limits": {
+        "MaxConnectionsPerContainer": 10,
+        "MaxAnonymousConnectionsPerContainer": 6,
+        "MaxAnonymousConnectionsPerAddress": 3,
+    }
+}
+
+
+class AnonymousFloodTests(unittest.TestCase):
+    """
+    Anonymous WebSockets to a public port take only their share of the container's
+    connections, each client address a part of it: the owner still opens a private port.
+    """
+
+    timeout = 240
+
+    def services(self) -> tuple[int, int]:
+        """A WebSocket echo service on a public and on a private port."""
+        ports = []
+        for _ in range(2):
+            listening = reactor.listenTCP(0, EchoFactory(), interface="127.0.0.1")
+            self.addCleanup(listening.stopListening)
+            ports.append(listening.getHost().port)
+        return ports[0], ports[1]
+
+    async def websocket(
+        self, running: Running, port: int, source: str, cookie: bytes | None = None
+    ) -> tuple[int, WebSocketClient]:
+        """Open a WebSocket to C{port} from C{source}: 101, or the status it was refused with."""
+        headers = [(b"cookie", cookie)] if cookie is not None else []
+        client = WebSocketClient(running.vhost(port).decode(), "/ws", headers=headers)
+        endpoint = TCP4ClientEndpoint(
+            reactor, "127.0.0.1", running.controller_port, timeout=30, bindAddress=(source, 0)
+        )
+        await endpoint.connect(protocol.Factory.forProtocol(lambda: client))
+        self.addCleanup(lambda: client.transport.abortConnection())
+        try:
+            await client.accepted
+        except Rejected as e:
+            self.assertIn(b"try again", e.body)
+            return e.status or 0, client
+        client.send(TextMessage(data="echo?"))
+        self.assertEqual(await client.messages.get(), ("text", ("echo?", 1)))
+        return 101, client
+
+    def test_owner_keeps_headroom(self) -> defer.Deferred[None]:
+        """
+        Each address gets its part of the anonymous share and no more; when the share is used
+        up, signed-in visitors without access are refused too, and the owner still connects.
+        """
+        return run(self._owner_keeps_headroom())
+
+    async def _owner_keeps_headroom(self) -> None:
+        public, private = self.services()
+        running = await start(self, {public: "public", private: "private"}, **PUBLIC_LIMITS)
+        store = running.cluster.store
+        mallory = store.create_user("Mallory, who has no access")
+        mallory_cookie = (
+            policy.TOKEN_COOKIE
+            + b"="
+            + policy.encode_token_cookie(store.create_token(mallory.uuid)[0].encode())
+        )
+        owner = running.cluster.cookie()
+        first: list[WebSocketClient] = []
+        # (client address, cookie, port, status)
+        steps: list[tuple[str, bytes | None, int, int]] = [
+            *[("127.0.0.1", None, public, 101)] * 3,
+            ("127.0.0.1", None, public, 503),
+            *[("127.0.0.2", None, public, 101)] * 3,
+            ("127.0.0.3", None, public, 503),
+            ("127.0.0.4", mallory_cookie, public, 503),
+            ("127.0.0.1", owner, private, 101),
+            ("127.0.0.1", owner, public, 101),
+            ("127.0.0.5", owner, private, 101),
+        ]
+        for i, (source, cookie, port, status) in enumerate(steps):
+            got, client = await self.websocket(running, port, source, cookie)
+            self.assertEqual(got, status, (i, source, port))
+            if source == "127.0.0.1" and got == 101 and cookie is None:
+                first.append(client)
+
+        # A tunnel that ends gives its place back: the first address may open one again.
+        first[0].send(CloseConnection(code=1000))
+        await first[0].closed
+        for _ in range(200):
+            status, _ = await self.websocket(running, public, "127.0.0.1")
+            if status == 101:
+                break
+            await task.deferLater(reactor, 0.1, lambda: None)
+        else:
+            self.fail("the closed tunnel's place was never given back")
+
+    def test_several_front_door_processes(self) -> defer.Deferred[None]:
+        """
+        With two front-door processes (--workers 2), the gateway still keeps anonymous
+        visitors to their share: the owner connects however they flood.
+        """
+        return run(self._several_front_door_processes())
+
+    async def _several_front_door_processes(self) -> None:
+        public, private = self.services()
+        running = await start(
+            self,
+            {public: "public", private: "private"},
+            controller_args=("--workers", "2"),
+            **PUBLIC_LIMITS,
+        )
+        await e2e.wait_for(
+            reactor,
+            lambda: (
+                "worker 1| " in running.controller.log_text()
+                and "starting on" in running.controller.log_text().split("worker 1|", 1)[1]
+            ),
+            "the second front-door process to listen",
+            [running.controller],
+        )
+        # Each process would let 6 through, 3 per address: 24 tries from 8 addresses spread
+        # over both (SO_REUSEPORT), and the gateway lets 6 in all through.
+        opened = 0
+        for address in range(1, 9):
+            for _ in range(3):
+                status, _ = await self.websocket(running, public, f"127.0.0.{address}")
+                self.assertIn(status, (101, 503))
+                opened += status == 101
+        self.assertEqual(opened, 6)
+        for address in range(1, 5):
+            status, _ = await self.websocket(
+                running, private, f"127.0.0.{address}", running.cluster.cookie()
+            )
+            self.assertEqual(status, 101, address)
+
+
+class LimitConfigurationTests(unittest.TestCase):
+    """A mistake in the new limits stops both plugins at start-up, naming the key."""
+
+    def test_refused_at_start_up(self) -> defer.Deferred[None]:
+        """A share as large as the budget, or a part larger than the share: exit 1, the key."""
+        return run(self._refused_at_start_up())
+
+    async def _refused_at_start_up(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        cluster = e2e.make_cluster(directory, 1)
+        self.addCleanup(cluster.store.close)
+        key = "Clusters.zzzzz.ArvProxy.Limits."
+        cases = [
+            (
+                {"MaxConnectionsPerContainer": 10, "MaxAnonymousConnectionsPerContainer": 10},
+                key + "MaxAnonymousConnectionsPerContainer",
+            ),
+            (
+                {"MaxAnonymousConnectionsPerContainer": 5, "MaxAnonymousConnectionsPerAddress": 6},
+                key + "MaxAnonymousConnectionsPerAddress",
+            ),
+        ]
+        processes = []
+        for i, (limits, _) in enumerate(cases):
+            case = os.path.join(directory, str(i))
+            os.makedirs(case)
+            config = e2e.write_config(case, e2e.free_port(), Limits=limits)
+            processes += [
+                Twistd.spawn(reactor, case, "controller", ["arv-controller-proxy", "-c", config]),
+                Twistd.spawn(
+                    reactor,
+                    case,
+                    "gateway",
+                    [
+                        "crunch-run-gateway",
+                        "-c",
+                        config,
+                        "--container-uuid",
+                        cluster.container_uuid,
+                    ],
+                    stdin=e2e.dispatch_json(cluster.secret),
+                ),
+            ]
+        codes = await defer.gatherResults([p.ended for p in processes])
+        for i, process in enumerate(processes):
+            output = process.output.decode(errors="replace")
+            self.assertEqual(codes[i], 1, output)
+            self.assertIn(": " + cases[i // 2][1] + ": expected ", output)

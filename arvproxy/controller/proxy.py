@@ -49,7 +49,7 @@ from arvproxy.errors import (
 )
 from arvproxy.hopclient import RETRYABLE, HopPool, HopResponse, Informational
 from arvproxy.httpserver import StreamingRequest
-from arvproxy.limits import ConnectionSlots
+from arvproxy.limits import ANONYMOUS_HEADER, ConnectionSlots, client_key
 from arvproxy.streaming import StreamingEndpoint, relay_informational, relay_response
 from arvproxy.tlsidentity import client_creator
 from arvproxy.upgrade import UpgradeResponse, open_upgrade, open_upgrade_on, relay_upgrade
@@ -349,7 +349,7 @@ class Controller:
         self._config = config
         self._cluster = cluster
         self._gateways = gateways
-        self._slots = ConnectionSlots(config.limits.max_connections_per_container)
+        self._slots = ConnectionSlots.from_limits(config.limits)
         self.portal = Portal(reactor, config, cluster)
         # Decisions are kept only with a cluster that says when its answers change.
         self._generation: Callable[[], int | None] | None = getattr(cluster, "generation", None)
@@ -375,11 +375,18 @@ class Controller:
             decided = await self._decide(request, target, host, uri, query_token)
             if decided is None:
                 return  # Answered already: a redirect.
-        container, seen = decided
+        container, seen, with_access = decided
         remember = seen != container.uuid.encode("ascii")
-        with self._slots.hold(container.uuid) as slot:
+        anonymous = None if with_access else self._client_key(request)
+        with self._slots.hold(container.uuid, anonymous) as slot:
             tunnel = await self._forward(
-                request, target, container.uuid, container.gateway_address, host, remember
+                request,
+                target,
+                container.uuid,
+                container.gateway_address,
+                host,
+                remember,
+                anonymous,
             )
             if tunnel is not None:
                 # The open tunnel keeps the slot; this handler (and the request) can go.
@@ -392,14 +399,16 @@ class Controller:
         host: bytes,
         uri: bytes,
         query_token: bytes | None,
-    ) -> tuple[Any, bytes | None] | None:
+    ) -> tuple[Any, bytes | None, bool] | None:
         """
         Whether C{request} may reach the service C{target} names: check the token and the
         user's permission, and find the running container.
 
-        @return: the container, and the one the browser says it saw last (its cookie); C{None}
-            when the request has been answered instead (a redirect that moves a query token
-            into a cookie, or that clears a previous container's state).
+        @return: the container, the one the browser says it saw last (its cookie), and whether
+            the user has access to the container (C{False}: anonymous, let through only because
+            the port is public); C{None} when the request has been answered instead (a redirect
+            that moves a query token into a cookie, or that clears a previous container's
+            state).
         @raise ProxyError: the request is refused.
         """
         # Kept only if nothing changed in the cluster while the lookups below were made.
@@ -442,6 +451,7 @@ class Controller:
                     "or ask the container's owner to share the container request with you.",
                 )
             container, requests = found
+            with_access = False
         else:
             try:
                 # Looked up once per request (the stale-state check above may have done it).
@@ -451,18 +461,43 @@ class Controller:
                 permissions.check_scope(credentials, {target.uuid}, target.port)
                 raise
             if not permissions.is_public(target.uuid, target.port, container, requests):
-                named = {target.uuid} | ({container.uuid} if container is not None else set())
-                permissions.check_scope(credentials, named, target.port)
-                levels = {}
-                if not credentials.is_admin:
-                    for cr in requests:
-                        levels[cr.uuid] = await self._cluster.permission_level(
-                            credentials.user_uuid, cr.uuid, credentials=credentials
-                        )
-                permissions.check_access(credentials, target.uuid, requests, levels)
+                await self._check_access(credentials, target, container, requests)
+                with_access = True
+            else:
+                # Anyone may open a public port; someone with access does not count as anonymous.
+                try:
+                    await self._check_access(credentials, target, container, requests)
+                    with_access = True
+                except ProxyError:
+                    with_access = False
         permissions.check_running(container, target.uuid)
-        self._keep(request, host, container, seen, credentials, generation)
-        return container, seen
+        self._keep(request, host, container, seen, credentials, generation, with_access)
+        return container, seen, with_access
+
+    async def _check_access(
+        self, credentials: Any, target: policy.Target, container: Any, requests: list[Any]
+    ) -> None:
+        """
+        @raise ProxyError: the token's scope or the user's permissions do not let them connect
+            to C{target} (see L{permissions.check_scope} and L{permissions.check_access}).
+        """
+        named = {target.uuid} | ({container.uuid} if container is not None else set())
+        permissions.check_scope(credentials, named, target.port)
+        levels = {}
+        if not credentials.is_admin:
+            for cr in requests:
+                levels[cr.uuid] = await self._cluster.permission_level(
+                    credentials.user_uuid, cr.uuid, credentials=credentials
+                )
+        permissions.check_access(credentials, target.uuid, requests, levels)
+
+    def _client_key(self, request: StreamingRequest) -> str:
+        """What an anonymous request counts under: its client's address (L{client_key})."""
+        return client_key(
+            getattr(request.getClientAddress(), "host", None),
+            request.requestHeaders.getRawHeaders(b"x-forwarded-for"),
+            self._config.trusted_proxies,
+        )
 
     # The last decision on each connection: a browser or client sends request after request
     # with the same Host and cookies, and while the cluster's answers stay the same (the cache's
@@ -476,6 +511,7 @@ class Controller:
         seen: bytes | None,
         credentials: Any,
         generation: int | None,
+        with_access: bool,
     ) -> None:
         """
         Keep the decision to let C{request} through on its connection, if the cluster's answers
@@ -491,9 +527,12 @@ class Controller:
             expires.timestamp() if expires is not None else None,
             container,
             seen,
+            with_access,
         )
 
-    def _decided(self, request: StreamingRequest, host: bytes) -> tuple[Any, bytes | None] | None:
+    def _decided(
+        self, request: StreamingRequest, host: bytes
+    ) -> tuple[Any, bytes | None, bool] | None:
         """
         The decision kept on C{request}'s connection, when it holds for C{request}: the same
         Host and cookies, nothing in the cluster changed since, and the token still valid.
@@ -510,7 +549,7 @@ class Controller:
         ):
             request.channel.kept = None
             return None
-        return kept.container, kept.seen
+        return kept.container, kept.seen, kept.with_access
 
     async def _session_token(self, query_token: bytes) -> bytes:
         """
@@ -611,9 +650,12 @@ class Controller:
         gateway_address: str,
         host: bytes,
         remember: bool = False,
+        anonymous: str | None = None,
     ) -> defer.Deferred[None] | None:
         """
         @param remember: also set the cookie that remembers which container this browser saw.
+        @param anonymous: for an anonymous request, its client's key, which the gateway is told
+            (L{ANONYMOUS_HEADER}) to count it under.
         @return: for an upgrade, a Deferred that fires when its tunnel (or relayed refusal)
             has ended; nothing once an ordinary response has been relayed.
         """
@@ -630,6 +672,8 @@ class Controller:
             proto="https" if request.isSecure() else config.external_url.scheme,
             trusted_peer=policy.is_trusted(client_ip, config.trusted_proxies),
         )
+        if anonymous is not None:
+            headers.setRawHeaders(ANONYMOUS_HEADER, [anonymous.encode("ascii")])
         upgrade = policy.upgrade_requested(request.requestHeaders) if request.body.empty else None
         if upgrade is not None and policy.is_reserved_upgrade(upgrade):
             raise BadRequest(
@@ -686,6 +730,7 @@ class _Decision:
     expires: float | None
     container: Any
     seen: bytes | None
+    with_access: bool
 
 
 class _Discard(Protocol):
