@@ -96,18 +96,9 @@ async def start(
     cluster = Cluster(store, user, token, request, next(iter(ports)))
     controller_port = e2e.free_port()
     config = e2e.write_config(directory, controller_port, **arvproxy)
-    controller = Twistd.spawn(
-        reactor,
-        directory,
-        "controller",
-        ["arv-controller-proxy", "--config", config, *controller_args],
+    controller, gateway = await e2e.start_plugins(
+        reactor, testcase, directory, config, cluster, controller_port, controller_args
     )
-    testcase.addCleanup(controller.stop, reactor)
-    gateway = e2e.start_gateway(reactor, testcase, directory, config, cluster)
-    await e2e.wait_for(
-        reactor, lambda: e2e.accepting(controller_port), "the controller", [controller]
-    )
-    await e2e.wait_for(reactor, cluster.gateway_address, "the gateway", [gateway])
     return Running(directory, cluster, controller_port, controller, gateway)
 
 
@@ -187,6 +178,16 @@ async def closed_by_server(clients: list[RawClient], what: str) -> list[bytes]:
 def sockets(process: Twistd) -> int:
     """How many sockets C{process} has open."""
     return sum(target.startswith("socket:") for target in process.open_files())
+
+
+async def let_go(process: Twistd, before: int) -> None:
+    """Wait until C{process} has no more sockets open than C{before}: it let go of them all."""
+    await e2e.wait_for(
+        reactor,
+        lambda: sockets(process) <= before,
+        f"the {process.name} to close its sockets",
+        [process],
+    )
 
 
 # --- TLS from a client that never answers close_notify ------------------------------------------
@@ -297,13 +298,7 @@ class IdleConnectionTests(unittest.TestCase):
         for what, clients in [("trickling heads", trickling), ("begun heads", begun)]:
             for answer in await closed_by_server(clients, what):
                 self.assertEqual(e2e.status_codes(answer), [408], answer)
-        # The controller let go of every one of them.
-        await e2e.wait_for(
-            reactor,
-            lambda: sockets(running.controller) <= before,
-            "the controller to close its sockets",
-            [running.controller],
-        )
+        await let_go(running.controller, before)
 
     def test_kept_connection(self) -> defer.Deferred[None]:
         """A kept connection that brings no new request is closed, without a word."""
@@ -342,12 +337,7 @@ class IdleConnectionTests(unittest.TestCase):
         self.assertEqual((await idle_tls)[0], b"")
         answer, _ = await begun_tls
         self.assertEqual(e2e.status_codes(answer), [408], answer)
-        await e2e.wait_for(
-            reactor,
-            lambda: sockets(running.gateway) <= before,
-            "the gateway to close its sockets",
-            [running.gateway],
-        )
+        await let_go(running.gateway, before)
 
 
 class KeptConnectionTests(unittest.TestCase):
