@@ -11,8 +11,9 @@ has no access to the container) may take only a share of it
   - however many anonymous visitors come, someone with access always has the rest;
   - one anonymous client cannot take the whole share from the others.
 
-Among people with access there is no further split: each of them may write to the container
-request, so each could stop the service outright, and a notebook's owner may need many
+Among people with access there is no further split: each of them could stop the service
+outright (write permission on a container request lets one cancel it, as in Arvados, and
+whoever uses a notebook can run anything in it), and a notebook's owner may need many
 connections at once (kernels, terminals, a tab per file).
 """
 
