@@ -144,10 +144,12 @@ class Limits:
     The defaults suit long-lived notebooks: no limit on how long a request, a streamed response
     or a WebSocket may run while it is active.
 
-    @ivar client_idle: seconds a client connection may sit idle between requests, or stall while
-        sending a request body, before it is closed.
-    @ivar request_headers: seconds a client has to send a request's line and headers, from its
-        first byte (slowloris protection); answered with 408.
+    @ivar client_idle: seconds a client connection may stall while sending a request body (or
+        sit idle between requests, when shorter than C{request_headers}) before it is closed.
+    @ivar request_headers: seconds a client has to send a request's line and headers, from the
+        connection's accept and, on a kept connection, from the end of the answer before
+        (slowloris protection; idle connections too): 408 when a request had begun, else the
+        connection is closed without a word.
     @ivar tunnel_idle: seconds a WebSocket (or other upgraded connection) may carry no bytes in
         either direction before it is closed.
     @ivar connect_session: seconds a session opened with a short-lived, single-target link
@@ -163,6 +165,13 @@ class Limits:
     @ivar max_header_bytes: the largest request line plus headers accepted; larger gets 431.
     @ivar max_connections_per_container: requests and tunnels open at once to one container;
         more get 503 with Retry-After.
+    @ivar max_anonymous_connections_per_container: how many of those may be anonymous: let
+        through only because the port is public (no token, or one whose user has no access to
+        the container), so that people with access always have the rest.  C{None}: half of
+        C{max_connections_per_container} (see L{anonymous_caps}).
+    @ivar max_anonymous_connections_per_address: how many anonymous requests and tunnels one
+        client address (an IPv6 client's /64) may have open to one container.  C{None}: a fifth
+        of the anonymous share, at least 1.
     """
 
     client_idle: float = 300.0
@@ -174,6 +183,21 @@ class Limits:
     response_headers: float = 300.0
     max_header_bytes: int = 32 * 1024
     max_connections_per_container: int = 1000
+    max_anonymous_connections_per_container: int | None = None
+    max_anonymous_connections_per_address: int | None = None
+
+    def anonymous_caps(self) -> tuple[int, int]:
+        """
+        The anonymous requests and tunnels allowed open to one container, and from one client
+        address to it, with the defaults worked out.
+        """
+        share = self.max_anonymous_connections_per_container
+        if share is None:
+            share = self.max_connections_per_container // 2
+        per_address = self.max_anonymous_connections_per_address
+        if per_address is None:
+            per_address = max(1, share // 5)
+        return share, per_address
 
 
 BACKENDS = ("embedded", "arvados")
@@ -197,7 +221,12 @@ TIMEOUT_KEYS = (
     "CarrierHandshake",
     "ResponseHeaders",
 )
-LIMIT_KEYS = ("MaxRequestHeaderBytes", "MaxConnectionsPerContainer")
+LIMIT_KEYS = (
+    "MaxRequestHeaderBytes",
+    "MaxConnectionsPerContainer",
+    "MaxAnonymousConnectionsPerContainer",
+    "MaxAnonymousConnectionsPerAddress",
+)
 GATEWAY_KEYS = ("MaxClockSkew", "SignForOldGateways")
 DEFAULT_LISTEN_PORT = 8900
 DEFAULT_REGISTRY = "arvproxy-registry.sqlite"
@@ -634,6 +663,27 @@ class _Parser:
                 )
             return value
 
+        cap = count("MaxConnectionsPerContainer", defaults.max_connections_per_container, 1)
+        # People with access to a container always have room: anonymous visitors of its public
+        # ports get a share of its connections, and each client address a part of that share.
+        anonymous = Limits(max_connections_per_container=cap).anonymous_caps()[0]
+        if "MaxAnonymousConnectionsPerContainer" in limits:
+            anonymous = count("MaxAnonymousConnectionsPerContainer", anonymous, 0)
+            if anonymous >= cap:
+                self.fail(
+                    f"{at}.Limits.MaxAnonymousConnectionsPerContainer",
+                    f"expected fewer than MaxConnectionsPerContainer ({cap}), so that people "
+                    f"with access to a container always have room, got {anonymous}",
+                )
+        per_address = Limits(max_anonymous_connections_per_container=anonymous).anonymous_caps()[1]
+        if "MaxAnonymousConnectionsPerAddress" in limits:
+            per_address = count("MaxAnonymousConnectionsPerAddress", per_address, 1)
+            if anonymous and per_address > anonymous:
+                self.fail(
+                    f"{at}.Limits.MaxAnonymousConnectionsPerAddress",
+                    "expected at most MaxAnonymousConnectionsPerContainer "
+                    f"({anonymous}), got {per_address}",
+                )
         return Limits(
             client_idle=duration("ClientIdle", defaults.client_idle),
             request_headers=duration("RequestHeaders", defaults.request_headers),
@@ -643,9 +693,9 @@ class _Parser:
             carrier_handshake=duration("CarrierHandshake", defaults.carrier_handshake),
             response_headers=duration("ResponseHeaders", defaults.response_headers),
             max_header_bytes=count("MaxRequestHeaderBytes", defaults.max_header_bytes, 1024),
-            max_connections_per_container=count(
-                "MaxConnectionsPerContainer", defaults.max_connections_per_container, 1
-            ),
+            max_connections_per_container=cap,
+            max_anonymous_connections_per_container=anonymous,
+            max_anonymous_connections_per_address=per_address,
         )
 
     def api_url(self, value: object, key: str) -> str:

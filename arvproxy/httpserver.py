@@ -26,9 +26,16 @@ What a connection promises:
     absolute-form target (C{http://host/path}) is turned into one, and its host replaces
     C{Host}, as RFC 9112 section 3.2.2 says; any other form (C{*}, an authority, C{CONNECT}),
     user information or a fragment gets 400 (L{policy.origin_form}).
-  - A request's line and headers must arrive within C{Limits.request_headers} (408) and fit in
-    C{Limits.max_header_bytes} (431).  A connection that waits for its client for
-    C{Limits.client_idle} (between requests, or in a request's body) is closed.
+  - A request's line and headers must arrive within C{Limits.request_headers}, counted from
+    the connection's accept and, on a kept connection, from the end of the answer before (so
+    idle keep-alive connections last that long too), and fit in C{Limits.max_header_bytes}
+    (431).  When the deadline passes, a client that had begun a request gets 408; one that had
+    sent nothing (or only the empty lines RFC 9112 lets a request follow) is closed without a
+    word, as Nginx closes it: a 408 nobody asked for could be read as the answer to a request
+    the client is just sending.  A connection that waits for its client in a request's body
+    for C{Limits.client_idle} is closed.  A client that does not let go of a connection closed
+    for either reason, or refused (a TLS peer that never answers C{close_notify}), is cut off
+    after one more header deadline.
   - A response answered before its request's body has arrived closes the connection after it,
     so that the rest of the body can never be read as a request.
 """
@@ -349,13 +356,16 @@ class ProxyChannel(Protocol):
         # The request whose body is being parsed (the last one queued).
         self._parsing: StreamingRequest | None = None
         # The head being parsed: its target, headers, size (as parsed, and as read in reads
-        # that ended inside it) and when it began.
+        # that ended inside it) and when it began (None: no head has begun).
         self._url: list[bytes] = []
         self._headers: dict[bytes, list[bytes]] = {}
         self._head_bytes = 0
         self._head_read = 0
         self._head_began: float | None = None
         self._head_began_in_chunk = False
+        # When the wait for the next request's head began (accept, or the end of the answer
+        # before); None while no head is due (a request is read past its head, or served).
+        self._awaiting: float | None = None
         # What arrives while a request is served after its message ended: parsed once it is
         # answered (what follows an upgrade request may be a tunnel's instead).
         self._held: list[bytes] = []
@@ -373,7 +383,7 @@ class ProxyChannel(Protocol):
     def connectionMade(self) -> None:
         tune_transport(self.transport)
         self.secure = ISSLTransport.providedBy(self.transport)
-        self._last_heard = self._now()
+        self._last_heard = self._awaiting = self._now()
         self._arm(self._last_heard + min(self._header_deadline, self._idle_limit))
 
     # Reading.
@@ -459,8 +469,6 @@ class ProxyChannel(Protocol):
         self._held = []
         self._held_bytes = 0
         self.resume_reading(_HOLDING)
-        if self._head_began is not None:
-            self._head_began = self._last_heard  # Its deadline did not run while it was held.
         return held
 
     # httptools callbacks (called during feed_data).
@@ -527,7 +535,7 @@ class ProxyChannel(Protocol):
         )
         self._url = []
         self._headers = {}
-        self._head_began = None
+        self._head_began = self._awaiting = None
         self._parsing = request
         self._queue.append(request)
         if length != 0 and len(self._queue) == 1:
@@ -563,13 +571,16 @@ class ProxyChannel(Protocol):
             self._serve(self._queue[0])  # Read whole already, with the one before.
         elif self._closing:
             self._refuse(self._refusal)
-        elif not self._feeding:
-            # Answered while llhttp is not running: go on with what arrived meanwhile.
-            if self._parser is None:
-                # An upgrade answered without a tunnel: the connection stays HTTP.
-                self._parser = httptools.HttpRequestParser(self)
-            if self._held:
-                self._feed(self._take_held())
+        else:
+            # The next request's head is due within the deadline from now.
+            self._awaiting = self._now()
+            if not self._feeding:
+                # Answered while llhttp is not running: go on with what arrived meanwhile.
+                if self._parser is None:
+                    # An upgrade answered without a tunnel: the connection stays HTTP.
+                    self._parser = httptools.HttpRequestParser(self)
+                if self._held:
+                    self._feed(self._take_held())
 
     def take_over(
         self, data_received: Callable[[bytes], None], connection_lost: Callable[[Failure], None]
@@ -631,6 +642,7 @@ class ProxyChannel(Protocol):
         if response is not None:
             self.transport.write(response)
         self._close()
+        self._abort_later()
 
     def _close(self) -> None:
         self._closing = True
@@ -667,20 +679,40 @@ class ProxyChannel(Protocol):
         if self._closing:
             return
         now = self._now()
-        # A head that begins after now must be complete by now + the deadline at the earliest.
+        # A head due after now must be complete by now + the deadline at the earliest.
         next_check = now + self._header_deadline
-        if self._head_began is not None and not self._serving():
-            if now - self._head_began >= self._header_deadline:
-                self._refuse(_REQUEST_TIMEOUT)
+        if self._awaiting is not None:  # Then no request is queued.
+            if now - self._awaiting >= self._header_deadline:
+                self._time_out()
                 return
-            next_check = self._head_began + self._header_deadline
+            next_check = self._awaiting + self._header_deadline
         if self._waiting_for_client():
             if now - self._last_heard >= self._idle_limit:
                 log.info("Closing a client idle for {seconds} s", seconds=self._idle_limit)
                 self._close()
+                self._abort_later()
                 return
             next_check = min(next_check, self._last_heard + self._idle_limit)
         self._arm(next_check)
+
+    def _time_out(self) -> None:
+        """
+        No request's head arrived whole in time: 408 if one had begun, else close without a
+        word (see the module's docstring).
+        """
+        if self._head_began is not None:
+            self._refuse(_REQUEST_TIMEOUT)
+        else:
+            self._close()
+            self._abort_later()
+
+    def _abort_later(self) -> None:
+        """
+        Cut off a client that has not let go of its connection within one more header deadline
+        after the server closed it: a TLS peer that never answers C{close_notify} would keep it
+        open for ever.
+        """
+        self._timer = self.callLater(self._header_deadline, self.transport.abortConnection)
 
     def _waiting_for_client(self) -> bool:
         """Whether the connection waits for its client: between requests, or in a body."""
@@ -695,6 +727,17 @@ class _Overflow(Exception):
 
 class ConnectionAborted(Exception):
     """The server closes the connection: the request broke HTTP."""
+
+
+def safe_keep_alive(limits: Limits) -> float:
+    """
+    How long a client of a server with C{limits} may keep an idle connection and still send a
+    request on it: half of what the server waits for the next request (see the module's
+    docstring), so that a request never races the server's close.  The front door keeps its
+    idle connections and streams to gateways no longer than this; a request sent on one just
+    as the gateway closes it could not be retried if it had a body.
+    """
+    return min(limits.request_headers, limits.client_idle) / 2
 
 
 class ProxySite(Factory):

@@ -914,6 +914,25 @@ async def start_chain(
 
     client = Client(reactor)
     testcase.addCleanup(client.close)
+    controller, gateway = await start_plugins(
+        reactor, testcase, directory, config, cluster, controller_port, controller_args
+    )
+    return Chain(directory, service, cluster, config, controller_port, controller, gateway, client)
+
+
+async def start_plugins(
+    reactor: Any,
+    testcase: Any,
+    directory: str,
+    config: str,
+    cluster: Cluster,
+    controller_port: int,
+    controller_args: Iterable[str] = (),
+) -> tuple[Twistd, Twistd]:
+    """
+    Start the controller (on C{controller_port}, with C{controller_args}) and the gateway of
+    C{cluster}'s container, stopped by the test's cleanups; return once both serve.
+    """
     controller = Twistd.spawn(
         reactor,
         directory,
@@ -924,7 +943,7 @@ async def start_chain(
     gateway = start_gateway(reactor, testcase, directory, config, cluster)
     await wait_for(reactor, lambda: accepting(controller_port), "the controller", [controller])
     await wait_for(reactor, cluster.gateway_address, "the gateway", [gateway])
-    return Chain(directory, service, cluster, config, controller_port, controller, gateway, client)
+    return controller, gateway
 
 
 def start_gateway(

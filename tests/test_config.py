@@ -738,3 +738,113 @@ def document_token(document: object) -> object:
         return document["Clusters"]["zzzzz"]["SystemRootToken"]  # type: ignore[index]
     except (KeyError, TypeError):
         return None
+
+
+LIM = f"{AP}.Limits"
+
+
+def limits(**values: object) -> dict[str, Any]:
+    """L{minimal} with these C{ArvProxy.Limits} keys."""
+    return with_value(LIM, values)
+
+
+class AnonymousLimitTests(SynchronousTestCase):
+    """The anonymous share of a container's connections: its defaults, and every bad value."""
+
+    # (keys given, (cap, anonymous share, per address) they come to)
+    VALUES: list[tuple[dict[str, object], tuple[int, int, int]]] = [
+        ({}, (1000, 500, 100)),
+        ({"MaxConnectionsPerContainer": 100}, (100, 50, 10)),
+        ({"MaxConnectionsPerContainer": 3}, (3, 1, 1)),
+        ({"MaxConnectionsPerContainer": 1}, (1, 0, 1)),
+        ({"MaxAnonymousConnectionsPerContainer": 900}, (1000, 900, 180)),
+        ({"MaxAnonymousConnectionsPerContainer": 0}, (1000, 0, 1)),
+        ({"MaxAnonymousConnectionsPerAddress": 500}, (1000, 500, 500)),
+        (
+            {
+                "MaxConnectionsPerContainer": 10,
+                "MaxAnonymousConnectionsPerContainer": 6,
+                "MaxAnonymousConnectionsPerAddress": 3,
+            },
+            (10, 6, 3),
+        ),
+    ]
+
+    # (key named, what the message says, keys given)
+    ERRORS: list[tuple[str, str, dict[str, object]]] = [
+        (
+            "MaxAnonymousConnectionsPerContainer",
+            "expected fewer than MaxConnectionsPerContainer (1000)",
+            {"MaxAnonymousConnectionsPerContainer": 1000},
+        ),
+        (
+            "MaxAnonymousConnectionsPerContainer",
+            "expected fewer than MaxConnectionsPerContainer (10)",
+            {"MaxConnectionsPerContainer": 10, "MaxAnonymousConnectionsPerContainer": 20},
+        ),
+        (
+            "MaxAnonymousConnectionsPerContainer",
+            "at least 0, got -1",
+            {"MaxAnonymousConnectionsPerContainer": -1},
+        ),
+        (
+            "MaxAnonymousConnectionsPerContainer",
+            'got "half"',
+            {"MaxAnonymousConnectionsPerContainer": "half"},
+        ),
+        (
+            "MaxAnonymousConnectionsPerContainer",
+            "got 0.5",
+            {"MaxAnonymousConnectionsPerContainer": 0.5},
+        ),
+        (
+            "MaxAnonymousConnectionsPerContainer",
+            "got true",
+            {"MaxAnonymousConnectionsPerContainer": True},
+        ),
+        (
+            "MaxAnonymousConnectionsPerAddress",
+            "at least 1, got 0",
+            {"MaxAnonymousConnectionsPerAddress": 0},
+        ),
+        (
+            "MaxAnonymousConnectionsPerAddress",
+            "expected at most MaxAnonymousConnectionsPerContainer (50), got 51",
+            {"MaxAnonymousConnectionsPerContainer": 50, "MaxAnonymousConnectionsPerAddress": 51},
+        ),
+        (
+            "MaxAnonymousConnectionPerAddress",
+            "unknown key",
+            {"MaxAnonymousConnectionPerAddress": 5},
+        ),
+    ]
+
+    def test_values(self) -> None:
+        """Given or not, the limits come to these numbers, and the budget uses them."""
+        for given, expected in self.VALUES:
+            with self.subTest(given):
+                parsed = parse_config(limits(**given), "t.yml").limits
+                self.assertEqual(
+                    (
+                        parsed.max_connections_per_container,
+                        parsed.max_anonymous_connections_per_container,
+                        parsed.max_anonymous_connections_per_address,
+                    ),
+                    expected,
+                )
+                self.assertEqual(parsed.anonymous_caps(), expected[1:])
+
+    def test_errors(self) -> None:
+        """Each bad value is one error naming the full key, at start-up."""
+        for key, fragment, given in self.ERRORS:
+            with self.subTest(given):
+                error = self.assertRaises(ConfigError, parse_config, limits(**given), "t.yml")
+                self.assertTrue(str(error).startswith(f"t.yml: {LIM}.{key}: "), str(error))
+                self.assertIn(fragment, str(error))
+                self.assertEqual(len(str(error).splitlines()), 1)
+
+    def test_production_example(self) -> None:
+        """conf/production.yml sets the limits its comments describe."""
+        config = load_config(os.path.join(CONF_DIR, "production.yml"))
+        self.assertEqual(config.limits.anonymous_caps(), (500, 100))
+        self.assertEqual(config.limits.request_headers, 30.0)

@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any, cast
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -24,6 +25,7 @@ from arvproxy.controller.proxy import Controller
 from arvproxy.controller.statecookies import StateCookies
 from arvproxy.errors import BadGateway, GatewayTimeout, NotFound, Unauthorized
 from arvproxy.httpserver import ProxySite
+from arvproxy.limits import ANONYMOUS_HEADER
 from arvproxy.testing import (
     FakeCluster,
     FakeGatewayConnector,
@@ -810,3 +812,181 @@ class FakeClusterTests(SynchronousTestCase):
         )
         self.assertIsNone(self.successResultOf(cluster.permission_level(user.uuid, container.uuid)))
         self.failureResultOf(cluster.authenticate("v2/nonsense"), Unauthorized)
+
+
+PUBLIC, PRIVATE = 8001, 8002
+
+
+class AnonymousBudgetTests(ControllerTestCase):
+    """
+    Anonymous visitors of a public port (no token, or one whose user has no access) get only a
+    share of the container's connections, each client address a part of it; people with access
+    always have the rest (issue 16, hole 8).  Every request here stays open (the gateway has
+    not answered) until L{answer_all}.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.config = replace(
+            self.config,
+            limits=replace(
+                self.config.limits,
+                max_connections_per_container=8,
+                max_anonymous_connections_per_container=3,
+                max_anonymous_connections_per_address=2,
+            ),
+        )
+        ports = {str(PUBLIC): {"access": "public"}, str(PRIVATE): {"access": "private"}}
+        self.public_cr = self.cluster.add_container_request(
+            self.alice.uuid, self.container.uuid, published_ports=ports
+        )
+        self.cluster.grant(self.bob.uuid, self.public_cr.uuid, CAN_READ)
+        self.cluster.grant(self.carol.uuid, self.public_cr.uuid, CAN_WRITE)
+        self.pending: list[Any] = []
+        self.gateways.responder = self.hold_answer
+        self.controller = Controller(
+            self.clock, self.config, self.cluster, cast(Any, self.gateways)
+        )
+        self.site = ProxySite(self.controller, self.clock)
+        self.open: list[MemoryClient] = []
+
+    def hold_answer(self, call: GatewayCall) -> Any:
+        d: Any = Deferred()
+        self.pending.append(d)
+        return d
+
+    def answer_all(self) -> None:
+        pending, self.pending = self.pending, []
+        for d in pending:
+            d.callback(FakeResponse(200, b"OK", [], b"done"))
+
+    def open_request(
+        self,
+        port: int,
+        peer: str,
+        token: str | None = None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> str:
+        """
+        Send a request that the gateway holds open (if it gets there): "open", or the
+        first words of the refusal.
+        """
+        all_headers = list(headers) + ([cookie(token)] if token is not None else [])
+        client = MemoryClient(self.site, IPv4Address("TCP", peer, 40000))
+        calls = len(self.gateways.calls)
+        client.send(
+            request_bytes(b"GET", b"/ws", all_headers, host=self.host(self.public_cr.uuid, port))
+        )
+        if len(self.gateways.calls) > calls:
+            self.assertEqual(client.value(), b"")
+            self.open.append(client)
+            return "open"
+        response = client.response()
+        self.assertEqual(response.status, 503, response.body)
+        self.assertEqual(response.header(b"retry-after"), b"2")
+        [message] = json.loads(response.body)["errors"]
+        return " ".join(message.split()[:3])
+
+    def test_table(self) -> None:
+        """Each request in turn is let through or refused with 503, for the right reason."""
+        t = self.tokens
+        visitors = "Too many visitors"
+        address = "Your address has"
+        # (who: peer and token, port, outcome)
+        steps: list[tuple[str, str | None, int, str]] = [
+            ("192.0.2.1", None, PUBLIC, "open"),
+            ("192.0.2.1", None, PUBLIC, "open"),
+            ("192.0.2.1", None, PUBLIC, address),
+            ("192.0.2.2", None, PUBLIC, "open"),
+            ("192.0.2.3", None, PUBLIC, visitors),
+            # Signed in, but without access: anonymous all the same.
+            ("192.0.2.4", t["dave"], PUBLIC, visitors),
+            ("192.0.2.4", t["bob"], PUBLIC, visitors),
+            # A token that is not valid is no token.
+            ("192.0.2.4", t["alice"] + "x", PUBLIC, visitors),
+            # People with access have the rest, on the private port and the public one.
+            ("192.0.2.1", t["alice"], PRIVATE, "open"),
+            ("192.0.2.1", t["alice"], PUBLIC, "open"),
+            ("192.0.2.5", t["carol"], PUBLIC, "open"),
+            ("192.0.2.6", t["admin"], PRIVATE, "open"),
+            ("192.0.2.6", t["alice"], PRIVATE, "open"),
+            # Until the whole budget is used up.
+            ("192.0.2.1", t["alice"], PRIVATE, "Too many connections"),
+        ]
+        for i, (peer, token, port, outcome) in enumerate(steps):
+            self.assertEqual(self.open_request(port, peer, token), outcome, (i, peer, port))
+        self.assertEqual(self.controller._slots.open_anonymous(self.container.uuid), 3)
+        self.answer_all()
+        self.assertEqual([c.response().status for c in self.open], [200] * 8)
+        self.assertEqual(self.controller._slots.open(self.container.uuid), 0)
+        self.assertEqual(self.open_request(PUBLIC, "192.0.2.3"), "open")
+
+    def test_scoped_token(self) -> None:
+        """A token scoped to another port of the container opens the public one anonymously."""
+        scoped = self.cluster.add_token(
+            self.alice.uuid, scopes=[policy.connect_scope(self.public_cr.uuid, PRIVATE)]
+        )
+        self.assertEqual(self.open_request(PUBLIC, "192.0.2.1", scoped), "open")
+        self.assertEqual(self.controller._slots.open_anonymous(self.container.uuid), 1)
+        self.assertEqual(self.open_request(PRIVATE, "192.0.2.1", scoped), "open")
+        self.assertEqual(self.controller._slots.open_anonymous(self.container.uuid), 1)
+
+    def test_gateway_is_told(self) -> None:
+        """Only an anonymous request tells the gateway its client; a client cannot say it."""
+        forged = [(b"X-Arvados-Anonymous-Client", b"192.0.2.99")]
+        self.open_request(PUBLIC, "192.0.2.1", headers=forged)
+        self.open_request(PUBLIC, "192.0.2.1", self.tokens["alice"], headers=forged)
+        self.open_request(PRIVATE, "192.0.2.1", self.tokens["alice"], headers=forged)
+        told = [c.headers.getRawHeaders(ANONYMOUS_HEADER) for c in self.gateways.calls]
+        self.assertEqual(told, [[b"192.0.2.1"], None, None])
+
+    def test_behind_a_trusted_proxy(self) -> None:
+        """Behind a trusted proxy each client counts under the address the proxy saw."""
+        for client, outcome in [
+            (b"198.51.100.7", "open"),
+            (b"203.0.113.1, 198.51.100.7", "open"),
+            (b"203.0.113.2, 198.51.100.7", "Your address has"),
+            (b"198.51.100.8", "open"),
+        ]:
+            headers = [(b"X-Forwarded-For", client)]
+            self.assertEqual(self.open_request(PUBLIC, "10.0.0.5", headers=headers), outcome)
+        told = [c.headers.getRawHeaders(ANONYMOUS_HEADER) for c in self.gateways.calls]
+        self.assertEqual(told, [[b"198.51.100.7"]] * 2 + [[b"198.51.100.8"]])
+        # From a peer that is not trusted, X-Forwarded-For is no one's address.
+        headers = [(b"X-Forwarded-For", b"198.51.100.9")]
+        self.assertEqual(
+            self.open_request(PUBLIC, "192.0.2.1", headers=headers), "Too many visitors"
+        )
+
+    def test_kept_decision(self) -> None:
+        """A decision kept on a connection keeps whether its user had access."""
+        cached = CachedCluster(self.clock, self.cluster, 60.0, version=lambda: 1)
+        controller = Controller(self.clock, self.config, cached, cast(Any, self.gateways))
+        site = ProxySite(controller, self.clock)
+        self.gateways.responder = lambda call: FakeResponse(200, b"OK", [], b"done")
+        seen: list[str | None] = []
+        hold = controller._slots.hold
+
+        def recording(uuid: str, anonymous: str | None = None) -> Any:
+            seen.append(anonymous)
+            return hold(uuid, anonymous)
+
+        controller._slots.hold = recording  # type: ignore[method-assign]
+        decide = controller._decide
+        decided: list[object] = []
+
+        def counted(*args: Any) -> Any:
+            decided.append(args)
+            return decide(*args)
+
+        controller._decide = counted  # type: ignore[method-assign]
+        host = self.host(self.public_cr.uuid, PUBLIC)
+        for token in [None, self.tokens["alice"], self.tokens["dave"]]:
+            client = MemoryClient(site, IPv4Address("TCP", "192.0.2.1", 40000))
+            for _ in range(2):
+                client.transport.clear()
+                headers = [cookie(token)] if token is not None else []
+                client.send(request_bytes(b"GET", b"/", headers, host=host))
+                self.assertEqual(client.response().status, 200)
+        self.assertEqual(seen, ["192.0.2.1", "192.0.2.1", None, None, "192.0.2.1", "192.0.2.1"])
+        self.assertEqual(len(decided), 3)  # The second request on each connection was kept.

@@ -19,6 +19,7 @@ from twisted.web.http_headers import Headers
 from arvproxy import carrier, policy
 from arvproxy.gateway.server import Gateway
 from arvproxy.httpserver import ProxySite
+from arvproxy.limits import ANONYMOUS_HEADER
 from arvproxy.testing import FakeRuntime, MemoryClient, ParsedResponse, request_bytes
 
 T0 = 1_700_000_000.0
@@ -27,6 +28,7 @@ OTHER = "zzzzz-dz642-000000000000002"
 SECRET = policy.gateway_secret("RootTokenForTheseTests0123456789abcdefgh", CONTAINER)
 REQUEST_HOST = f"{CONTAINER}-8001.containers.example.com".encode()
 NAVIGATE = [(b"Sec-Fetch-Mode", b"navigate")]
+OTHER_SECRET = policy.gateway_secret("AnotherRootToken0123456789abcdefghijkl", CONTAINER)
 
 
 def container_request(data: bytes) -> tuple[h11.Request, bytes]:
@@ -346,3 +348,64 @@ class CarrierHandshakeTests(GatewayTestCase):
         self.gateway.accepting = False
         response = self.refused(self.send(self.handshake(), target=carrier.PATH), 410)
         self.assertEqual(response.header(policy.GATEWAY_ERROR), b"the container has finished")
+
+
+class AnonymousBudgetTests(GatewayTestCase):
+    """
+    The gateway keeps the front door's anonymous share of its container too, so that visitors
+    coming through several front-door processes never lock out the people with access (issue
+    16, hole 8).  Each request stays open: the service has not answered.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.gateway = Gateway(
+            self.clock,
+            CONTAINER,
+            SECRET,
+            self.runtime,
+            max_connections=5,
+            max_anonymous=3,
+            max_anonymous_per_client=2,
+        )
+        self.site = ProxySite(self.gateway, self.clock)
+
+    def test_table(self) -> None:
+        """Requests marked anonymous for a client are let through up to their share, no more."""
+        # (the client the front door names, or None for someone with access; status or None
+        # while the request is open)
+        steps: list[tuple[bytes | None, int | None]] = [
+            (b"192.0.2.1", None),
+            (b"192.0.2.1", None),
+            (b"192.0.2.1", 503),
+            (b"192.0.2.2", None),
+            (b"192.0.2.3", 503),
+            (None, None),
+            (None, None),
+            (None, 503),
+        ]
+        for i, (client_key, status) in enumerate(steps):
+            marked = [(ANONYMOUS_HEADER, client_key)] if client_key is not None else []
+            client = self.send(self.forwarded() + marked)
+            if status is None:
+                self.assertEqual(client.value(), b"", i)
+            else:
+                response = client.response()
+                self.assertEqual(response.status, status, i)
+                self.assertEqual(response.header(b"retry-after"), b"2", i)
+                # Not the gateway's refusal of the front door: relayed to the client as it is.
+                self.assertIsNone(response.header(policy.GATEWAY_ERROR), i)
+        self.assertEqual(self.gateway.open_requests(), 5)
+        # The service never learns of the mark.
+        endpoint = dict(self.runtime.endpoints)[8001]
+        for _, transport in endpoint.connections:
+            request, _ = container_request(transport.value())
+            self.assertNotIn(ANONYMOUS_HEADER, [bytes(n) for n, _ in request.headers])
+
+    def test_after_the_signature(self) -> None:
+        """A request with a mark but no valid signature is refused before it counts."""
+        marked = [(ANONYMOUS_HEADER, b"192.0.2.1")]
+        for _ in range(3):
+            self.refused(self.send(self.forwarded(secret=OTHER_SECRET) + marked), 401)
+        self.send(self.forwarded() + marked)
+        self.assertEqual(self.gateway.open_requests(), 1)

@@ -164,10 +164,9 @@ class DeadlineTests(SynchronousTestCase):
     limits = Limits(request_headers=10.0, client_idle=100.0)
 
     def test_slow_headers(self) -> None:
-        """Headers that take longer than the deadline get 408, counted from their first byte."""
+        """Headers that take longer than the deadline get 408."""
         handler = Handler()
         client, clock = connect(handler, self.limits)
-        clock.advance(50)  # idle before the request: not counted
         client.send(b"GET / HTTP/1.1\r\n")
         clock.advance(5)
         client.send(b"Host: x\r\n")
@@ -177,15 +176,16 @@ class DeadlineTests(SynchronousTestCase):
         self.assertTrue(client.closed)
 
     def test_idle_between_requests(self) -> None:
+        """A kept connection waits for the next request for the header deadline, no longer."""
         handler = Handler()
         client, clock = connect(handler, self.limits)
         client.send(request_bytes())
-        clock.advance(99)
+        clock.advance(9.9)
         self.assertFalse(client.closed)
         client.send(request_bytes())
-        clock.advance(99)
+        clock.advance(9.9)
         self.assertFalse(client.closed)
-        clock.advance(2)
+        clock.advance(0.2)
         self.assertTrue(client.closed)
         self.assertEqual(len(client.responses()), 2)
 
@@ -350,3 +350,126 @@ class ReferenceCycleTests(SynchronousTestCase):
         client.send(HEAD + b"Transfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n")
         self.assertEqual([r.status for r in client.responses()], [200, 200, 200])
         self.assertEqual([ref() for ref in served], [None, None, None])
+
+
+# A head sent a byte at a time, and a whole request.
+TRICKLE = b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 40
+REQUEST = request_bytes()
+
+
+class HeaderDeadlineTests(SynchronousTestCase):
+    """
+    The header deadline runs from the accept, and on a kept connection from the end of the
+    answer before: a client that sends nothing, only empty lines, or a head a byte at a time
+    never keeps a connection past it (issue 16, hole 7).
+    """
+
+    limits = Limits(request_headers=10.0, client_idle=100.0)
+
+    # (what the client does, [(second, bytes sent then)], the second the server closes, whether
+    # it answers 408 then, responses before that)
+    CASES: list[tuple[str, list[tuple[int, bytes]], int, bool, int]] = [
+        ("sends nothing", [], 10, False, 0),
+        ("sends empty lines each second", [(t, b"\r\n") for t in range(30)], 10, False, 0),
+        (
+            "sends a head a byte each second",
+            [(t, TRICKLE[t : t + 1]) for t in range(30)],
+            10,
+            True,
+            0,
+        ),
+        ("begins its head at the last second", [(9, b"GET / HTTP/1.1\r\n")], 10, True, 0),
+        ("stays idle after an answer", [(4, REQUEST)], 14, False, 1),
+        (
+            "sends empty lines after an answer",
+            [(4, REQUEST)] + [(t, b"\r\n") for t in range(5, 30)],
+            14,
+            False,
+            1,
+        ),
+        ("begins the next head late", [(4, REQUEST), (13, b"GET / HTTP/1.1\r\n")], 14, True, 1),
+        (
+            "sends heads a byte a second after an answer",
+            [(0, REQUEST)] + [(1 + i, TRICKLE[i : i + 1]) for i in range(30)],
+            10,
+            True,
+            1,
+        ),
+        ("sends a request every 9 seconds", [(t, REQUEST) for t in range(0, 30, 9)], 37, False, 4),
+    ]
+
+    def test_table(self) -> None:
+        """Each client is closed exactly at its deadline (408 or silently), then cut off."""
+        for name, sends, closes_at, timed_out, answered in self.CASES:
+            with self.subTest(name):
+                handler = Handler()
+                client, clock = connect(handler, self.limits)
+                steps = dict(sends)
+                for second in range(closes_at):
+                    if second in steps:
+                        client.send(steps[second])
+                    clock.advance(1 if second + 1 < closes_at else 0.999)
+                    self.assertFalse(client.closed, (name, second))
+                clock.advance(0.001)
+                self.assertTrue(client.closed, name)
+                responses = client.responses() if client.value() else []
+                self.assertEqual([r.status for r in responses[:answered]], [200] * answered)
+                self.assertEqual(
+                    [r.status for r in responses[answered:]], [408] if timed_out else [], name
+                )
+                self.assertEqual(len(handler.requests), answered, name)
+                # A client that does not let go is cut off one more deadline later.
+                self.assertFalse(client.transport.disconnected, name)
+                clock.advance(10)
+                self.assertTrue(client.transport.disconnected, name)
+
+    def test_from_the_end_of_a_long_answer(self) -> None:
+        """The next head is due from the end of the answer before, however long that took."""
+        handler = Handler(hold=True)
+        client, clock = connect(handler, self.limits)
+        client.send(REQUEST)
+        clock.advance(3600)
+        handler.waiting[0].callback(None)
+        clock.advance(9.9)
+        self.assertFalse(client.closed)
+        clock.advance(0.1)
+        self.assertTrue(client.closed)
+        self.assertEqual([r.status for r in client.responses()], [200])
+
+    def test_pipelined_head_held_during_an_answer(self) -> None:
+        """A head that arrived while the one before was answered is due from that answer."""
+        handler = Handler(hold=True)
+        client, clock = connect(handler, self.limits)
+        client.send(REQUEST + b"GET /next HTTP/1.1\r\n")
+        clock.advance(60)
+        handler.waiting[0].callback(None)
+        clock.advance(9.9)
+        self.assertFalse(client.closed)
+        client.send(b"Host: x\r\n\r\n")
+        handler.waiting[1].callback(None)
+        self.assertEqual([r.path for r in handler.requests], [b"/", b"/next"])
+        self.assertEqual([r.status for r in client.responses()], [200, 200])
+        clock.advance(9.9)
+        self.assertFalse(client.closed)
+        clock.advance(0.1)
+        self.assertTrue(client.closed)
+
+    def test_stalled_body_cut_off(self) -> None:
+        """A client that stops in a body is closed after the idle limit, then cut off."""
+        handler = Handler(hold=True)
+        client, clock = connect(handler, self.limits)
+        client.send(HEAD + b"Content-Length: 10\r\n\r\nabc")
+        clock.advance(100)
+        self.assertTrue(client.closed)
+        self.assertFalse(client.transport.disconnected)
+        clock.advance(10)
+        self.assertTrue(client.transport.disconnected)
+
+    def test_refused_client_cut_off(self) -> None:
+        """A refused client (400) that does not let go is cut off one deadline later."""
+        client, clock = connect(Handler(), self.limits)
+        client.send(b"GET / HTTP/1.1\nHost: x\n\n")
+        self.assertEqual(client.response().status, 400)
+        self.assertFalse(client.transport.disconnected)
+        clock.advance(10)
+        self.assertTrue(client.transport.disconnected)

@@ -51,7 +51,7 @@ from arvproxy.errors import (
 )
 from arvproxy.hopclient import RETRYABLE, HopPool, HopResponse, Informational
 from arvproxy.httpserver import StreamingRequest
-from arvproxy.limits import ConnectionSlots
+from arvproxy.limits import ANONYMOUS_HEADER, ConnectionSlots, client_key
 from arvproxy.streaming import StreamingEndpoint, relay_informational, relay_response
 from arvproxy.tlsidentity import client_creator
 from arvproxy.upgrade import UpgradeResponse, open_upgrade, open_upgrade_on, relay_upgrade
@@ -409,7 +409,7 @@ class Controller:
         self._config = config
         self._cluster = cluster
         self._gateways = gateways
-        self._slots = ConnectionSlots(config.limits.max_connections_per_container)
+        self._slots = ConnectionSlots.from_limits(config.limits)
         self.cookies = StateCookies(config.system_root_token, config.external_url)
         self.portal = Portal(reactor, config, cluster)
         # Decisions are kept only with a cluster that says when its answers change.
@@ -438,12 +438,19 @@ class Controller:
             decided = await self._decide(request, target, host, uri, query_token, sealed)
             if decided is None:
                 return  # Answered already: a redirect.
-        container, seen = decided
+        container, seen, with_access = decided
         # The marker is set again unless the browser sent a valid one naming this container.
         remember = container.uuid.encode("ascii") not in seen
-        with self._slots.hold(container.uuid) as slot:
+        anonymous = None if with_access else self._client_key(request)
+        with self._slots.hold(container.uuid, anonymous) as slot:
             tunnel = await self._forward(
-                request, target, container.uuid, container.gateway_address, host, remember
+                request,
+                target,
+                container.uuid,
+                container.gateway_address,
+                host,
+                remember,
+                anonymous,
             )
             if tunnel is not None:
                 # The open tunnel keeps the slot; this handler (and the request) can go.
@@ -457,15 +464,16 @@ class Controller:
         uri: bytes,
         query_token: bytes | None,
         sealed: bytes | None = None,
-    ) -> tuple[Any, tuple[bytes, ...]] | None:
+    ) -> tuple[Any, tuple[bytes, ...], bool] | None:
         """
         Whether C{request} may reach the service C{target} names: check the token and the
         user's permission, and find the running container.
 
-        @return: the container, and the containers the browser says it saw here last (its
-            valid markers); C{None} when the request has been answered instead (a redirect
-            that moves a query token into a cookie, or that clears a previous container's
-            state, or the question whether to switch users, L{signin}).
+        @return: the container, the containers the browser says it saw here last (its valid
+            markers), and whether the user has access to the container (C{False}: anonymous,
+            let through only because the port is public); C{None} when the request has been
+            answered instead (a redirect that moves a query token into a cookie, or that clears
+            a previous container's state, or the question whether to switch users, L{signin}).
         @raise ProxyError: the request is refused.
         """
         # Kept only if nothing changed in the cluster while the lookups below were made.
@@ -527,6 +535,7 @@ class Controller:
                     "or ask the container's owner to share the container request with you.",
                 )
             container, requests = found
+            with_access = False
         else:
             try:
                 # Looked up once per request (the stale-state check above may have done it).
@@ -536,18 +545,43 @@ class Controller:
                 permissions.check_scope(credentials, {target.uuid}, target.port)
                 raise
             if not permissions.is_public(target.uuid, target.port, container, requests):
-                named = {target.uuid} | ({container.uuid} if container is not None else set())
-                permissions.check_scope(credentials, named, target.port)
-                levels = {}
-                if not credentials.is_admin:
-                    for cr in requests:
-                        levels[cr.uuid] = await self._cluster.permission_level(
-                            credentials.user_uuid, cr.uuid, credentials=credentials
-                        )
-                permissions.check_access(credentials, target.uuid, requests, levels)
+                await self._check_access(credentials, target, container, requests)
+                with_access = True
+            else:
+                # Anyone may open a public port; someone with access does not count as anonymous.
+                try:
+                    await self._check_access(credentials, target, container, requests)
+                    with_access = True
+                except ProxyError:
+                    with_access = False
         permissions.check_running(container, target.uuid)
-        self._keep(request, host, container, seen, credentials, generation)
-        return container, seen
+        self._keep(request, host, container, seen, credentials, generation, with_access)
+        return container, seen, with_access
+
+    async def _check_access(
+        self, credentials: Any, target: policy.Target, container: Any, requests: list[Any]
+    ) -> None:
+        """
+        @raise ProxyError: the token's scope or the user's permissions do not let them connect
+            to C{target} (see L{permissions.check_scope} and L{permissions.check_access}).
+        """
+        named = {target.uuid} | ({container.uuid} if container is not None else set())
+        permissions.check_scope(credentials, named, target.port)
+        levels = {}
+        if not credentials.is_admin:
+            for cr in requests:
+                levels[cr.uuid] = await self._cluster.permission_level(
+                    credentials.user_uuid, cr.uuid, credentials=credentials
+                )
+        permissions.check_access(credentials, target.uuid, requests, levels)
+
+    def _client_key(self, request: StreamingRequest) -> str:
+        """What an anonymous request counts under: its client's address (L{client_key})."""
+        return client_key(
+            getattr(request.getClientAddress(), "host", None),
+            request.requestHeaders.getRawHeaders(b"x-forwarded-for"),
+            self._config.trusted_proxies,
+        )
 
     # The last decision on each connection: a browser or client sends request after request
     # with the same Host and cookies, and while the cluster's answers stay the same (the cache's
@@ -561,6 +595,7 @@ class Controller:
         seen: tuple[bytes, ...],
         credentials: Any,
         generation: int | None,
+        with_access: bool,
     ) -> None:
         """
         Keep the decision to let C{request} through on its connection, if the cluster's answers
@@ -576,11 +611,12 @@ class Controller:
             expires.timestamp() if expires is not None else None,
             container,
             seen,
+            with_access,
         )
 
     def _decided(
         self, request: StreamingRequest, host: bytes
-    ) -> tuple[Any, tuple[bytes, ...]] | None:
+    ) -> tuple[Any, tuple[bytes, ...], bool] | None:
         """
         The decision kept on C{request}'s connection, when it holds for C{request}: the same
         Host and cookies, nothing in the cluster changed since, and the token still valid.
@@ -597,7 +633,7 @@ class Controller:
         ):
             request.channel.kept = None
             return None
-        return kept.container, kept.seen
+        return kept.container, kept.seen, kept.with_access
 
     async def _session_token(self, query_token: bytes) -> bytes:
         """
@@ -703,9 +739,12 @@ class Controller:
         gateway_address: str,
         host: bytes,
         remember: bool = False,
+        anonymous: str | None = None,
     ) -> defer.Deferred[None] | None:
         """
         @param remember: also set the cookie that remembers which container this browser saw.
+        @param anonymous: for an anonymous request, its client's key, which the gateway is told
+            (L{ANONYMOUS_HEADER}) to count it under.
         @return: for an upgrade, a Deferred that fires when its tunnel (or relayed refusal)
             has ended; nothing once an ordinary response has been relayed.
         """
@@ -722,6 +761,8 @@ class Controller:
             trusted_peer=policy.is_trusted(client_ip, config.trusted_proxies),
             trusted_proxies=config.trusted_proxies,
         )
+        if anonymous is not None:
+            headers.setRawHeaders(ANONYMOUS_HEADER, [anonymous.encode("ascii")])
         upgrade = policy.upgrade_requested(request.requestHeaders) if request.body.empty else None
         if upgrade is not None and policy.is_reserved_upgrade(upgrade):
             raise BadRequest(
@@ -784,6 +825,7 @@ class _Decision:
     expires: float | None
     container: Any
     seen: tuple[bytes, ...]
+    with_access: bool
 
 
 class _Discard(Protocol):

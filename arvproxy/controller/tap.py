@@ -14,7 +14,7 @@ from arvproxy.backends.cache import CachedCluster
 from arvproxy.config import trusted_proxy_warnings
 from arvproxy.controller.proxy import Controller, GatewayConnector
 from arvproxy.controller.workers import WorkerPool, watch_parent
-from arvproxy.httpserver import ProxySite
+from arvproxy.httpserver import ProxySite, safe_keep_alive
 from arvproxy.service import (
     ListeningService,
     check_registry,
@@ -97,6 +97,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         response_headers=limits.response_headers,
         old_gateways=config.sign_for_old_gateways,
     )
+    # A gateway closes a kept connection that brings no request in time (the header deadline).
+    gateways.pool.idle_timeout = min(gateways.pool.idle_timeout, safe_keep_alive(config.limits))
     site = ProxySite(Controller(reactor, config, cluster, gateways), reactor, config.limits)
     site.access_log = bool(options["access-log"])
     on_listening = None

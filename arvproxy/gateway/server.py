@@ -37,7 +37,7 @@ from arvproxy.errors import (
 from arvproxy.gateway.runtime import IRuntime
 from arvproxy.hopclient import HopPool, HopResponse, Informational
 from arvproxy.httpserver import StreamingRequest
-from arvproxy.limits import ConnectionSlots
+from arvproxy.limits import ANONYMOUS_HEADER, ConnectionSlots
 from arvproxy.streaming import StreamingEndpoint, relay_informational, relay_response
 from arvproxy.upgrade import UpgradeResponse, open_upgrade, relay_upgrade, take_over
 
@@ -178,6 +178,12 @@ class Gateway:
     """
     The request handler of a node gateway (see L{arvproxy.streaming.ProxySite}).
 
+    Requests and tunnels open at once are limited as in the front door (L{ConnectionSlots}):
+    C{max_connections} in all, of which C{max_anonymous} (and C{max_anonymous_per_client} per
+    client) for those the front door marked anonymous (L{ANONYMOUS_HEADER}), so that a
+    container's anonymous visitors never lock out the people with access to it, however many
+    front-door processes send their requests here.
+
     @ivar accepting: whether new requests are served; cleared when the container has finished.
     """
 
@@ -189,6 +195,8 @@ class Gateway:
         runtime: IRuntime,
         max_clock_skew: float = 300.0,
         max_connections: int = 1000,
+        max_anonymous: int | None = None,
+        max_anonymous_per_client: int | None = None,
     ) -> None:
         self._reactor = reactor
         self._uuid = container_uuid.encode("ascii")
@@ -196,7 +204,7 @@ class Gateway:
         self.nonces = policy.NonceCache(max_clock_skew)
         self.connector = ContainerConnector(reactor, runtime)
         self.accepting = True
-        self._slots = ConnectionSlots(max_connections)
+        self._slots = ConnectionSlots(max_connections, max_anonymous, max_anonymous_per_client)
 
     def open_requests(self) -> int:
         """How many requests (and tunnels) to the container are open now."""
@@ -248,7 +256,10 @@ class Gateway:
         port, request_host = self.check(request)
         if not self.accepting:
             raise refusal(Gone, "the container has finished")
-        with self._slots.hold(self._uuid.decode("ascii")) as slot:
+        # Believed: the request is the front door's (checked above), and no client can send it.
+        anonymous = request.requestHeaders.getRawHeaders(ANONYMOUS_HEADER)
+        client = anonymous[-1].decode("ascii", "replace") if anonymous else None
+        with self._slots.hold(self._uuid.decode("ascii"), client) as slot:
             tunnel = await self._proxy(request, port, request_host)
             if tunnel is not None:
                 # The open tunnel keeps the slot; this handler (and the request) can go.

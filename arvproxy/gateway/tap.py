@@ -308,6 +308,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         runtime,
         max_clock_skew=config.max_clock_skew,
         max_connections=config.limits.max_connections_per_container,
+        max_anonymous=config.limits.max_anonymous_connections_per_container,
+        max_anonymous_per_client=config.limits.max_anonymous_connections_per_address,
     )
 
     top = MultiService()
