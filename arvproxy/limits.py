@@ -29,13 +29,8 @@ from twisted.internet import defer
 
 from arvproxy.config import Limits
 from arvproxy.errors import Unavailable
+from arvproxy.policy import ANONYMOUS_CLIENT as ANONYMOUS_HEADER
 from arvproxy.policy import is_trusted
-
-ANONYMOUS_HEADER = b"x-arvados-anonymous-client"
-"""Set by the front door on a request it forwards for an anonymous visitor, to the client's key
-(L{client_key}), so that the gateway keeps the same share of its container for everyone else,
-however many front-door processes send it requests.  Like every C{x-arvados-*} header, one a
-client sends is dropped, and the gateway removes it before the service."""
 
 
 class Slot:

@@ -456,6 +456,14 @@ CARRIER_WINDOW = b"arvproxy-carrier-window"
 L{arvproxy.carrier}); the front door's own, never a client's."""
 _CARRIER_WINDOW = _canonical(CARRIER_WINDOW)
 
+ANONYMOUS_CLIENT = b"x-arvados-anonymous-client"
+"""Set by the front door on a request it forwards for an anonymous visitor, to the client's key
+(L{arvproxy.limits.client_key}), so that the gateway keeps the same share of its container for
+everyone else, however many front-door processes send it requests.  Bound by the signature
+(L{request_binding}); like every C{x-arvados-*} header, one a client sends is dropped, and the
+gateway removes it before the service."""
+_ANONYMOUS_CLIENT = _canonical(ANONYMOUS_CLIENT)
+
 
 def is_reserved_upgrade(upgrade: bytes) -> bool:
     """
@@ -818,14 +826,15 @@ def request_binding(method: bytes, target: bytes, headers: Headers) -> bytes:
     other request: everything the gateway acts on.  Its method, its target (path and query),
     the values of C{x-arvados-target-uuid}, C{x-arvados-target-port} and
     C{x-arvados-request-host}, the protocol it asks to switch to (L{upgrade_requested}, as the
-    gateway reads it) and the window of a carrier's handshake (L{CARRIER_WINDOW}), each part
+    gateway reads it), the window of a carrier's handshake (L{CARRIER_WINDOW}) and the
+    anonymous client's key the gateway counts the request under (L{ANONYMOUS_CLIENT}), each part
     written with its length (L{_field}) so that no two requests give the same bytes.  Both hops
     compute it from the request as it is sent and as it is received.
     """
     get = headers._rawHeaders.get
     upgrade = upgrade_requested(headers)
     # Formatted at once: this runs for every request in both hops.
-    return b"#1:%d:%s#1:%d:%s%s%s%s%s%s" % (
+    return b"#1:%d:%s#1:%d:%s%s%s%s%s%s%s" % (
         len(method),
         method,
         len(target),
@@ -835,6 +844,7 @@ def request_binding(method: bytes, target: bytes, headers: Headers) -> bytes:
         _field(get(_REQUEST_HOST)),
         b"-" if upgrade is None else b"#1:%d:%s" % (len(upgrade), upgrade),
         _field(get(_CARRIER_WINDOW)),
+        _field(get(_ANONYMOUS_CLIENT)),
     )
 
 

@@ -46,6 +46,7 @@ def forwarded(
     host: bytes | None = HOST,
     upgrade: bytes | None = None,
     window: bytes | None = None,
+    anonymous: bytes | None = None,
 ) -> Headers:
     """The headers the front door sends a gateway, each bound one left out when C{None}."""
     headers = Headers()
@@ -54,6 +55,7 @@ def forwarded(
         (policy.TARGET_PORT, port),
         (policy.REQUEST_HOST, host),
         (carrier.WINDOW_HEADER, window),
+        (policy.ANONYMOUS_CLIENT, anonymous),
     ]:
         if value is not None:
             headers.addRawHeader(name, value)
@@ -71,14 +73,14 @@ class BindingTests(SynchronousTestCase):
         self.assertEqual(
             binding,
             b"#1:3:GET#1:6:/a?b=1#1:27:zzzzz-dz642-0123456789abcde#1:4:8080"
-            b"#1:55:zzzzz-dz642-0123456789abcde-8080.containers.example.com#1:9:websocket-",
+            b"#1:55:zzzzz-dz642-0123456789abcde-8080.containers.example.com#1:9:websocket--",
         )
         # printf 'arvproxy-v2 000102030405060708090a0b0c0d0e0f+1700000000\n<binding>' |
         #     openssl dgst -sha256 -hmac s3cr3t
         self.assertEqual(
             policy.sign("s3cr3t", NOW + 0.9, NONCE, binding),
             "000102030405060708090a0b0c0d0e0f+1700000000 "
-            "2fb26fd803628ede4a2803e17642b8f19795151e76d1036f3dfccf949809a58d",
+            "2928076d08c9545b47a6391f346bfb6ea13f1e44d36e345549fa9f3a0ba7109a",
         )
 
     def test_no_two_requests_bind_alike(self) -> None:
@@ -92,6 +94,8 @@ class BindingTests(SynchronousTestCase):
             (b"GET", b"/", forwarded(upgrade=b"")),
             (b"GET", b"/", forwarded(upgrade=b"websocket")),
             (b"GET", b"/", forwarded(window=b"1048576")),
+            (b"GET", b"/", forwarded(anonymous=b"127.0.0.1")),
+            (b"GET", b"/", forwarded(window=b"127.0.0.1")),
             (b"GET", b"/x", forwarded()),
             (b"GET/", b"", forwarded()),
             (b"GE", b"T/", forwarded()),
@@ -162,6 +166,7 @@ class MovedSignatureTests(TableMixin, SynchronousTestCase):
             ((b"GET", b"/a?b=1", forwarded(upgrade=b"websocket")), "bad"),
             ((b"GET", b"/a?b=1", forwarded(upgrade=carrier.PROTOCOL)), "bad"),
             ((b"GET", b"/a?b=1", forwarded(window=b"1048576")), "bad"),
+            ((b"GET", b"/a?b=1", forwarded(anonymous=b"127.0.0.1")), "bad"),
             (handshake, "bad"),
         ]
         value = policy.sign(SECRET, NOW, binding=policy.request_binding(*signed))
@@ -175,6 +180,18 @@ class MovedSignatureTests(TableMixin, SynchronousTestCase):
             return None
 
         self.assertRows(rows, attempt)
+
+    def test_anonymous_marker_bound(self) -> None:
+        """An anonymous request's signature does not pass without its marker, nor with another."""
+        anonymous = (b"GET", b"/", forwarded(anonymous=b"127.0.0.1"))
+        value = policy.sign(SECRET, NOW, binding=policy.request_binding(*anonymous))
+        for headers in (forwarded(), forwarded(anonymous=b"127.0.0.2")):
+            binding = policy.request_binding(b"GET", b"/", headers)
+            with self.assertRaises(SignatureError):
+                policy.verify([value.encode()], SECRET, NOW, NonceCache(300), binding)
+        policy.verify(
+            [value.encode()], SECRET, NOW, NonceCache(300), policy.request_binding(*anonymous)
+        )
 
     def test_handshake_moved(self) -> None:
         """A carrier handshake's signature fits no request, and no other handshake or window."""
