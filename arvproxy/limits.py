@@ -29,7 +29,6 @@ from twisted.internet import defer
 
 from arvproxy.config import Limits
 from arvproxy.errors import Unavailable
-from arvproxy.policy import ANONYMOUS_CLIENT as ANONYMOUS_HEADER
 from arvproxy.policy import is_trusted
 
 

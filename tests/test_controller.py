@@ -25,7 +25,7 @@ from arvproxy.controller.proxy import Controller
 from arvproxy.controller.statecookies import StateCookies
 from arvproxy.errors import BadGateway, GatewayTimeout, NotFound, Unauthorized
 from arvproxy.httpserver import ProxySite
-from arvproxy.limits import ANONYMOUS_HEADER
+from arvproxy.policy import ANONYMOUS_CLIENT as ANONYMOUS_HEADER
 from arvproxy.testing import (
     FakeCluster,
     FakeGatewayConnector,

@@ -19,7 +19,7 @@ from twisted.web.http_headers import Headers
 from arvproxy import carrier, policy
 from arvproxy.gateway.server import Gateway
 from arvproxy.httpserver import ProxySite
-from arvproxy.limits import ANONYMOUS_HEADER
+from arvproxy.policy import ANONYMOUS_CLIENT as ANONYMOUS_HEADER
 from arvproxy.testing import FakeRuntime, MemoryClient, ParsedResponse, request_bytes
 
 T0 = 1_700_000_000.0

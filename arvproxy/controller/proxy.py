@@ -51,7 +51,7 @@ from arvproxy.errors import (
 )
 from arvproxy.hopclient import RETRYABLE, HopPool, HopResponse, Informational
 from arvproxy.httpserver import StreamingRequest
-from arvproxy.limits import ANONYMOUS_HEADER, ConnectionSlots, client_key
+from arvproxy.limits import ConnectionSlots, client_key
 from arvproxy.streaming import StreamingEndpoint, relay_informational, relay_response
 from arvproxy.tlsidentity import client_creator
 from arvproxy.upgrade import UpgradeResponse, open_upgrade, open_upgrade_on, relay_upgrade
@@ -744,7 +744,7 @@ class Controller:
         """
         @param remember: also set the cookie that remembers which container this browser saw.
         @param anonymous: for an anonymous request, its client's key, which the gateway is told
-            (L{ANONYMOUS_HEADER}) to count it under.
+            (L{policy.ANONYMOUS_CLIENT}) to count it under.
         @return: for an upgrade, a Deferred that fires when its tunnel (or relayed refusal)
             has ended; nothing once an ordinary response has been relayed.
         """
@@ -762,7 +762,7 @@ class Controller:
             trusted_proxies=config.trusted_proxies,
         )
         if anonymous is not None:
-            headers.setRawHeaders(ANONYMOUS_HEADER, [anonymous.encode("ascii")])
+            headers.setRawHeaders(policy.ANONYMOUS_CLIENT, [anonymous.encode("ascii")])
         upgrade = policy.upgrade_requested(request.requestHeaders) if request.body.empty else None
         if upgrade is not None and policy.is_reserved_upgrade(upgrade):
             raise BadRequest(

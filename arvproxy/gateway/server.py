@@ -37,7 +37,7 @@ from arvproxy.errors import (
 from arvproxy.gateway.runtime import IRuntime
 from arvproxy.hopclient import HopPool, HopResponse, Informational
 from arvproxy.httpserver import StreamingRequest
-from arvproxy.limits import ANONYMOUS_HEADER, ConnectionSlots
+from arvproxy.limits import ConnectionSlots
 from arvproxy.streaming import StreamingEndpoint, relay_informational, relay_response
 from arvproxy.upgrade import UpgradeResponse, open_upgrade, relay_upgrade, take_over
 
@@ -180,7 +180,7 @@ class Gateway:
 
     Requests and tunnels open at once are limited as in the front door (L{ConnectionSlots}):
     C{max_connections} in all, of which C{max_anonymous} (and C{max_anonymous_per_client} per
-    client) for those the front door marked anonymous (L{ANONYMOUS_HEADER}), so that a
+    client) for those the front door marked anonymous (L{policy.ANONYMOUS_CLIENT}), so that a
     container's anonymous visitors never lock out the people with access to it, however many
     front-door processes send their requests here.
 
@@ -257,7 +257,7 @@ class Gateway:
         if not self.accepting:
             raise refusal(Gone, "the container has finished")
         # Believed: the request is the front door's (checked above), and no client can send it.
-        anonymous = request.requestHeaders.getRawHeaders(ANONYMOUS_HEADER)
+        anonymous = request.requestHeaders.getRawHeaders(policy.ANONYMOUS_CLIENT)
         client = anonymous[-1].decode("ascii", "replace") if anonymous else None
         with self._slots.hold(self._uuid.decode("ascii"), client) as slot:
             tunnel = await self._proxy(request, port, request_host)
