@@ -148,6 +148,8 @@ class Limits:
     @ivar connect_session: seconds a session opened with a short-lived, single-target link
         (the services page's "Connect") lasts: the link's token is exchanged for one that lasts
         this long.
+    @ivar cluster_retry: seconds a gateway or the local dispatcher keeps trying a call to the
+        cluster that fails for a moment (L{arvproxy.retry}), from its first failure.
     @ivar max_header_bytes: the largest request line plus headers accepted; larger gets 431.
     @ivar max_connections_per_container: requests and tunnels open at once to one container;
         more get 503 with Retry-After.
@@ -157,6 +159,7 @@ class Limits:
     request_headers: float = 30.0
     tunnel_idle: float = 24 * 3600.0
     connect_session: float = 12 * 3600.0
+    cluster_retry: float = 600.0
     max_header_bytes: int = 32 * 1024
     max_connections_per_container: int = 1000
 
@@ -173,7 +176,7 @@ ARVPROXY_KEYS = (
     "Limits",
     "CacheTTL",
 )
-TIMEOUT_KEYS = ("ClientIdle", "RequestHeaders", "TunnelIdle", "ConnectSession")
+TIMEOUT_KEYS = ("ClientIdle", "RequestHeaders", "TunnelIdle", "ConnectSession", "ClusterRetry")
 LIMIT_KEYS = ("MaxRequestHeaderBytes", "MaxConnectionsPerContainer")
 GATEWAY_KEYS = ("MaxClockSkew",)
 DEFAULT_LISTEN_PORT = 8900
@@ -581,6 +584,7 @@ class _Parser:
             request_headers=duration("RequestHeaders", defaults.request_headers),
             tunnel_idle=duration("TunnelIdle", defaults.tunnel_idle),
             connect_session=duration("ConnectSession", defaults.connect_session),
+            cluster_retry=duration("ClusterRetry", defaults.cluster_retry),
             max_header_bytes=count("MaxRequestHeaderBytes", defaults.max_header_bytes, 1024),
             max_connections_per_container=count(
                 "MaxConnectionsPerContainer", defaults.max_connections_per_container, 1

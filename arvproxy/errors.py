@@ -93,6 +93,14 @@ class Unavailable(ProxyError):
     retry_after = 5
 
 
+class Transient(Unavailable):
+    """
+    The cluster cannot answer for a moment: the same call may well succeed if made again (the
+    API server timed out, refused or dropped the connection, or answered 408, 429 or a 5xx
+    other than 501; the registry's database stayed locked).  L{arvproxy.retry} retries these.
+    """
+
+
 class GatewayTimeout(ProxyError):
     status = 504
     title = "Gateway timeout"

@@ -77,7 +77,16 @@ from arvproxy.backends import (
 from arvproxy.backends.cache import AnswerCache
 from arvproxy.backends.cache import token_key as _digest
 from arvproxy.config import ClusterConfig
-from arvproxy.errors import BadRequest, Forbidden, NotFound, ProxyError, Unauthorized, Unavailable
+from arvproxy.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    ProxyError,
+    Transient,
+    Unauthorized,
+    Unavailable,
+)
+from arvproxy.retry import is_transient, transient_status
 
 log = Logger()
 
@@ -307,7 +316,7 @@ class ArvadosCluster(Service):
                 path=path,
                 timeout=self._timeout,
             )
-            raise Unavailable(
+            raise Transient(
                 "The cluster's API server is not answering right now. "
                 "This page will retry by itself."
             ) from None
@@ -320,7 +329,8 @@ class ArvadosCluster(Service):
                 path=path,
                 error=type(e).__name__,
             )
-            raise Unavailable(
+            # Refused, reset, unreachable: worth another try; an untrusted certificate is not.
+            raise (Transient if is_transient(e) else Unavailable)(
                 "The cluster's API server cannot be reached right now. "
                 "This page will retry by itself."
             ) from None
@@ -403,7 +413,7 @@ class ArvadosCluster(Service):
             return NotFound(f"There is no {what or 'such record'} that you can see.")
         if status == 422:
             return _Rejected(message)
-        return Unavailable(
+        return (Transient if transient_status(status) else Unavailable)(
             "The cluster's API server is having trouble right now. This page will retry by itself."
         )
 
