@@ -49,7 +49,7 @@ def transient_status(status: int) -> bool:
     return status in (408, 429) or (500 <= status <= 599 and status != 501)
 
 
-def busy_database(error: BaseException) -> bool:
+def busy_database(error: BaseException | None) -> bool:
     """Whether C{error} is SQLite giving up on a lock another connection held too long."""
     if not isinstance(error, sqlite3.OperationalError):
         return False
