@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
 from twisted.internet import defer, endpoints
 from twisted.internet.tcp import makeBinding
 from twisted.logger import Logger
@@ -132,8 +132,9 @@ class ListeningService(Service):
     def stopService(self) -> Any:
         super().stopService()
         if self.port is not None:
-            yield self.port.stopListening()
-            self.port = None
+            # Taken before waiting, so that nobody stops the same port a second time meanwhile.
+            port, self.port = self.port, None
+            yield port.stopListening()
         if self._on_stopping is not None:
             yield self._on_stopping()
 
@@ -158,3 +159,20 @@ def fatal(failure: Any, reactor: Any, what: str) -> None:
         reactor.stop()
     else:
         reactor.callWhenRunning(reactor.stop)
+
+
+class StopInTurn(MultiService):
+    """
+    A C{MultiService} whose children stop one at a time, the last added first, each once the
+    one before has finished stopping (C{MultiService} stops them all at once).  A gateway
+    needs its cluster backend until it has recorded how its container ended.
+    """
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        for service in reversed(list(self)):
+            try:
+                yield defer.maybeDeferred(service.stopService)
+            except Exception:
+                log.failure("Cannot stop {service}", service=service)

@@ -13,7 +13,10 @@ configured backend.
 from __future__ import annotations
 
 import json
+import random as _random
+import signal
 import sys
+from collections.abc import Callable
 from typing import IO, Any
 
 from twisted.application.service import MultiService, Service
@@ -27,8 +30,10 @@ from arvproxy.gateway.runtime import HostRuntime, IRuntime
 from arvproxy.gateway.server import Gateway, tls_ports
 from arvproxy.gateway.watch import ContainerWatch, drain
 from arvproxy.httpserver import ProxySite
+from arvproxy.retry import DEADLINE, Retrier, RetryingCluster, describe
 from arvproxy.service import (
     ListeningService,
+    StopInTurn,
     fatal,
     freeze_start_up,
     open_cluster,
@@ -156,85 +161,163 @@ class ContainerSupervisor(Service):
     """
     Keeps the container record in step with the container: Running with the gateway's address
     once listening, and its final state and exit code when it stops.
+
+    Calls to the cluster go through C{retrier}: a failure that may pass (L{arvproxy.retry}) is
+    tried again for up to its deadline, so one 503 never cancels a container.  Only a permanent
+    failure before the container runs cancels it, saying why in C{runtime_status}.
+
+    How a stop (the service stopping: SIGTERM, SIGINT) ends the container, as crunch-run does
+    (C{lib/crunchrun/crunchrun.go}: C{stop}, C{Run}, C{UpdateContainerFinal}):
+
+      - once it is Running: the container is stopped and recorded C{Cancelled}, with the reason
+        in C{runtime_status.error} (C{Complete} with its exit code if it exited first);
+      - before it is Running: whatever was started is stopped and the container goes back to
+        C{Queued} (crunch-run's final state "Queued"), so a dispatcher can run it again;
+      - with L{hand_back} set (SIGUSR2), once it is Running: the container is left running and
+        its record keeps C{Running} with an empty C{gateway_address}, for the next gateway to
+        adopt (C{arv-local-dispatcher} does, when it starts).
+
+    @ivar finished: fires once the container's end has been recorded (C{None} until Running).
     """
 
     def __init__(
-        self, reactor: Any, cluster: Any, uuid: str, runtime: IRuntime, gateway: Gateway
+        self,
+        reactor: Any,
+        cluster: Any,
+        uuid: str,
+        runtime: IRuntime,
+        gateway: Gateway,
+        retry_deadline: float = DEADLINE,
+        random: Callable[[], float] = _random.random,
     ) -> None:
         self._reactor = reactor
-        self._cluster = cluster
+        # Start-up calls stop trying when the gateway is stopped; recording the end never does.
+        self._start_retries = Retrier(reactor, retry_deadline, random)
+        self._starting = RetryingCluster(cluster, self._start_retries)
+        self._cluster = RetryingCluster(cluster, Retrier(reactor, retry_deadline, random))
         self._uuid = uuid
         self._runtime = runtime
         self._gateway = gateway
         self.finished: defer.Deferred[None] | None = None
+        # The watch looks again every few seconds by itself: it needs no retries of its own.
         self.watch = ContainerWatch(reactor, cluster, uuid, runtime)
         # The listening service, so that a finished container stops new connections.
         self.listener: ListeningService | None = None
+        self.hand_back = False
+        self._serving: defer.Deferred[None] | None = None
+        self._given_up = False
+        self._status: dict[str, Any] = {}
 
     def serving(self, address: str) -> defer.Deferred[None]:
         """Called once the gateway listens at C{address}."""
-        d = defer.ensureDeferred(self._serve(address))
-        d.addErrback(self._failed)
-        return d
+        self._serving = defer.ensureDeferred(self._serve(address))
+        self._serving.addErrback(self._failed)
+        return self._serving
 
-    @defer.inlineCallbacks
     def _failed(self, failure: Any) -> Any:
         """The container cannot be served: cancel it with the reason, then exit with status 1."""
+        if not self.running:
+            return None  # stopped while starting: stopService hands the container back
+        self._given_up = True
+        return defer.ensureDeferred(self._give_up(failure))
+
+    async def _give_up(self, failure: Any) -> None:
+        reason = describe(failure.value)
         try:
-            yield self._cluster.update_container(
+            await self._cluster.update_container(
                 self._uuid,
                 state=backends.CANCELLED,
-                runtime_status={"error": f"the gateway could not start it: {failure.value}"},
+                runtime_status={
+                    **self._status,
+                    "error": "the gateway could not start the container",
+                    "errorDetail": reason,
+                },
             )
         except Exception as e:
-            log.warn("Cannot mark container {uuid} Cancelled: {e}", uuid=self._uuid, e=e)
+            log.warn("Cannot mark container {uuid} Cancelled: {e}", uuid=self._uuid, e=describe(e))
         fatal(failure, self._reactor, f"cannot serve container {self._uuid}")
 
     async def _serve(self, address: str) -> None:
-        container = await self._cluster.get_container(self._uuid)
+        container = await self._starting.get_container(self._uuid)
         if container.state in backends.FINAL_STATES:
             raise RuntimeError(f"container {self._uuid} is {container.state}: nothing to serve")
+        self._status = dict(container.runtime_status)
         self._gateway.connector.use_tls(tls_ports(container.published_ports))
         await self._runtime.start()
-        await self._cluster.update_container(
+        if not self.running:
+            return  # stopped meanwhile: stopService stops it again and hands it back
+        await self._starting.update_container(
             self._uuid, state=backends.RUNNING, gateway_address=address
         )
         log.info(
             "Container {uuid} is Running; gateway at {address}", uuid=self._uuid, address=address
         )
-        self.finished = self._runtime.exited().addCallback(self._exited)
+        self.finished = self._runtime.exited().addCallback(
+            lambda code: defer.ensureDeferred(self._exited(code))
+        )
         self.watch.start()
 
-    @defer.inlineCallbacks
-    def _exited(self, exit_code: int | None) -> Any:
+    async def _exited(self, exit_code: int | None) -> None:
         self._gateway.accepting = False
-        # Record the final state first: at shutdown (SIGTERM) the registry service is stopped
-        # alongside this one, and a call made after a later yield would find it stopped.
-        state = backends.COMPLETE if exit_code is not None else backends.CANCELLED
-        update = self._cluster.update_container(
-            self._uuid, state=state, exit_code=exit_code, listening_ports=[]
-        )
         if self.listener is not None and self.listener.port is not None:
             port, self.listener.port = self.listener.port, None
-            yield port.stopListening()
-        yield self.watch.stop()
-        yield update
-        yield defer.ensureDeferred(drain(self._reactor, self._gateway.open_requests))
-        log.info(
-            "Container {uuid} is {state} (exit code {code})",
-            uuid=self._uuid,
-            state=state,
-            code=exit_code,
-        )
+            await port.stopListening()
+        await self.watch.stop()
+        changes: dict[str, Any]
+        if self.hand_back and not self.watch.cancelled:
+            # Left running for the next gateway: no address until it has one of its own.
+            changes = {"gateway_address": ""}
+            outcome = "handed back (still running, no gateway)"
+        else:
+            state = backends.COMPLETE if exit_code is not None else backends.CANCELLED
+            changes = {"state": state, "exit_code": exit_code, "listening_ports": []}
+            if not self.running and exit_code is None and not self.watch.cancelled:
+                changes["runtime_status"] = {
+                    **self._status,
+                    "error": "its gateway was stopped (SIGTERM) while it ran",
+                }
+            outcome = f"{state} (exit code {exit_code})"
+        try:
+            await self._cluster.update_container(self._uuid, **changes)
+        except Exception as e:
+            log.error(
+                "Cannot record that container {uuid} is {outcome}: {e}",
+                uuid=self._uuid,
+                outcome=outcome,
+                e=describe(e),
+            )
+        await drain(self._reactor, self._gateway.open_requests)
+        log.info("Container {uuid} is {outcome}", uuid=self._uuid, outcome=outcome)
         if self.running and self._reactor.running:
             self._reactor.stop()
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         super().stopService()
-        yield self._runtime.stop()
         if self.finished is not None:
+            yield self._runtime.detach() if self.hand_back else self._runtime.stop()
             yield self.finished
+            return
+        # Not Running yet (or never will be): stop what started, and hand the container back.
+        self._start_retries.stop()
+        if self._serving is not None:
+            yield self._serving  # a start under way finishes first (see _serve)
+        if self.finished is not None:  # it got Running just now
+            yield self._runtime.stop()
+            yield self.finished
+            return
+        yield self._runtime.stop()
+        if self._given_up or self._serving is None:
+            return  # it never began (as crunch-run, the record is the dispatcher's to settle)
+        try:
+            container = yield self._cluster.get_container(self._uuid)
+            if container.state == backends.LOCKED:
+                yield self._cluster.update_container(self._uuid, state=backends.QUEUED)
+                log.info(
+                    "Container {uuid} was not Running yet: handed back (Queued)", uuid=self._uuid
+                )
+        except Exception as e:
+            log.error("Cannot hand back container {uuid}: {e}", uuid=self._uuid, e=describe(e))
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
@@ -268,10 +351,15 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         max_connections=config.limits.max_connections_per_container,
     )
 
-    top = MultiService()
+    # Stopped in turn: the listener, then the supervisor (it records the container's end),
+    # then the cluster backend it records that with.
+    top = StopInTurn()
     cluster.setServiceParent(top)
-    supervisor = ContainerSupervisor(reactor, cluster, uuid, runtime, gateway)
+    supervisor = ContainerSupervisor(
+        reactor, cluster, uuid, runtime, gateway, config.limits.cluster_retry
+    )
     supervisor.setServiceParent(top)
+    reactor.callWhenRunning(_hand_back_on, signal.SIGUSR2, reactor, supervisor)
 
     site = ProxySite(gateway, reactor, config.limits)
     tls = TLSMemoryBIOFactory(server_context_factory(secret, [host]), False, site)
@@ -286,6 +374,18 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     )
     supervisor.listener.setServiceParent(top)
     return top
+
+
+def _hand_back_on(signum: int, reactor: Any, supervisor: ContainerSupervisor) -> None:
+    """On C{signum}, stop the gateway handing its container back (see L{ContainerSupervisor})."""
+
+    def hand_back() -> None:
+        log.info("Handing container back (signal {signum}): it keeps running", signum=signum)
+        supervisor.hand_back = True
+        if reactor.running:
+            reactor.stop()
+
+    signal.signal(signum, lambda *_: reactor.callFromThread(hand_back))
 
 
 def _escape(host: str) -> str:
