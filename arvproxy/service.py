@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, endpoints
+from twisted.internet.error import CannotListenError
 from twisted.internet.tcp import makeBinding
 from twisted.logger import Logger
 from twisted.python import usage
@@ -126,7 +127,12 @@ class ListeningService(Service):
         if not self.listening.called:
             self.listening.errback(failure)
         # Exit non-zero, also when listening failed at once, before the reactor ran.
-        fatal(failure, self._reactor, f"cannot start listening on {self._description}")
+        if failure.check(CannotListenError):
+            # A plain mistake (the address is taken, or not this machine's): no traceback.
+            reason = failure.value.socketError
+            fatal(failure, self._reactor, f"cannot listen on {self._description}: {reason}", True)
+        else:
+            fatal(failure, self._reactor, f"cannot start listening on {self._description}")
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
@@ -139,12 +145,21 @@ class ListeningService(Service):
             yield self._on_stopping()
 
 
-def fatal(failure: Any, reactor: Any, what: str) -> None:
+def fatal(failure: Any, reactor: Any, what: str, plain: bool = False) -> None:
     """
     Stop the process because it cannot do its job: log why, stop the reactor, and exit with
     status 1 once the reactor has shut down cleanly (so supervisors and dispatchers notice).
+
+    @param plain: C{what} says it all: log it without a traceback, and write it as one line
+        on standard error too.
     """
-    log.failure("Fatal: {what}", failure, what=what)
+    if plain:
+        log.error("Fatal: {what}", what=what)
+        import os
+
+        os.write(2, f"error: {what}\n".encode("utf-8", "replace"))
+    else:
+        log.failure("Fatal: {what}", failure, what=what)
 
     def exit_now() -> None:
         import os

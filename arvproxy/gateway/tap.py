@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import random as _random
+import re
 import signal
 import sys
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
@@ -46,59 +47,120 @@ log = Logger()
 SECRET_LENGTH = 64
 
 
+MAX_DISPATCH_BYTES = 1024 * 1024
+"""The most standard input a gateway reads for the dispatcher's JSON."""
+
+
+class DispatchError(Exception):
+    """
+    The dispatcher's JSON on standard input cannot be used; the message says what is wrong in
+    one line (never showing the secret).
+    """
+
+
 def read_dispatch(stream: IO[str]) -> dict[str, Any]:
     """
     Read one JSON document from the dispatcher (without waiting for end of file).
 
-    @raise usage.UsageError: it is not a JSON object with the settings a gateway needs.
+    @raise DispatchError: it is not a JSON object with an C{Env} object (not JSON, too large,
+        nested too deeply, not UTF-8, or nothing at all).
     """
     text = ""
     document: Any = None
+    problem = ""
     while document is None:
-        line = stream.readline()
+        try:
+            line = stream.readline(MAX_DISPATCH_BYTES + 1 - len(text))
+        except UnicodeDecodeError:
+            raise DispatchError("the JSON on standard input is not UTF-8 text") from None
         if not line:
-            raise usage.UsageError(
-                "expected the dispatcher's JSON on standard input, like "
-                '{"Env": {"GatewayAddress": "10.0.0.5:0", "GatewayAuthSecret": "..."}}'
-            )
+            if not text.strip():
+                raise DispatchError(
+                    "expected the dispatcher's JSON on standard input, like "
+                    '{"Env": {"GatewayAddress": "10.0.0.5:0", "GatewayAuthSecret": "..."}}'
+                )
+            raise DispatchError(f"the text on standard input is not valid JSON ({problem})")
+        try:
+            line.encode("utf-8")  # in a C locale, stdin turns bad bytes into lone surrogates
+        except UnicodeEncodeError:
+            raise DispatchError("the JSON on standard input is not UTF-8 text") from None
         text += line
+        if len(text) > MAX_DISPATCH_BYTES:
+            raise DispatchError(
+                f"the JSON on standard input is larger than {MAX_DISPATCH_BYTES} bytes"
+            )
         try:
             document = json.loads(text)
-        except ValueError:
+        except RecursionError:
+            raise DispatchError("the JSON on standard input is nested too deeply") from None
+        except ValueError as e:
+            problem = str(e)
             continue
     env = document.get("Env") if isinstance(document, dict) else None
     if not isinstance(env, dict):
-        raise usage.UsageError('the JSON on standard input has no "Env" object')
+        raise DispatchError('the JSON on standard input has no "Env" object')
     return document
 
 
 def parse_gateway_env(env: dict[str, Any]) -> tuple[str, int, str]:
     """
-    The listening host, port and secret from the dispatcher's C{Env}.
+    The listening host, port and secret from the dispatcher's C{Env}; also checks the Arvados
+    settings a dispatcher may pass (C{ARVADOS_API_HOST}, C{ARVADOS_API_TOKEN},
+    C{ARVADOS_API_HOST_INSECURE}).
 
-    @raise usage.UsageError: C{GatewayAddress} or C{GatewayAuthSecret} is missing or malformed.
+    @raise DispatchError: a setting is missing or malformed.
     """
     address = env.get("GatewayAddress")
     if not isinstance(address, str) or not address:
-        raise usage.UsageError('Env.GatewayAddress is missing: expected "host:0" (or host:port)')
+        raise DispatchError('Env.GatewayAddress is missing: expected "host:0" (or host:port)')
     try:
         name, port = policy.split_host(address.encode("ascii"))
     except (policy.BadRequest, UnicodeEncodeError):
         port = None
-    if port is None or not name:
-        raise usage.UsageError(f"Env.GatewayAddress must be host:port, got {address!r}")
+    if port is None or not name or port > 65535:
+        raise DispatchError(f"Env.GatewayAddress must be host:port, got {address[:100]!r}")
     secret = env.get("GatewayAuthSecret")
     if not isinstance(secret, str) or not secret:
-        raise usage.UsageError(
+        raise DispatchError(
             "Env.GatewayAuthSecret is missing: refusing to start without a secret "
             "(the dispatcher passes hex(HMAC-SHA256(SystemRootToken, container UUID)))"
         )
-    if len(secret) < SECRET_LENGTH:
-        raise usage.UsageError(
-            f"Env.GatewayAuthSecret is too short ({len(secret)} characters, "
-            f"expected {SECRET_LENGTH} hex digits)"
+    if len(secret) != SECRET_LENGTH or not re.fullmatch(r"[0-9a-f]+", secret):
+        raise DispatchError(
+            f"Env.GatewayAuthSecret must be {SECRET_LENGTH} lower-case hex digits (an "
+            f"HMAC-SHA256 hex digest); got {len(secret)} characters"
+            + ("" if len(secret) != SECRET_LENGTH else " that are not all hex digits")
         )
+    _check_api_settings(env)
     return name.decode("ascii").strip("[]"), port, secret
+
+
+def _check_api_settings(env: dict[str, Any]) -> None:
+    host, token = env.get("ARVADOS_API_HOST"), env.get("ARVADOS_API_TOKEN")
+    if host is None and token is None:
+        return
+    if not isinstance(host, str) or not host:
+        raise DispatchError("Env.ARVADOS_API_HOST must be the API server's host:port")
+    try:
+        from arvproxy.backends.arvados import api_base_url
+
+        api_base_url(host)
+    except ValueError:
+        raise DispatchError(
+            f"Env.ARVADOS_API_HOST must be the API server's host:port, got {host[:100]!r}"
+        ) from None
+    if not isinstance(token, str) or not token or not token.isprintable():
+        raise DispatchError("Env.ARVADOS_API_TOKEN must be the dispatcher's API token")
+    insecure = env.get("ARVADOS_API_HOST_INSECURE", "")
+    if not isinstance(insecure, (str, bool)):
+        raise DispatchError('Env.ARVADOS_API_HOST_INSECURE must be "1", "true" or empty')
+
+
+def refuse(message: str) -> NoReturn:
+    """Stop a gateway that cannot start: one plain line on standard error, exit status 1."""
+    sys.stderr.write(f"crunch-run-gateway: error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(1)
 
 
 class Options(usage.Options):
@@ -153,8 +215,12 @@ class Options(usage.Options):
             if not has_cap_sys_admin():
                 raise usage.UsageError(f"--runtime docker: {PERMISSION_HINT}")
         self["cluster"] = read_config(self["config"])
-        self["dispatch"] = read_dispatch(self.stdin)
-        self["host"], self["port"], self["secret"] = parse_gateway_env(self["dispatch"]["Env"])
+        try:
+            self["dispatch"] = read_dispatch(self.stdin)
+            env = self["dispatch"]["Env"]
+            self["host"], self["port"], self["secret"] = parse_gateway_env(env)
+        except DispatchError as e:
+            refuse(str(e))
 
 
 class ContainerSupervisor(Service):
