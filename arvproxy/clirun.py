@@ -68,7 +68,7 @@ def add_commands(
     p = commands.add_parser("ls", help="list your containers, their ports and URLs")
     p.add_argument("--user", type=uuid_type(backends.USER_INFIX), help="whose (default: you)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(run=list_containers)
+    p.set_defaults(run=list_containers, read_only=True)
 
     p = commands.add_parser("cancel", help="stop a container")
     p.add_argument(
@@ -82,12 +82,22 @@ def add_commands(
 
 def local_user(store: RegistryStore, uuid: str | None) -> str:
     """C{uuid}, or the local user's UUID (created the first time)."""
+    return find_user(store, uuid) or store.create_user(LOCAL_USER_NAME).uuid
+
+
+def find_user(store: RegistryStore, uuid: str | None) -> str | None:
+    """
+    C{uuid}, or the local user's UUID; C{None} when there is no local user yet (nothing is
+    created: read-only commands use this).
+
+    @raise NotFound: no user C{uuid}.
+    """
     if uuid:
         return store.get_user(uuid).uuid
     for user in store.list_users():
         if user.full_name == LOCAL_USER_NAME:
             return user.uuid
-    return store.create_user(LOCAL_USER_NAME).uuid
+    return None
 
 
 def load_cli_config(args: argparse.Namespace) -> ClusterConfig:
@@ -204,9 +214,9 @@ def list_containers(store: RegistryStore, args: argparse.Namespace) -> Any:
     from arvproxy.cli import _Plain
 
     config = load_cli_config(args)
-    user = local_user(store, args.user)
+    user = find_user(store, args.user)
     rows: list[dict[str, Any]] = []
-    for request in store.list_container_requests(user):
+    for request in store.list_container_requests(user) if user is not None else []:
         if request.container_uuid is None:
             continue
         container = store.get_container(request.container_uuid)
