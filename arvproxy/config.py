@@ -20,6 +20,9 @@ touches nothing but the path arithmetic for C{Registry}.  The keys we read::
           Gateway:
             MaxClockSkew: 300s                # Arvados duration: "300s", "5m", "1h30m", 300
           CacheTTL: 10s                       # how long the front door keeps answers about tokens
+          ContainerLogs:                      # each container's output, kept on its node
+            Directory: container-logs         # default: beside the registry file
+            MaxBytes: 4194304                 # per container: the current file and one rotated
 
     With C{Backend: arvados}, two more Arvados keys are read::
 
@@ -112,6 +115,9 @@ class ClusterConfig:
     @ivar cache_ttl: seconds the front door keeps answers about tokens, container requests and
         permissions (0: not at all); a revoked token keeps working this long at most (with the
         embedded registry, not at all: its answers go as soon as the file changes).
+    @ivar container_logs: the directory of each container's kept output (absolute), or C{""}
+        to keep none (L{arvproxy.containerlogs}).
+    @ivar container_log_bytes: the most output kept per container.
     """
 
     source: str
@@ -129,6 +135,8 @@ class ClusterConfig:
     api_url: str = ""
     tls_insecure: bool = False
     cache_ttl: float = 10.0
+    container_logs: str = ""
+    container_log_bytes: int = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -175,10 +183,13 @@ ARVPROXY_KEYS = (
     "Timeouts",
     "Limits",
     "CacheTTL",
+    "ContainerLogs",
 )
 TIMEOUT_KEYS = ("ClientIdle", "RequestHeaders", "TunnelIdle", "ConnectSession", "ClusterRetry")
 LIMIT_KEYS = ("MaxRequestHeaderBytes", "MaxConnectionsPerContainer")
 GATEWAY_KEYS = ("MaxClockSkew",)
+CONTAINER_LOG_KEYS = ("Directory", "MaxBytes")
+MIN_CONTAINER_LOG_BYTES = 64 * 1024
 DEFAULT_LISTEN_PORT = 8900
 DEFAULT_REGISTRY = "arvproxy-registry.sqlite"
 MIN_TOKEN_LENGTH = 32
@@ -271,6 +282,7 @@ def parse_config(document: object, source: str, cluster_id: str | None = None) -
     skew = p.duration(gateway.get("MaxClockSkew", 300), f"{at_ap}.Gateway.MaxClockSkew")
     limits = p.limits(own, at_ap)
     cache_ttl = p.duration(own.get("CacheTTL", 10), f"{at_ap}.CacheTTL", zero_ok=True)
+    log_dir, log_bytes = p.container_logs(own, f"{at_ap}.ContainerLogs", registry)
     tls = p.mapping(cluster.get("TLS"), f"{at}.TLS", optional=True)
     insecure = tls.get("Insecure", False)
     if not isinstance(insecure, bool):
@@ -302,6 +314,8 @@ def parse_config(document: object, source: str, cluster_id: str | None = None) -
         api_url=api_url,
         tls_insecure=insecure,
         cache_ttl=cache_ttl,
+        container_logs=log_dir,
+        container_log_bytes=log_bytes,
     )
 
 
@@ -531,6 +545,28 @@ class _Parser:
             self.fail(key, f"expected the path of a SQLite file, got {_show(value)}")
         base = os.path.dirname(os.path.abspath(self.source))
         return os.path.normpath(os.path.join(base, value))
+
+    def container_logs(
+        self, own: Mapping[object, object], at: str, registry: str
+    ) -> tuple[str, int]:
+        """C{ArvProxy.ContainerLogs}: the directory (default: beside the registry), the bytes."""
+        logs = self.mapping(own.get("ContainerLogs"), at, optional=True)
+        self.known_keys(logs, at, CONTAINER_LOG_KEYS)
+        directory = logs.get("Directory")
+        if directory is None:
+            path = os.path.join(os.path.dirname(registry), "container-logs")
+        elif isinstance(directory, str) and directory.strip():
+            base = os.path.dirname(os.path.abspath(self.source))
+            path = os.path.normpath(os.path.join(base, directory))
+        else:
+            self.fail(f"{at}.Directory", f"expected a directory's path, got {_show(directory)}")
+        size = logs.get("MaxBytes", 4 * 1024 * 1024)
+        if isinstance(size, bool) or not isinstance(size, int) or size < MIN_CONTAINER_LOG_BYTES:
+            self.fail(
+                f"{at}.MaxBytes",
+                f"expected a whole number of at least {MIN_CONTAINER_LOG_BYTES}, got {_show(size)}",
+            )
+        return path, size
 
     def networks(
         self, value: object, key: str

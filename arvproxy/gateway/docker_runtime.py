@@ -153,6 +153,8 @@ class DockerRuntime:
         spec: Callable[[], Awaitable[ContainerSpec]] | None = None,
         container_id: str | None = None,
         adopt: bool = False,
+        output: Callable[[bytes], None] | None = None,
+        output_since: float | None = None,
         client_factory: Callable[[], Any] = default_client,
         connect_timeout: float = 10.0,
         stop_timeout: int = 10,
@@ -163,6 +165,10 @@ class DockerRuntime:
         @param container_id: the running container to attach to.
         @param adopt: own the container C{container_id} names: stop it when stopped, remove it
             once it has exited.
+        @param output: called (in a thread of this runtime) with the container's standard
+            output and error as they come, until it exits or is let go.
+        @param output_since: only output from this Unix time on (an adopted container's
+            earlier output was kept by the gateway before).
         @param client_factory: makes the Docker SDK client (called in a thread).
         @param wait_slice: seconds each blocking wait for the container lasts, so stopping
             never waits longer for a pool thread.
@@ -176,6 +182,11 @@ class DockerRuntime:
         # Whether the container is this runtime's to stop and remove.
         self._owned = container_id is None or adopt
         self._client_factory = client_factory
+        self._output = output
+        self._output_since = output_since
+        self._output_stream: Any = None
+        self._output_done: defer.Deferred[None] | None = None
+        self._output_closing = False
         self._stop_timeout = stop_timeout
         self._wait_slice = wait_slice
         self._pool = ThreadPool(minthreads=0, maxthreads=4, name="arvproxy-docker")
@@ -249,7 +260,37 @@ class DockerRuntime:
             else:
                 self.pid = pid
                 await self.namespace.check(self.reactor)
+        if self._output is not None:
+            self._output_done = self._call(self._copy_output)
+            self._output_done.addErrback(
+                lambda f: log.warn("Cannot read the container's output: {e}", e=f.value)
+            )
         self._watching = defer.ensureDeferred(self._watch())
+
+    def _copy_output(self) -> None:
+        """Hand the container's output to C{output} until it ends (blocking: in a thread)."""
+        assert self._output is not None
+        options: dict[str, Any] = {"stream": True, "follow": True, "stdout": True, "stderr": True}
+        if self._output_since:
+            options["since"] = self._output_since
+        stream = self.container.logs(**options)
+        self._output_stream = stream
+        try:
+            if not self._output_closing:
+                for chunk in stream:
+                    self._output(chunk)
+        finally:
+            stream.close()
+
+    async def _output_copied(self, let_go: bool) -> None:
+        """Wait until the output has all been handed on; C{let_go}: stop following it now."""
+        if self._output_done is None:
+            return
+        if let_go:
+            self._output_closing = True
+            if self._output_stream is not None:
+                await self._call(self._output_stream.close)
+        await self._output_done
 
     async def _ensure_image(self, image: str) -> None:
         import docker.errors
@@ -314,6 +355,8 @@ class DockerRuntime:
             self.namespace = None
         if self._stopping:
             code = None
+        # An exited container's output ends by itself; one let go must be let go of.
+        await self._output_copied(let_go=not self._owned)
         if self._owned:
             await self._log_tail()
             try:

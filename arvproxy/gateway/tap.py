@@ -27,6 +27,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from arvproxy import backends, policy
+from arvproxy.containerlogs import ContainerLog, Held, gateway_lock
 from arvproxy.gateway.runtime import HostRuntime, IRuntime
 from arvproxy.gateway.server import Gateway, tls_ports
 from arvproxy.gateway.watch import ContainerWatch, drain
@@ -194,6 +195,15 @@ class Options(usage.Options):
             "one (it is left running when the gateway stops).",
         ],
     ]
+    optFlags = [
+        [
+            "adopt",
+            None,
+            "With --docker-container: the container is one an earlier gateway created for this "
+            "record (a dispatcher re-attaching after a restart); own it as if created here: stop "
+            "it when stopped, remove it once it has exited.",
+        ],
+    ]
 
     stdin: IO[str] = sys.stdin
 
@@ -209,6 +219,8 @@ class Options(usage.Options):
             raise usage.UsageError(f'--runtime must be "host" or "docker", got {self["runtime"]!r}')
         if self["docker-container"] and self["runtime"] != "docker":
             raise usage.UsageError("--docker-container needs --runtime docker")
+        if self["adopt"] and not self["docker-container"]:
+            raise usage.UsageError("--adopt needs --docker-container")
         if self["runtime"] == "docker":
             from arvproxy.gateway.netns import PERMISSION_HINT, has_cap_sys_admin
 
@@ -255,8 +267,13 @@ class ContainerSupervisor(Service):
         gateway: Gateway,
         retry_deadline: float = DEADLINE,
         random: Callable[[], float] = _random.random,
+        output: ContainerLog | None = None,
     ) -> None:
+        """
+        @param output: where to note what happens to the container, besides the log.
+        """
         self._reactor = reactor
+        self._output = output
         # Start-up calls stop trying when the gateway is stopped; recording the end never does.
         self._start_retries = Retrier(reactor, retry_deadline, random)
         self._starting = RetryingCluster(cluster, self._start_retries)
@@ -289,6 +306,7 @@ class ContainerSupervisor(Service):
 
     async def _give_up(self, failure: Any) -> None:
         reason = describe(failure.value)
+        self._note(f"The gateway could not start the container: {reason}")
         try:
             await self._cluster.update_container(
                 self._uuid,
@@ -318,6 +336,7 @@ class ContainerSupervisor(Service):
         log.info(
             "Container {uuid} is Running; gateway at {address}", uuid=self._uuid, address=address
         )
+        self._note(f"The container is Running; its gateway listens at {address}.")
         self.finished = self._runtime.exited().addCallback(
             lambda code: defer.ensureDeferred(self._exited(code))
         )
@@ -354,8 +373,17 @@ class ContainerSupervisor(Service):
             )
         await drain(self._reactor, self._gateway.open_requests)
         log.info("Container {uuid} is {outcome}", uuid=self._uuid, outcome=outcome)
+        why = changes.get("runtime_status", {}).get("error")
+        self._note(f"The container is {outcome}" + (f": {why}." if why else "."))
         if self.running and self._reactor.running:
             self._reactor.stop()
+
+    def _note(self, text: str) -> None:
+        if self._output is not None:
+            try:
+                self._output.note(text)
+            except OSError as e:
+                log.warn("Cannot keep a note of container {uuid}: {e}", uuid=self._uuid, e=e)
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
@@ -382,6 +410,7 @@ class ContainerSupervisor(Service):
                 log.info(
                     "Container {uuid} was not Running yet: handed back (Queued)", uuid=self._uuid
                 )
+                self._note("The gateway was stopped before the container ran: Queued again.")
         except Exception as e:
             log.error("Cannot hand back container {uuid}: {e}", uuid=self._uuid, e=describe(e))
 
@@ -396,15 +425,26 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     uuid = options["container-uuid"]
     host, port, secret = options["host"], options["port"], options["secret"]
     cluster = open_cluster(reactor, config, options["dispatch"]["Env"])
+    output = _keep_output(config, uuid)
     runtime: IRuntime
     if options["runtime"] == "docker":
         from arvproxy.gateway.docker_runtime import DockerRuntime, spec_from_record
 
+        copy = output.write if output is not None else None
         if options["docker-container"]:
-            runtime = DockerRuntime(reactor, container_id=options["docker-container"])
+            since = output.last_written() if output is not None and options["adopt"] else None
+            runtime = DockerRuntime(
+                reactor,
+                container_id=options["docker-container"],
+                adopt=bool(options["adopt"]),
+                output=copy,
+                output_since=since,
+            )
         else:
             runtime = DockerRuntime(
-                reactor, spec=lambda: spec_from_record(cluster, uuid, config.external_url)
+                reactor,
+                spec=lambda: spec_from_record(cluster, uuid, config.external_url),
+                output=copy,
             )
     else:
         runtime = HostRuntime(reactor)
@@ -422,7 +462,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     top = StopInTurn()
     cluster.setServiceParent(top)
     supervisor = ContainerSupervisor(
-        reactor, cluster, uuid, runtime, gateway, config.limits.cluster_retry
+        reactor, cluster, uuid, runtime, gateway, config.limits.cluster_retry, output=output
     )
     supervisor.setServiceParent(top)
     reactor.callWhenRunning(_hand_back_on, signal.SIGUSR2, reactor, supervisor)
@@ -440,6 +480,24 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     )
     supervisor.listener.setServiceParent(top)
     return top
+
+
+def _keep_output(config: Any, uuid: str) -> ContainerLog | None:
+    """
+    Where the container's output and the gateway's notes are kept (C{None}: nowhere), once
+    this gateway holds the container's lock (see L{arvproxy.containerlogs}).  Held by the
+    process until it exits.
+    """
+    if not config.container_logs:
+        return None
+    lock = gateway_lock(config.container_logs, uuid)
+    try:
+        lock.acquire()
+    except Held as e:
+        refuse(f"another gateway already serves container {uuid} ({e})")
+    except OSError as e:
+        refuse(f"cannot keep the output of container {uuid} in {config.container_logs}: {e}")
+    return ContainerLog(config.container_logs, uuid, config.container_log_bytes)
 
 
 def _hand_back_on(signum: int, reactor: Any, supervisor: ContainerSupervisor) -> None:
