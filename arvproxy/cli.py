@@ -346,7 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(e), 1)
     except (RegistryError, sqlite3.Error, OSError) as e:
         return _fail(f"registry {path}: {e}", 1)
-    if isinstance(result, str):  # _Plain (also from modules that import it)
+    if result is None:  # the command wrote its output itself
+        pass
+    elif isinstance(result, str):  # _Plain (also from modules that import it)
         sys.stdout.write(result + "\n")
     else:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")

@@ -157,6 +157,10 @@ class OutputFollower:
             return
         self._inode, self._offset = stat.st_ino, stat.st_size
 
+    def read_all(self) -> bytes:
+        """Everything kept now, oldest first; L{read} then returns what comes after it."""
+        return _read_from(self._old, 0) + self.read()
+
     def read(self) -> bytes:
         out = b""
         try:

@@ -21,11 +21,13 @@ class ProxyError(Exception):
     @ivar hint: what the person can do about it, or C{""}.
     @ivar retry_after: seconds for a C{Retry-After} header, or C{None} for none.
     @ivar headers: further response headers (lower-case names), e.g. to mark who refused.
+    @ivar links: C{(label, URL)} pairs the page offers (e.g. the container's logs).
     """
 
     status = 500
     title = "Internal error"
     retry_after: int | None = None
+    links: tuple[tuple[str, str], ...] = ()
 
     def __init__(
         self,
