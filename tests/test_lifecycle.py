@@ -126,6 +126,32 @@ class TransientErrorTests(unittest.TestCase):
         self.assertEqual(code, -signal.SIGTERM, gateway.describe())  # twistd passes it on
 
 
+class PermanentErrorTests(unittest.TestCase):
+    """A permanent refusal ends the container at once, saying why, as crunch-run does."""
+
+    timeout = 120
+
+    def test_refused_update_cancels(self) -> defer.Deferred[None]:
+        """An API server that refuses Running (422) gets the container Cancelled with why."""
+        return run(self._refused())
+
+    async def _refused(self) -> None:
+        cluster = ArvadosGateway(self)
+        # Queued, not Locked: the API server refuses to move it to Running (as Arvados does).
+        cluster.api.containers[cluster.uuid]["state"] = "Queued"
+        gateway = cluster.spawn(self)
+        code = await gateway.ended
+        self.assertEqual(code, 1, gateway.describe())
+        record = cluster.record()
+        self.assertEqual(record["state"], "Cancelled")
+        status = record["runtime_status"]
+        self.assertEqual(status["error"], "the gateway could not start the container")
+        self.assertIn("refused to update container", status["errorDetail"])
+        self.assertNotIn("trying again", gateway.log_text())  # no retry of a refusal
+        puts = [c for c in cluster.api.calls if c.method in ("PUT", "PATCH")]
+        self.assertEqual(len(puts), 2)  # Running (refused), then Cancelled
+
+
 class SigtermTests(unittest.TestCase):
     """SIGTERM ends the container in a final state, never Running with a dead address."""
 

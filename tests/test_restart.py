@@ -159,3 +159,29 @@ class RestartTests(DockerChain):
         self.assertEqual(state, backends.CANCELLED)
         code, _, _ = yield defer.ensureDeferred(self.get(request, 8080))
         self.assertEqual(code, 410)
+
+    @defer.inlineCallbacks
+    def test_sigterm_gateway(self) -> Any:
+        """SIGTERM to a Docker gateway stops the container and records Cancelled, saying why."""
+        request = self.start(dockerhelp.serve_command([8080]), [8080])
+        uuid = request.container_uuid
+        assert uuid is not None
+        yield defer.ensureDeferred(self.running(request))
+        [pid] = gateway_pids(uuid)
+        os.kill(pid, 15)
+        container = yield defer.ensureDeferred(
+            self.until(uuid, "Cancelled", lambda c: c.state == backends.CANCELLED)
+        )
+        self.assertIn("SIGTERM", container.runtime_status.get("error", ""))
+        self.assertEqual(container.listening_ports, ())
+        yield defer.ensureDeferred(
+            wait_for(reactor, lambda: not gateway_pids(uuid), "the gateway to exit", timeout=60)
+        )
+        gone = yield deferToThread(
+            lambda: dockerhelp.client().containers.list(
+                all=True, filters={"label": f"{LABEL}={uuid}"}
+            )
+        )
+        self.assertEqual(gone, [])
+        code, _, _ = yield defer.ensureDeferred(self.get(request, 8080))
+        self.assertEqual(code, 410)
