@@ -269,13 +269,22 @@ def list_containers(store: RegistryStore, args: argparse.Namespace) -> Any:
     return _Plain("\n".join(lines))
 
 
-def cancel_container(store: RegistryStore, args: argparse.Namespace) -> Any:
-    uuid = args.uuid
+def container_of(store: RegistryStore, uuid: str) -> str:
+    """
+    The container C{uuid} names: itself, or a container request's container.
+
+    @raise CommandFailed: a request without a container.
+    """
     if backends.uuid_infix(uuid) == backends.CONTAINER_REQUEST_INFIX:
         request = store.get_container_request(uuid)
         if request.container_uuid is None:
             raise CommandFailed(f"container request {uuid} has no container")
         uuid = request.container_uuid
+    return uuid
+
+
+def cancel_container(store: RegistryStore, args: argparse.Namespace) -> Any:
+    uuid = container_of(store, args.uuid)
     container = store.get_container(uuid)
     if container.state in backends.FINAL_STATES:
         raise CommandFailed(f"container {uuid} has already finished ({container.state})")
@@ -315,12 +324,7 @@ def show_logs(
     """
     import sys
 
-    uuid = args.uuid
-    if backends.uuid_infix(uuid) == backends.CONTAINER_REQUEST_INFIX:
-        request = store.get_container_request(uuid)
-        if request.container_uuid is None:
-            raise CommandFailed(f"container request {uuid} has no container yet")
-        uuid = request.container_uuid
+    uuid = container_of(store, args.uuid)
     container = store.get_container(uuid)
     directory = logs_directory(args, store.path)
     follower = OutputFollower(directory, uuid)

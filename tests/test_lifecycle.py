@@ -92,6 +92,15 @@ class ArvadosGateway:
     def record(self) -> dict[str, Any]:
         return dict(self.api.containers[self.uuid])
 
+    async def until_running(self, gateway: e2e.Twistd) -> None:
+        await e2e.wait_for(
+            reactor,
+            lambda: self.record()["state"] == "Running" and self.record()["gateway_address"],
+            "the container to be Running",
+            [gateway],
+            timeout=60,
+        )
+
 
 def run(coroutine: Any) -> defer.Deferred[Any]:
     return defer.ensureDeferred(coroutine)
@@ -109,13 +118,7 @@ class TransientErrorTests(unittest.TestCase):
     async def _first_calls(self) -> None:
         cluster = ArvadosGateway(self, failing=3)
         gateway = cluster.spawn(self)
-        await e2e.wait_for(
-            reactor,
-            lambda: cluster.record()["state"] == "Running" and cluster.record()["gateway_address"],
-            "the container to be Running",
-            [gateway],
-            timeout=60,
-        )
+        await cluster.until_running(gateway)
         self.assertEqual(cluster.front.remaining, 0)
         self.assertEqual(len(cluster.front.failed), 3)
         self.assertTrue(gateway.running)
@@ -164,12 +167,7 @@ class SigtermTests(unittest.TestCase):
     async def _sigterm_arvados(self) -> None:
         cluster = ArvadosGateway(self)
         gateway = cluster.spawn(self)
-        await e2e.wait_for(
-            reactor,
-            lambda: cluster.record()["state"] == "Running",
-            "the container to be Running",
-            [gateway],
-        )
+        await cluster.until_running(gateway)
         address = cluster.record()["gateway_address"]
         self.assertTrue(e2e.accepting(int(address.rsplit(":", 1)[1])))
         code = await gateway.stop(reactor, "TERM")
@@ -208,12 +206,7 @@ class SigtermTests(unittest.TestCase):
     async def _hand_back(self) -> None:
         cluster = ArvadosGateway(self)
         gateway = cluster.spawn(self)
-        await e2e.wait_for(
-            reactor,
-            lambda: cluster.record()["state"] == "Running",
-            "the container to be Running",
-            [gateway],
-        )
+        await cluster.until_running(gateway)
         code = await gateway.stop(reactor, signal.SIGUSR2)  # type: ignore[arg-type]
         self.assertEqual(code, 0, gateway.describe())
         record = cluster.record()

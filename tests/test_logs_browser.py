@@ -15,7 +15,7 @@ from twisted.trial.unittest import TestCase
 from arvproxy import backends
 from arvproxy.backends.registry import RegistryStore
 from arvproxy.containerlogs import ContainerLog
-from tests.browser import Browser, start_browser_chain
+from tests.browser import Browser, sign_in, start_browser_chain
 
 REASON = "the gateway could not start the container"
 DETAIL = "cannot pull image example/broken:1: manifest unknown"
@@ -57,14 +57,7 @@ class LogsBrowserTests(TestCase):
         await deferToThread(fail)
         browser = await Browser.start(self)
         page = chain.config.external_url.url_for()
-        await browser.get(page)
-        await browser.wait_for_text("#sign-in", lambda t: "API token" in t)
-
-        def sign_in(driver: Any) -> None:
-            driver.find_element(By.ID, "token").send_keys(chain.token)
-            driver.find_element(By.CSS_SELECTOR, "#sign-in-form button").click()
-
-        await browser.call(sign_in)
+        await sign_in(browser, page, chain.token)
         card = f'.card[data-uuid="{failed.uuid}"]'
         text = await browser.wait_for_text(card, lambda t: "Why it ended" in t)
         self.assertIn(f"Why it ended: {REASON}", text)

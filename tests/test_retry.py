@@ -31,30 +31,26 @@ from arvproxy.retry import (
     transient_status,
 )
 
+STATUSES = [
+    (408, True),
+    (429, True),
+    (500, True),
+    (502, True),
+    (503, True),
+    (504, True),
+    (501, False),
+    (400, False),
+]
+"""API statuses, and whether each is worth another try."""
+
 
 class TransientTests(unittest.TestCase):
     """What is worth another try, and what is not."""
 
     def test_statuses(self) -> None:
         """408, 429 and every 5xx but 501 are transient; other 4xx and 501 are not."""
-        cases = [
-            (408, True),
-            (429, True),
-            (500, True),
-            (502, True),
-            (503, True),
-            (504, True),
-            (599, True),
-            (501, False),
-            (400, False),
-            (401, False),
-            (403, False),
-            (404, False),
-            (409, False),
-            (422, False),
-            (200, False),
-        ]
-        for status, expected in cases:
+        cases = [*STATUSES, (599, True), (401, False), (403, False), (404, False), (409, False)]
+        for status, expected in [*cases, (422, False), (200, False)]:
             self.assertEqual(transient_status(status), expected, status)
 
     def test_errors(self) -> None:
@@ -248,17 +244,7 @@ class BackendClassificationTests(unittest.TestCase):
         cluster = ArvadosCluster(reactor, server.url, ROOT_TOKEN, cluster_id="zzzzz", cache_ttl=0)
         cluster.startService()
         self.addCleanup(cluster.stopService)
-        cases = [
-            (408, True),
-            (429, True),
-            (500, True),
-            (502, True),
-            (503, True),
-            (504, True),
-            (501, False),
-            (400, False),
-        ]
-        for status, transient in cases:
+        for status, transient in STATUSES:
             api.outage = status
             failure = yield self.assertFailure(cluster.get_container(uuid), errors.ProxyError)
             self.assertEqual(is_transient(failure), transient, status)
