@@ -88,19 +88,30 @@ class BadGateway(ProxyError):
 
 
 class Unavailable(ProxyError):
-    """Not yet: the container is not running, or its service is not listening yet."""
+    """
+    Not yet: the container is not running, or its service is not listening yet, or the cluster
+    cannot answer.
+
+    @ivar transient: the cluster cannot answer for a moment: the same call may well succeed if
+        made again (the API server timed out, refused or dropped the connection, or answered
+        408, 429 or a 5xx other than 501; the registry's database stayed locked).
+        L{arvproxy.retry} retries these.
+    """
 
     status = 503
     title = "Not available yet"
     retry_after = 5
 
-
-class Transient(Unavailable):
-    """
-    The cluster cannot answer for a moment: the same call may well succeed if made again (the
-    API server timed out, refused or dropped the connection, or answered 408, 429 or a 5xx
-    other than 501; the registry's database stayed locked).  L{arvproxy.retry} retries these.
-    """
+    def __init__(
+        self,
+        message: str,
+        hint: str = "",
+        retry_after: int | None = None,
+        headers: dict[bytes, bytes] | None = None,
+        transient: bool = False,
+    ) -> None:
+        super().__init__(message, hint, retry_after, headers)
+        self.transient = transient
 
 
 class GatewayTimeout(ProxyError):

@@ -31,7 +31,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
-from arvproxy.errors import ProxyError, Transient
+from arvproxy.errors import ProxyError, Unavailable
 
 log = Logger()
 
@@ -66,12 +66,12 @@ def is_transient(error: BaseException) -> bool:
     """
     Whether a call that failed with C{error} may well succeed if made again in a moment.
 
-    A backend's L{ProxyError} decides by its class (L{Transient} is; every other one is not);
+    A backend's L{ProxyError} says so itself (an L{Unavailable} marked C{transient}; nothing else);
     below the backends, a refused, reset or timed-out connection is, and so is a busy SQLite
     database.  A TLS failure never is: no retry makes an untrusted certificate trusted.
     """
     if isinstance(error, ProxyError):
-        return isinstance(error, Transient)
+        return isinstance(error, Unavailable) and error.transient
     if _certificate_failure(error):
         return False
     if isinstance(

@@ -172,7 +172,7 @@ class FlakyRegistry:
         def call(*args: Any, **kwargs: Any) -> Any:
             if self.failures.get(name):
                 self.failures[name] -= 1
-                return defer.fail(errors.Transient("database is locked"))
+                return defer.fail(errors.Unavailable("database is locked", transient=True))
             return method(*args, **kwargs)
 
         return call

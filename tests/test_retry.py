@@ -66,7 +66,11 @@ class TransientTests(unittest.TestCase):
             ("no answer", ResponseNeverReceived([Failure(net_error.ConnectionLost())]), True),
             ("database locked", sqlite3.OperationalError("database is locked"), True),
             ("database busy", sqlite3.OperationalError("database table is busy"), True),
-            ("backend says transient", errors.Transient("503 from the API"), True),
+            (
+                "backend says transient",
+                errors.Unavailable("503 from the API", transient=True),
+                True,
+            ),
             ("untrusted certificate", tls, False),
             ("tls error", SSL.Error([]), False),
             ("backend unavailable for good", errors.Unavailable("wrong root token"), False),
@@ -127,7 +131,13 @@ class RetrierTests(unittest.TestCase):
 
     def test_transient_then_success(self) -> None:
         """Transient failures are tried again after growing waits, each logged once."""
-        call = Flaky([errors.Transient("API 503"), ConnectionRefusedError(), errors.Transient("x")])
+        call = Flaky(
+            [
+                errors.Unavailable("API 503", transient=True),
+                ConnectionRefusedError(),
+                errors.Unavailable("x", transient=True),
+            ]
+        )
         d = defer.Deferred.fromCoroutine(self.retrier.call("update container X", call))
         waits = [1.5, 2.5, 4.5]  # 1 + (2^n - 1) * 0.5
         for n, wait in enumerate(waits, start=1):
@@ -156,7 +166,7 @@ class RetrierTests(unittest.TestCase):
 
     def test_permanent_after_transient(self) -> None:
         """A permanent failure after transient ones ends the retries with it."""
-        call = Flaky([errors.Transient("503"), errors.Forbidden("no")])
+        call = Flaky([errors.Unavailable("503", transient=True), errors.Forbidden("no")])
         d = defer.Deferred.fromCoroutine(self.retrier.call("x", call))
         self.clock.advance(1.5)
         self.assertIsInstance(self.failureResultOf(d).value, errors.Forbidden)
@@ -164,13 +174,13 @@ class RetrierTests(unittest.TestCase):
     def test_deadline(self) -> None:
         """After the deadline (from the first failure) the last transient error is raised."""
         retrier = Retrier(self.clock, deadline=30.0, random=lambda: 0.999)
-        call = Flaky([errors.Transient(f"503 #{n}") for n in range(1000)])
+        call = Flaky([errors.Unavailable(f"503 #{n}", transient=True) for n in range(1000)])
         d = defer.Deferred.fromCoroutine(retrier.call("lock container X", call))
         while not d.called:
             self.clock.advance(0.5)
         self.assertLessEqual(self.clock.seconds(), 30.5)
         failure = self.failureResultOf(d)
-        self.assertIsInstance(failure.value, errors.Transient)
+        self.assertTrue(failure.value.transient)
         self.assertEqual(failure.value.message, f"503 #{call.calls - 1}")
         self.assertTrue(all(e["wait"] <= 3.0 for e in self.warnings()))  # a tenth of 30 s
         errors_logged = [e for e in self.events if e.get("log_level") == LogLevel.error]
@@ -179,7 +189,12 @@ class RetrierTests(unittest.TestCase):
 
     def test_stop(self) -> None:
         """Stopping the retrier ends a call waiting to try again with its last error."""
-        call = Flaky([errors.Transient("503"), errors.Transient("503 again")])
+        call = Flaky(
+            [
+                errors.Unavailable("503", transient=True),
+                errors.Unavailable("503 again", transient=True),
+            ]
+        )
         d = defer.Deferred.fromCoroutine(self.retrier.call("x", call))
         self.assertNoResult(d)
         self.retrier.stop()
@@ -211,7 +226,7 @@ class RetryingClusterTests(unittest.TestCase):
         """A method is retried with the same arguments; non-methods are the backend's."""
         clock = task.Clock()
         backend = FakeBackend()
-        backend.failures = [errors.Transient("busy")]
+        backend.failures = [errors.Unavailable("busy", transient=True)]
         events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
@@ -234,7 +249,7 @@ class BackendClassificationTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_arvados_statuses(self) -> Any:
-        """The API server's 408/429/5xx (not 501) and a refused connection are Transient."""
+        """The API server's 408/429/5xx (not 501) and a refused connection are transient."""
 
         api = FakeArvadosAPI("zzzzz", system_root_token=ROOT_TOKEN)
         uuid = api.add_container("Locked")
@@ -277,7 +292,7 @@ class BackendClassificationTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_embedded_locked_database(self) -> Any:
-        """The registry's "database is locked" is Transient; a pool that stopped is not."""
+        """The registry's "database is locked" is transient; a pool that stopped is not."""
         path = self.mktemp()
         store = RegistryStore(path, "zzzzz", busy_timeout=0.05)
         user = store.create_user("Locker")

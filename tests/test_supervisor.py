@@ -92,8 +92,8 @@ class SupervisorTests(unittest.TestCase):
     def test_transient_failures_at_start(self) -> None:
         """Transient failures at start are retried; the container gets Running, not Cancelled."""
         self.cluster.failures = {
-            "get_container": [errors.Transient("503"), ConnectionRefusedError()],
-            "update_container": [errors.Transient("API 502")],
+            "get_container": [errors.Unavailable("503", transient=True), ConnectionRefusedError()],
+            "update_container": [errors.Unavailable("API 502", transient=True)],
         }
         d = self.supervisor.serving(ADDRESS)
         self.runtime.starting.callback(None)
@@ -128,14 +128,14 @@ class SupervisorTests(unittest.TestCase):
             self.reactor, self.cluster, self.uuid, self.runtime, self.gateway, retry_deadline=30.0
         )
         supervisor.startService()
-        self.cluster.failures = {"get_container": [errors.Transient("503")] * 100}
+        self.cluster.failures = {"get_container": [errors.Unavailable("503", transient=True)] * 100}
         d = supervisor.serving(ADDRESS)
         for _ in range(40):
             self.reactor.advance(1.0)
         self.successResultOf(d)
         self.assertEqual(self.record().state, backends.CANCELLED)
         self.assertEqual(self.record().runtime_status["errorDetail"], "503")
-        self.flushLoggedErrors(errors.Transient)
+        self.flushLoggedErrors(errors.Unavailable)
 
     def test_stop_while_running(self) -> None:
         """Stopping a Running gateway stops the container and records Cancelled, saying why."""
@@ -152,7 +152,9 @@ class SupervisorTests(unittest.TestCase):
     def test_stop_waits_for_transient_failure_of_final_write(self) -> None:
         """The final state is written even through transient failures while stopping."""
         self.successResultOf(self.run_until_running())
-        self.cluster.failures = {"update_container": [errors.Transient("503")] * 3}
+        self.cluster.failures = {
+            "update_container": [errors.Unavailable("503", transient=True)] * 3
+        }
         stopped = self.supervisor.stopService()
         self.assertNoResult(stopped)
         for _ in range(20):
@@ -174,7 +176,7 @@ class SupervisorTests(unittest.TestCase):
 
     def test_stop_during_start_retries(self) -> None:
         """A stop while start-up calls are being retried ends the retries and hands back."""
-        self.cluster.failures = {"get_container": [errors.Transient("503")]}
+        self.cluster.failures = {"get_container": [errors.Unavailable("503", transient=True)]}
         self.supervisor.serving(ADDRESS)
         self.successResultOf(self.supervisor.stopService())
         self.assertEqual(self.record().state, backends.QUEUED)

@@ -82,7 +82,6 @@ from arvproxy.errors import (
     Forbidden,
     NotFound,
     ProxyError,
-    Transient,
     Unauthorized,
     Unavailable,
 )
@@ -316,9 +315,10 @@ class ArvadosCluster(Service):
                 path=path,
                 timeout=self._timeout,
             )
-            raise Transient(
+            raise Unavailable(
                 "The cluster's API server is not answering right now. "
-                "This page will retry by itself."
+                "This page will retry by itself.",
+                transient=True,
             ) from None
         except ProxyError:
             raise
@@ -329,10 +329,11 @@ class ArvadosCluster(Service):
                 path=path,
                 error=type(e).__name__,
             )
-            # Refused, reset, unreachable: worth another try; an untrusted certificate is not.
-            raise (Transient if is_transient(e) else Unavailable)(
+            raise Unavailable(
                 "The cluster's API server cannot be reached right now. "
-                "This page will retry by itself."
+                "This page will retry by itself.",
+                # Refused, reset, unreachable: worth another try; an untrusted certificate is not.
+                transient=is_transient(e),
             ) from None
         if status == 200:
             if not isinstance(answer, dict):
@@ -413,8 +414,9 @@ class ArvadosCluster(Service):
             return NotFound(f"There is no {what or 'such record'} that you can see.")
         if status == 422:
             return _Rejected(message)
-        return (Transient if transient_status(status) else Unavailable)(
-            "The cluster's API server is having trouble right now. This page will retry by itself."
+        return Unavailable(
+            "The cluster's API server is having trouble right now. This page will retry by itself.",
+            transient=transient_status(status),
         )
 
     # -- ICluster -------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from arvproxy.backends import Container, ContainerRequest, Credentials, ICluster, User
 from arvproxy.backends.registry import Link, RegistryError, RegistryStore, Token
-from arvproxy.errors import Transient, Unavailable
+from arvproxy.errors import Unavailable
 from arvproxy.retry import busy_database
 
 if TYPE_CHECKING:
@@ -140,9 +140,12 @@ class EmbeddedRegistry(Service):
         def unavailable(failure: Failure) -> NoReturn:
             failure.trap(sqlite3.Error, RegistryError, OSError)
             self.log.failure("registry call {name} failed", failure, name=f.__name__)
-            # A lock held past the busy timeout passes; a broken file does not.
-            kind = Transient if busy_database(failure.value) else Unavailable
-            raise kind("The cluster registry cannot answer right now.", hint="Try again shortly.")
+            raise Unavailable(
+                "The cluster registry cannot answer right now.",
+                hint="Try again shortly.",
+                # A lock held past the busy timeout passes; a broken file does not.
+                transient=busy_database(failure.value),
+            )
 
         return d.addErrback(unavailable)
 
