@@ -465,6 +465,9 @@ def _hold_dispatcher_lock(directory: str) -> None:
     lock = FileLock(os.path.join(directory, DISPATCHER_LOCK_NAME))
     try:
         lock.acquire()
-    except (Held, OSError) as e:
+    except Held as e:
         sys.stderr.write(f"arv-local-dispatcher: error: another dispatcher runs here ({e})\n")
+        raise SystemExit(1) from None
+    except OSError as e:
+        sys.stderr.write(f"arv-local-dispatcher: error: cannot use {lock.path}: {e}\n")
         raise SystemExit(1) from None

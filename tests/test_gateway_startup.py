@@ -152,3 +152,55 @@ class StdinErrorTests(unittest.TestCase):
         # Nothing was recorded for a gateway that never started.
         container = cluster.store.get_container(cluster.container_uuid)
         self.assertEqual(container.state, "Queued")
+
+
+class OneAtATimeTests(unittest.TestCase):
+    """One gateway per container and one dispatcher per registry: the second says so, exits 1."""
+
+    timeout = 120
+
+    def test_second_gateway_and_dispatcher(self) -> defer.Deferred[None]:
+        """A second gateway or dispatcher is refused in one line; the first keeps running."""
+        return defer.ensureDeferred(self._second())
+
+    async def _second(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        cluster = e2e.make_cluster(directory, 1)
+        self.addCleanup(cluster.store.close)
+        config = e2e.write_config(directory, e2e.free_port())
+        first = e2e.start_gateway(reactor, self, directory, config, cluster)
+        await e2e.wait_for(reactor, cluster.gateway_address, "the first gateway", [first])
+        address = cluster.gateway_address()
+        dispatcher_args = ["arv-local-dispatcher", "--config", config, "--runtime", "host"]
+        dispatcher = e2e.Twistd.spawn(reactor, directory, "dispatcher", dispatcher_args)
+        self.addCleanup(dispatcher.stop, reactor)
+        await e2e.wait_for(
+            reactor,
+            # It finds the container Running, served by a gateway that is not its own.
+            lambda: "a gateway still serves it" in dispatcher.log_text(),
+            "the dispatcher to leave the first gateway alone",
+            [dispatcher],
+        )
+        second = SeparateStreams.spawn(
+            reactor,
+            directory,
+            "second-gateway",
+            ["crunch-run-gateway", "--config", config, "--container-uuid", cluster.container_uuid],
+            stdin=e2e.dispatch_json(cluster.secret),
+        )
+        self.addCleanup(second.stop, reactor)
+        other = SeparateStreams.spawn(reactor, directory, "second-dispatcher", dispatcher_args)
+        self.addCleanup(other.stop, reactor)
+        for process, expected in [
+            (second, "another gateway already serves container"),
+            (other, "another dispatcher runs here"),
+        ]:
+            code = await process.ended
+            lines = process.stderr.decode().strip().splitlines()
+            self.assertEqual(code, 1, process.describe())
+            self.assertEqual(len(lines), 1, lines)
+            self.assertIn(expected, lines[0])
+            self.assertNotIn("Traceback", process.output.decode() + process.log_text())
+        self.assertTrue(first.running and dispatcher.running)
+        self.assertEqual(cluster.gateway_address(), address)

@@ -496,7 +496,14 @@ def _keep_output(config: Any, uuid: str) -> ContainerLog | None:
     except Held as e:
         refuse(f"another gateway already serves container {uuid} ({e})")
     except OSError as e:
-        refuse(f"cannot keep the output of container {uuid} in {config.container_logs}: {e}")
+        # Not keeping its output is no reason to keep a container from running.
+        log.warn(
+            "Cannot keep the output of container {uuid} in {directory}: {e}",
+            uuid=uuid,
+            directory=config.container_logs,
+            e=e,
+        )
+        return None
     return ContainerLog(config.container_logs, uuid, config.container_log_bytes)
 
 
