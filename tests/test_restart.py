@@ -26,13 +26,13 @@ from tests.test_docker_integration import DockerChain, gateway_pids
 class RestartTests(DockerChain):
     """controller + dispatcher + Docker, with the dispatcher killed and started again."""
 
-    def start_dispatcher(self, name: str) -> Twistd:
+    def start_dispatcher(self, name: str, *options: str) -> Twistd:
         config = os.path.join(self.directory, "config.yml")
         dispatcher = Twistd.spawn(
             reactor,
             self.directory,
             name,
-            ["arv-local-dispatcher", "--config", config, "--poll-interval", "0.5"],
+            ["arv-local-dispatcher", "--config", config, "--poll-interval", "0.5", *options],
         )
         self.addCleanup(lambda: defer.ensureDeferred(dispatcher.stop(reactor, grace=30)))
         return dispatcher
@@ -185,3 +185,30 @@ class RestartTests(DockerChain):
         self.assertEqual(gone, [])
         code, _, _ = yield defer.ensureDeferred(self.get(request, 8080))
         self.assertEqual(code, 410)
+
+    @defer.inlineCallbacks
+    def test_hand_back_restart(self) -> Any:
+        """A dispatcher stopped with --hand-back leaves the container running; the next attaches."""
+        yield defer.ensureDeferred(self.dispatcher.stop(reactor))
+        self.dispatcher = self.start_dispatcher("dispatcher-hand-back", "--hand-back")
+        request = self.start(dockerhelp.serve_command([8080]), [8080])
+        uuid = request.container_uuid
+        assert uuid is not None
+        yield defer.ensureDeferred(self.running(request))
+        docker_id = (yield deferToThread(self.docker_container, uuid)).id
+        yield defer.ensureDeferred(self.dispatcher.stop(reactor))
+        yield defer.ensureDeferred(
+            wait_for(reactor, lambda: not gateway_pids(uuid), "the gateway to hand back")
+        )
+        container = self.store.get_container(uuid)
+        self.assertEqual((container.state, container.gateway_address), (backends.RUNNING, ""))
+        code, _, _ = yield defer.ensureDeferred(self.get(request, 8080))
+        self.assertEqual(code, 503)  # no gateway for now: "not ready yet", with Retry-After
+        still = yield deferToThread(self.docker_container, uuid)
+        self.assertEqual((still.id, still.status), (docker_id, "running"))
+
+        self.dispatcher = self.start_dispatcher("dispatcher-after")
+        yield defer.ensureDeferred(self.running(request))
+        code, body, _ = yield defer.ensureDeferred(self.get(request, 8080))
+        self.assertEqual((code, body), (200, dockerhelp.HELLO))
+        self.assertEqual((yield deferToThread(self.docker_container, uuid)).id, docker_id)
