@@ -26,40 +26,48 @@ reactor: Any = _reactor
 
 class FirstCallsFail(Resource):
     """
-    The fake API server, except that its first C{count} calls get C{status} (with the API's
-    JSON error body), as a busy or restarting API server answers.
+    The fake API server, except that its first C{count} calls (of C{methods}, or any) get
+    C{status} (with the API's JSON error body), as a busy or restarting API server answers, or
+    one that refuses an update.
     """
 
     isLeaf = True
 
-    def __init__(self, api: FakeArvadosAPI, count: int, status: int = 503) -> None:
+    def __init__(
+        self,
+        api: FakeArvadosAPI,
+        count: int,
+        status: int = 503,
+        methods: frozenset[bytes] | None = None,
+    ) -> None:
         super().__init__()
         self.api = api
         self.remaining = count
         self.status = status
+        self.methods = methods
         self.failed: list[str] = []
 
     def render(self, request: Any) -> Any:
-        if self.remaining > 0:
+        if self.remaining > 0 and (self.methods is None or request.method in self.methods):
             self.remaining -= 1
             self.failed.append(f"{request.method.decode()} {request.path.decode()}")
             request.setResponseCode(self.status)
             request.setHeader(b"content-type", b"application/json")
-            return json.dumps({"errors": ["Service Unavailable"]}).encode()
+            return json.dumps({"errors": [f"status {self.status} from the test"]}).encode()
         return self.api.render(request)
 
 
 class ArvadosGateway:
     """A fake Arvados API server over HTTPS, with one Locked container and its request."""
 
-    def __init__(self, testcase: unittest.TestCase, failing: int = 0) -> None:
+    def __init__(self, testcase: unittest.TestCase, failing: int = 0, **failure: Any) -> None:
         self.directory = os.path.abspath(testcase.mktemp())
         os.makedirs(self.directory)
         self.api = FakeArvadosAPI(e2e.CLUSTER_ID, system_root_token=e2e.ROOT_TOKEN)
         user = self.api.add_user("Lifecycle Tester")
         self.uuid = self.api.add_container("Locked")
         self.api.add_container_request(user, container_uuid=self.uuid)
-        self.front = FirstCallsFail(self.api, failing)
+        self.front = FirstCallsFail(self.api, failing, **failure)
         options, _ = self_signed()
         self.server = FakeAPIServer(reactor, self.front, tls=options)  # type: ignore[arg-type]
         self.server.start()
@@ -139,9 +147,8 @@ class PermanentErrorTests(unittest.TestCase):
         return run(self._refused())
 
     async def _refused(self) -> None:
-        cluster = ArvadosGateway(self)
-        # Queued, not Locked: the API server refuses to move it to Running (as Arvados does).
-        cluster.api.containers[cluster.uuid]["state"] = "Queued"
+        # The first update (to Running) is refused, as an API server refuses a change.
+        cluster = ArvadosGateway(self, 1, status=422, methods=frozenset({b"PUT", b"PATCH"}))
         gateway = cluster.spawn(self)
         code = await gateway.ended
         self.assertEqual(code, 1, gateway.describe())
@@ -149,10 +156,11 @@ class PermanentErrorTests(unittest.TestCase):
         self.assertEqual(record["state"], "Cancelled")
         status = record["runtime_status"]
         self.assertEqual(status["error"], "the gateway could not start the container")
-        self.assertIn("refused to update container", status["errorDetail"])
+        self.assertIn("status 422 from the test", status["errorDetail"])
         self.assertNotIn("trying again", gateway.log_text())  # no retry of a refusal
+        self.assertEqual(len(cluster.front.failed), 1)
         puts = [c for c in cluster.api.calls if c.method in ("PUT", "PATCH")]
-        self.assertEqual(len(puts), 2)  # Running (refused), then Cancelled
+        self.assertEqual(len(puts), 1)  # after the refused one: Cancelled
 
 
 class SigtermTests(unittest.TestCase):
