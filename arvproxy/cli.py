@@ -9,6 +9,9 @@ the action itself failed (an unknown user, a broken configuration, an unusable r
 The registry file and cluster id come from C{--registry} and C{--cluster-id} when both are
 given; otherwise from the configuration file (C{--config}, else C{$ARVPROXY_CONFIG}, else
 C{conf/local.yml} when it exists), with either option overriding the file.
+
+Look-ups (C{list}, C{get}, C{ls}, C{logs}) only read: they open the registry read-only, and a
+registry file that does not exist is an error, never created.
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin", action="store_true", help="make the user an administrator")
     p.set_defaults(run=_user_create)
     p = user.add_parser("list", help="list users")
-    p.set_defaults(run=lambda store, args: [to_json(u) for u in store.list_users()])
+    p.set_defaults(run=lambda store, args: [to_json(u) for u in store.list_users()], read_only=True)
 
     token = commands.add_parser("token", help="API tokens").add_subparsers(
         dest="action", metavar="ACTION", required=True
@@ -142,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=lambda store, args: to_json(store.revoke_token(args.token)))
     p = token.add_parser("list", help="list tokens (never their secrets)")
     p.add_argument("--user", type=_uuid_of(USER_INFIX), help="only this user's tokens")
-    p.set_defaults(run=lambda store, args: [to_json(t) for t in store.list_tokens(args.user)])
+    p.set_defaults(
+        run=lambda store, args: [to_json(t) for t in store.list_tokens(args.user)], read_only=True
+    )
 
     request = commands.add_parser("container-request", help="container requests").add_subparsers(
         dest="action", metavar="ACTION", required=True
@@ -168,7 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = container.add_parser("list", help="list containers")
     p.add_argument("--state", choices=STATES, help="only containers in this state")
-    p.set_defaults(run=lambda store, args: [to_json(c) for c in store.list_containers(args.state)])
+    p.set_defaults(
+        run=lambda store, args: [to_json(c) for c in store.list_containers(args.state)],
+        read_only=True,
+    )
 
     permission = commands.add_parser("permission", help="permission links").add_subparsers(
         dest="action", metavar="ACTION", required=True
@@ -188,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("get", help="show any record by UUID")
     p.add_argument("uuid", type=_uuid_of(), metavar="UUID")
-    p.set_defaults(run=lambda store, args: store.get(args.uuid))
+    p.set_defaults(run=lambda store, args: store.get(args.uuid), read_only=True)
 
     add_run_commands(commands, add_port_options, _env_pair, _uuid_of)
     return parser
@@ -316,7 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         path, cluster_id = resolve_registry(args)
         try:
-            store = RegistryStore(path, cluster_id)
+            # Read-only commands never create the file, a schema or a user, nor change anything.
+            store = RegistryStore(path, cluster_id, read_only=getattr(args, "read_only", False))
         except ValueError as e:
             raise UsageError(str(e)) from None
         try:
@@ -337,7 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(e), 1)
     except (RegistryError, sqlite3.Error, OSError) as e:
         return _fail(f"registry {path}: {e}", 1)
-    if isinstance(result, str):  # _Plain (also from modules that import it)
+    if result is None:  # the command wrote its output itself
+        pass
+    elif isinstance(result, str):  # _Plain (also from modules that import it)
         sys.stdout.write(result + "\n")
     else:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")

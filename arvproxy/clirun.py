@@ -8,6 +8,9 @@ containers, cancel one.
   - C{arvproxy ls} lists the caller's containers: state, image, listening ports, URLs.
   - C{arvproxy cancel UUID} cancels a container (by its UUID or its request's); its gateway
     notices within seconds, stops it and exits.
+  - C{arvproxy logs UUID [-f]} prints what is kept of a container's output on this machine
+    (L{arvproxy.containerlogs}), following it with C{-f} until the container has finished,
+    then why it ended (on standard error).
 
 The caller is C{--user UUID}, or else the machine's local user (created on first use).
 """
@@ -23,6 +26,7 @@ from typing import Any
 from arvproxy import backends, policy
 from arvproxy.backends.registry import RegistryStore, to_json
 from arvproxy.config import ClusterConfig, load_config
+from arvproxy.containerlogs import OutputFollower
 
 LOCAL_USER_NAME = "Local user (arvproxy run)"
 TOKEN_TTL = 24 * 3600.0
@@ -68,7 +72,7 @@ def add_commands(
     p = commands.add_parser("ls", help="list your containers, their ports and URLs")
     p.add_argument("--user", type=uuid_type(backends.USER_INFIX), help="whose (default: you)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(run=list_containers)
+    p.set_defaults(run=list_containers, read_only=True)
 
     p = commands.add_parser("cancel", help="stop a container")
     p.add_argument(
@@ -79,15 +83,40 @@ def add_commands(
     )
     p.set_defaults(run=cancel_container)
 
+    p = commands.add_parser("logs", help="print a container's output and why it ended")
+    p.add_argument(
+        "uuid",
+        type=uuid_type(backends.CONTAINER_REQUEST_INFIX, backends.CONTAINER_INFIX),
+        metavar="UUID",
+        help="the container or its request",
+    )
+    p.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="keep printing what it writes until it has finished",
+    )
+    p.set_defaults(run=show_logs, read_only=True)
+
 
 def local_user(store: RegistryStore, uuid: str | None) -> str:
     """C{uuid}, or the local user's UUID (created the first time)."""
+    return find_user(store, uuid) or store.create_user(LOCAL_USER_NAME).uuid
+
+
+def find_user(store: RegistryStore, uuid: str | None) -> str | None:
+    """
+    C{uuid}, or the local user's UUID; C{None} when there is no local user yet (nothing is
+    created: read-only commands use this).
+
+    @raise NotFound: no user C{uuid}.
+    """
     if uuid:
         return store.get_user(uuid).uuid
     for user in store.list_users():
         if user.full_name == LOCAL_USER_NAME:
             return user.uuid
-    return store.create_user(LOCAL_USER_NAME).uuid
+    return None
 
 
 def load_cli_config(args: argparse.Namespace) -> ClusterConfig:
@@ -204,9 +233,9 @@ def list_containers(store: RegistryStore, args: argparse.Namespace) -> Any:
     from arvproxy.cli import _Plain
 
     config = load_cli_config(args)
-    user = local_user(store, args.user)
+    user = find_user(store, args.user)
     rows: list[dict[str, Any]] = []
-    for request in store.list_container_requests(user):
+    for request in store.list_container_requests(user) if user is not None else []:
         if request.container_uuid is None:
             continue
         container = store.get_container(request.container_uuid)
@@ -240,13 +269,22 @@ def list_containers(store: RegistryStore, args: argparse.Namespace) -> Any:
     return _Plain("\n".join(lines))
 
 
-def cancel_container(store: RegistryStore, args: argparse.Namespace) -> Any:
-    uuid = args.uuid
+def container_of(store: RegistryStore, uuid: str) -> str:
+    """
+    The container C{uuid} names: itself, or a container request's container.
+
+    @raise CommandFailed: a request without a container.
+    """
     if backends.uuid_infix(uuid) == backends.CONTAINER_REQUEST_INFIX:
         request = store.get_container_request(uuid)
         if request.container_uuid is None:
             raise CommandFailed(f"container request {uuid} has no container")
         uuid = request.container_uuid
+    return uuid
+
+
+def cancel_container(store: RegistryStore, args: argparse.Namespace) -> Any:
+    uuid = container_of(store, args.uuid)
     container = store.get_container(uuid)
     if container.state in backends.FINAL_STATES:
         raise CommandFailed(f"container {uuid} has already finished ({container.state})")
@@ -256,3 +294,70 @@ def cancel_container(store: RegistryStore, args: argparse.Namespace) -> Any:
         runtime_status={**container.runtime_status, "cancelled": "by arvproxy cancel"},
     )
     return to_json(container)
+
+
+FOLLOW_INTERVAL = 0.5
+"""Seconds between two looks at a followed container's output."""
+
+
+def logs_directory(args: argparse.Namespace, registry_path: str) -> str:
+    """Where the container logs are: the configuration's C{ContainerLogs.Directory}, else
+    beside the registry (its default)."""
+    from arvproxy.cli import CONFIG_ENV, DEFAULT_CONFIG
+
+    if args.config or os.environ.get(CONFIG_ENV) or os.path.exists(DEFAULT_CONFIG):
+        directory = load_cli_config(args).container_logs
+        if directory:
+            return directory
+    return os.path.join(os.path.dirname(os.path.abspath(registry_path)), "container-logs")
+
+
+def show_logs(
+    store: RegistryStore,
+    args: argparse.Namespace,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """
+    Print a container's kept output on standard output (following it with C{--follow} until
+    the container has finished and its gateway has written its last words), then how it
+    ended on standard error.
+    """
+    import sys
+
+    uuid = container_of(store, args.uuid)
+    container = store.get_container(uuid)
+    directory = logs_directory(args, store.path)
+    follower = OutputFollower(directory, uuid)
+    out = sys.stdout.buffer
+    kept = follower.read_all()
+    out.write(kept)
+    out.flush()
+    quiet = 0
+    while args.follow and quiet < 3:
+        # Once finished, a few more looks: the gateway writes its last note just after.
+        if container.state not in backends.FINAL_STATES or quiet:
+            sleep(FOLLOW_INTERVAL)
+        if container.state not in backends.FINAL_STATES:
+            container = store.get_container(uuid)
+        more = follower.read()
+        kept += more
+        out.write(more)
+        out.flush()
+        quiet = quiet + 1 if container.state in backends.FINAL_STATES and not more else 0
+    if not kept:
+        sys.stderr.write(f"arvproxy: no output of container {uuid} is kept in {directory}\n")
+    if container.state in backends.FINAL_STATES:
+        sys.stderr.write(f"arvproxy: {describe_end(container)}\n")
+    return None
+
+
+def describe_end(container: backends.Container) -> str:
+    """How a finished container ended, in a line: its state, exit code and reason."""
+    text = f"container {container.uuid} is {container.state}"
+    if container.exit_code is not None:
+        text += f" (exit code {container.exit_code})"
+    status = container.runtime_status or {}
+    reason = ": ".join(
+        str(status[key]) for key in ("error", "errorDetail") if isinstance(status.get(key), str)
+    )
+    return f"{text}: {reason}" if reason else text

@@ -21,6 +21,9 @@ touches nothing but the path arithmetic for C{Registry}.  The keys we read::
             MaxClockSkew: 300s                # Arvados duration: "300s", "5m", "1h30m", 300
             SignForOldGateways: false         # true while gateways from before bound signatures run
           CacheTTL: 10s                       # how long the front door keeps answers about tokens
+          ContainerLogs:                      # each container's output, kept on its node
+            Directory: container-logs         # default: beside the registry file
+            MaxBytes: 4194304                 # per container: the current file and one rotated
 
     With C{Backend: arvados}, two more Arvados keys are read::
 
@@ -116,6 +119,9 @@ class ClusterConfig:
     @ivar cache_ttl: seconds the front door keeps answers about tokens, container requests and
         permissions (0: not at all); a revoked token keeps working this long at most (with the
         embedded registry, not at all: its answers go as soon as the file changes).
+    @ivar container_logs: the directory of each container's kept output (absolute), or C{""}
+        to keep none (L{arvproxy.containerlogs}).
+    @ivar container_log_bytes: the most output kept per container.
     """
 
     source: str
@@ -134,6 +140,8 @@ class ClusterConfig:
     api_url: str = ""
     tls_insecure: bool = False
     cache_ttl: float = 10.0
+    container_logs: str = ""
+    container_log_bytes: int = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -162,6 +170,8 @@ class Limits:
     @ivar response_headers: seconds the front door waits for the head of an answer (or of a
         WebSocket's C{101}) once the whole request has gone to the gateway; 504 after that.
         The body that follows, and a WebSocket, may then take as long as they like.
+    @ivar cluster_retry: seconds a gateway or the local dispatcher keeps trying a call to the
+        cluster that fails for a moment (L{arvproxy.retry}), from its first failure.
     @ivar max_header_bytes: the largest request line plus headers accepted; larger gets 431.
     @ivar max_connections_per_container: requests and tunnels open at once to one container;
         more get 503 with Retry-After.
@@ -181,6 +191,7 @@ class Limits:
     tls_handshake: float = 10.0
     carrier_handshake: float = 10.0
     response_headers: float = 300.0
+    cluster_retry: float = 600.0
     max_header_bytes: int = 32 * 1024
     max_connections_per_container: int = 1000
     max_anonymous_connections_per_container: int | None = None
@@ -211,12 +222,14 @@ ARVPROXY_KEYS = (
     "Timeouts",
     "Limits",
     "CacheTTL",
+    "ContainerLogs",
 )
 TIMEOUT_KEYS = (
     "ClientIdle",
     "RequestHeaders",
     "TunnelIdle",
     "ConnectSession",
+    "ClusterRetry",
     "TLSHandshake",
     "CarrierHandshake",
     "ResponseHeaders",
@@ -228,6 +241,8 @@ LIMIT_KEYS = (
     "MaxAnonymousConnectionsPerAddress",
 )
 GATEWAY_KEYS = ("MaxClockSkew", "SignForOldGateways")
+CONTAINER_LOG_KEYS = ("Directory", "MaxBytes")
+MIN_CONTAINER_LOG_BYTES = 64 * 1024
 DEFAULT_LISTEN_PORT = 8900
 DEFAULT_REGISTRY = "arvproxy-registry.sqlite"
 MIN_TOKEN_LENGTH = 32
@@ -326,6 +341,7 @@ def parse_config(document: object, source: str, cluster_id: str | None = None) -
         )
     limits = p.limits(own, at_ap)
     cache_ttl = p.duration(own.get("CacheTTL", 10), f"{at_ap}.CacheTTL", zero_ok=True)
+    log_dir, log_bytes = p.container_logs(own, f"{at_ap}.ContainerLogs", registry)
     tls = p.mapping(cluster.get("TLS"), f"{at}.TLS", optional=True)
     insecure = tls.get("Insecure", False)
     if not isinstance(insecure, bool):
@@ -358,6 +374,8 @@ def parse_config(document: object, source: str, cluster_id: str | None = None) -
         api_url=api_url,
         tls_insecure=insecure,
         cache_ttl=cache_ttl,
+        container_logs=log_dir,
+        container_log_bytes=log_bytes,
     )
 
 
@@ -616,6 +634,28 @@ class _Parser:
         base = os.path.dirname(os.path.abspath(self.source))
         return os.path.normpath(os.path.join(base, value))
 
+    def container_logs(
+        self, own: Mapping[object, object], at: str, registry: str
+    ) -> tuple[str, int]:
+        """C{ArvProxy.ContainerLogs}: the directory (default: beside the registry), the bytes."""
+        logs = self.mapping(own.get("ContainerLogs"), at, optional=True)
+        self.known_keys(logs, at, CONTAINER_LOG_KEYS)
+        directory = logs.get("Directory")
+        if directory is None:
+            path = os.path.join(os.path.dirname(registry), "container-logs")
+        elif isinstance(directory, str) and directory.strip():
+            base = os.path.dirname(os.path.abspath(self.source))
+            path = os.path.normpath(os.path.join(base, directory))
+        else:
+            self.fail(f"{at}.Directory", f"expected a directory's path, got {_show(directory)}")
+        size = logs.get("MaxBytes", 4 * 1024 * 1024)
+        if isinstance(size, bool) or not isinstance(size, int) or size < MIN_CONTAINER_LOG_BYTES:
+            self.fail(
+                f"{at}.MaxBytes",
+                f"expected a whole number of at least {MIN_CONTAINER_LOG_BYTES}, got {_show(size)}",
+            )
+        return path, size
+
     def networks(
         self, value: object, key: str
     ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -692,6 +732,7 @@ class _Parser:
             tls_handshake=duration("TLSHandshake", defaults.tls_handshake),
             carrier_handshake=duration("CarrierHandshake", defaults.carrier_handshake),
             response_headers=duration("ResponseHeaders", defaults.response_headers),
+            cluster_retry=duration("ClusterRetry", defaults.cluster_retry),
             max_header_bytes=count("MaxRequestHeaderBytes", defaults.max_header_bytes, 1024),
             max_connections_per_container=cap,
             max_anonymous_connections_per_container=anonymous,

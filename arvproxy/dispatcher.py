@@ -8,12 +8,21 @@ the container, marks it C{Running} and records how it ended.  The dispatcher wat
 gateways: one that exits while its container is not final (it crashed, was killed, or never got
 the container running in time) has its container marked C{Cancelled} with the reason in
 C{runtime_status}, so no container stays C{Locked} or C{Running} forever.
+
+When it starts, it settles the C{Locked} and C{Running} containers an earlier dispatcher left
+(L{arvproxy.reconcile}): a new gateway for a C{Locked} one, a gateway attached to a Docker
+container that still runs, a final state for one that is gone.  Calls to the registry ride out
+transient failures (L{arvproxy.retry}).  When it stops, its gateways stop their containers
+(C{Cancelled}), or with C{--hand-back} leave them running for the next dispatcher to attach to.
+One dispatcher runs per registry: it holds C{dispatcher.lock} in the container logs directory.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +34,10 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from arvproxy import backends, policy
-from arvproxy.service import open_cluster, read_config
+from arvproxy.containerlogs import DISPATCHER_LOCK_NAME, FileLock, Held, gateway_running
+from arvproxy.reconcile import IInventory, NoInventory, Reconciler
+from arvproxy.retry import DEADLINE, Retrier, RetryingCluster
+from arvproxy.service import StopInTurn, open_cluster, read_config
 
 log = Logger()
 
@@ -33,9 +45,14 @@ GATEWAY_ADDRESS = "127.0.0.1:0"
 """Where gateways listen: loopback, a random port (the controller runs on this machine)."""
 
 
-def gateway_argv(config_path: str, uuid: str, runtime: str) -> list[str]:
-    """The command that runs the gateway of container C{uuid}."""
-    return [
+def gateway_argv(
+    config_path: str, uuid: str, runtime: str, attach_to: str | None = None
+) -> list[str]:
+    """
+    The command that runs the gateway of container C{uuid}; with C{attach_to}, one that adopts
+    that running Docker container (an earlier gateway's) instead of creating one.
+    """
+    argv = [
         sys.executable,
         "-m",
         "twisted",
@@ -48,12 +65,18 @@ def gateway_argv(config_path: str, uuid: str, runtime: str) -> list[str]:
         "--runtime",
         runtime,
     ]
+    if attach_to is not None:
+        argv += ["--docker-container", attach_to, "--adopt"]
+    return argv
 
 
 def dispatch_document(secret: str) -> bytes:
     """The JSON a gateway reads on standard input."""
     env = {"GatewayAddress": GATEWAY_ADDRESS, "GatewayAuthSecret": secret}
     return json.dumps({"Env": env}).encode("ascii") + b"\n"
+
+
+OK = "exit status 0"
 
 
 def describe_exit(reason: Any) -> str:
@@ -85,7 +108,7 @@ class GatewayProcess(protocol.ProcessProtocol):
         for line in lines:
             log.info("gateway {uuid}: {line}", uuid=self.uuid, line=line.decode("utf-8", "replace"))
 
-    def signal(self, name: str) -> None:
+    def signal(self, name: str | int) -> None:
         try:
             assert self.transport is not None
             self.transport.signalProcess(name)
@@ -106,7 +129,13 @@ class LocalDispatcher(Service):
     @param spawn: C{reactor.spawnProcess}'s signature, for tests.
     @param cleanup: called in a thread with a container UUID after its gateway died, to remove
         what the gateway left behind (its Docker container); C{None} for nothing.
+    @param inventory: the runtime's containers, for settling those an earlier dispatcher left.
+    @param gateway_running: whether a gateway (of any dispatcher) runs for a container here.
+    @param hand_back: when stopped, have the gateways hand their containers back (SIGUSR2:
+        left running for the next dispatcher) instead of stopping them (SIGTERM: Cancelled).
     @ivar gateways: the running gateway processes by container UUID.
+    @ivar orphans: containers whose gateway an earlier dispatcher left running; settled once
+        that gateway is gone.
     """
 
     def __init__(
@@ -120,11 +149,22 @@ class LocalDispatcher(Service):
         start_timeout: float = 600.0,
         stop_timeout: float = 30.0,
         spawn: Callable[..., Any] | None = None,
-        argv: Callable[[str, str, str], list[str]] = gateway_argv,
+        argv: Callable[..., list[str]] = gateway_argv,
         cleanup: Callable[[str], Any] | None = None,
+        inventory: IInventory | None = None,
+        gateway_running: Callable[[str], bool] = lambda uuid: False,
+        hand_back: bool = False,
+        retry_deadline: float = DEADLINE,
     ) -> None:
         self._reactor = reactor
-        self._cluster = cluster
+        self._retrier = Retrier(reactor, retry_deadline)
+        self._cluster = RetryingCluster(cluster, self._retrier)
+        self._gateway_running = gateway_running
+        self._hand_back = hand_back
+        self._reconciler = Reconciler(
+            self._cluster, inventory or NoInventory(), self._running_elsewhere, self.start_gateway
+        )
+        self.orphans: set[str] = set()
         self._config_path = config_path
         self._root_token = system_root_token
         self._runtime = runtime
@@ -149,25 +189,45 @@ class LocalDispatcher(Service):
         if not self._stopping:
             self._looping = self._loop.start(self._poll_interval, now=True)
 
+    def _running_elsewhere(self, uuid: str) -> bool:
+        """Whether a gateway not started by this dispatcher serves C{uuid} (an orphan)."""
+        running = uuid not in self.gateways and self._gateway_running(uuid)
+        if running:
+            self.orphans.add(uuid)
+        return running
+
     async def recover(self) -> None:
         """
-        Cancel containers a previous dispatcher locked but whose gateway never marked them
-        Running: nobody will ever run them.
+        Settle the containers an earlier dispatcher left C{Locked} or C{Running} (see
+        L{arvproxy.reconcile}), then remove Docker containers whose record is final.
         """
         try:
-            locked = await self._cluster.list_containers(backends.LOCKED)
+            owned = [
+                *await self._cluster.list_containers(backends.LOCKED),
+                *await self._cluster.list_containers(backends.RUNNING),
+            ]
         except Exception:
-            log.failure("Cannot list Locked containers")
+            log.failure("Cannot list the Locked and Running containers")
             return
-        for container in locked:
-            if container.uuid not in self.gateways:
-                await self._cancel(
-                    container.uuid, "the dispatcher restarted before its gateway started it"
-                )
+        steps = await self._reconciler.reconcile(
+            c for c in owned if c.uuid not in self.gateways and not self._stopping
+        )
+        await self._reconciler.remove_leftovers({step.uuid: step for step in steps})
+
+    async def _settle_orphans(self) -> None:
+        """Settle the containers whose orphaned gateway has gone since the last look."""
+        for uuid in sorted(self.orphans):
+            if self._gateway_running(uuid):
+                continue
+            self.orphans.discard(uuid)
+            container = await self._cluster.get_container(uuid)
+            await self._reconciler.reconcile([container])
 
     async def poll(self) -> None:
         """Lock and start every queued container (never fails)."""
         try:
+            if self.orphans:
+                await self._settle_orphans()
             queued = await self._cluster.list_containers(backends.QUEUED)
             for container in queued:
                 if self._stopping:
@@ -177,16 +237,20 @@ class LocalDispatcher(Service):
         except Exception:
             log.failure("Cannot dispatch queued containers")
 
-    def start_gateway(self, uuid: str) -> defer.Deferred[None]:
+    def start_gateway(self, uuid: str, attach_to: str | None = None) -> defer.Deferred[None]:
         """
-        Start the gateway of a container this dispatcher has locked.
+        Start the gateway of a container this dispatcher has locked (or, with C{attach_to},
+        of a running one whose Docker container that is).
 
         @return: a Deferred that fires when it has started, or when the container has been
             cancelled because it could not be.
         """
         secret = policy.gateway_secret(self._root_token, uuid)
         process = GatewayProcess(uuid, dispatch_document(secret), self._gateway_ended)
-        argv = self._argv(self._config_path, uuid, self._runtime)
+        if attach_to is None:
+            argv = self._argv(self._config_path, uuid, self._runtime)
+        else:
+            argv = self._argv(self._config_path, uuid, self._runtime, attach_to)
         try:
             self._spawn(process, argv[0], argv, env=dict(os.environ))
         except Exception as e:
@@ -230,6 +294,15 @@ class LocalDispatcher(Service):
         if container.state in backends.FINAL_STATES:
             log.info("The gateway of {uuid} ended ({how})", uuid=uuid, how=how)
             return
+        if container.state == backends.QUEUED:
+            # Stopped before its container ran, it handed it back: the next poll runs it.
+            log.info("The gateway of {uuid} ended ({how}), handing it back", uuid=uuid, how=how)
+            return
+        if container.state == backends.RUNNING and not container.gateway_address and how == OK:
+            # Handed back while running (SIGUSR2): a new gateway takes it over.
+            log.info("The gateway of {uuid} handed it back: attaching a new one", uuid=uuid)
+            await self._reconciler.reconcile([container])
+            return
         log.warn(
             "The gateway of {uuid} ended ({how}) while the container was {state}",
             uuid=uuid,
@@ -255,16 +328,20 @@ class LocalDispatcher(Service):
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
-        """Stop polling; stop every gateway (they stop their containers), killing stragglers."""
+        """
+        Stop polling; stop every gateway (they stop their containers, or hand them back),
+        killing stragglers.
+        """
         super().stopService()
         self._stopping = True
+        self._retrier.stop()
         if self._loop.running:
             self._loop.stop()
         if self._looping is not None:
             yield self._looping
         processes = list(self.gateways.values())
         for process in processes:
-            process.signal("TERM")
+            process.signal(signal.SIGUSR2 if self._hand_back else "TERM")
 
         def kill_all() -> None:
             for process in processes:
@@ -294,6 +371,14 @@ class Options(usage.Options):
         "Run the embedded registry's queued containers on this machine: lock each one and "
         "start a crunch-run-gateway for it."
     )
+    optFlags = [
+        [
+            "hand-back",
+            None,
+            "When stopped, leave the containers running (their gateways hand them back) for "
+            "the next dispatcher to attach to, instead of stopping them (Cancelled).",
+        ],
+    ]
     optParameters = [
         ["config", "c", None, "The cluster configuration file (YAML)."],
         ["runtime", None, "docker", 'The gateways\' runtime: "docker" or "host".'],
@@ -338,7 +423,20 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
         reactor = global_reactor
     config = options["cluster"]
-    top = MultiService()
+    running: Callable[[str], bool] = _no_gateway
+    if config.container_logs:
+        _hold_dispatcher_lock(config.container_logs)
+        running = functools.partial(gateway_running, config.container_logs)
+    inventory: IInventory = NoInventory()
+    if options["runtime"] == "docker":
+        from arvproxy.gateway.docker_inventory import DockerInventory
+
+        inventory = DockerInventory(
+            config.cluster_id,
+            output_directory=config.container_logs,
+            output_bytes=config.container_log_bytes,
+        )
+    top = StopInTurn()
     cluster = open_cluster(reactor, config)
     cluster.setServiceParent(top)
     LocalDispatcher(
@@ -350,5 +448,26 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         poll_interval=options["poll-interval"],
         start_timeout=options["start-timeout"],
         cleanup=remove_docker_leftover if options["runtime"] == "docker" else None,
+        inventory=inventory,
+        gateway_running=running,
+        hand_back=bool(options["hand-back"]),
+        retry_deadline=config.limits.cluster_retry,
     ).setServiceParent(top)
     return top
+
+
+def _no_gateway(uuid: str) -> bool:
+    return False
+
+
+def _hold_dispatcher_lock(directory: str) -> None:
+    """Hold this registry's dispatcher lock until the process exits; exit 1 if it is held."""
+    lock = FileLock(os.path.join(directory, DISPATCHER_LOCK_NAME))
+    try:
+        lock.acquire()
+    except Held as e:
+        sys.stderr.write(f"arv-local-dispatcher: error: another dispatcher runs here ({e})\n")
+        raise SystemExit(1) from None
+    except OSError as e:
+        sys.stderr.write(f"arv-local-dispatcher: error: cannot use {lock.path}: {e}\n")
+        raise SystemExit(1) from None

@@ -21,11 +21,13 @@ class ProxyError(Exception):
     @ivar hint: what the person can do about it, or C{""}.
     @ivar retry_after: seconds for a C{Retry-After} header, or C{None} for none.
     @ivar headers: further response headers (lower-case names), e.g. to mark who refused.
+    @ivar links: C{(label, URL)} pairs the page offers (e.g. the container's logs).
     """
 
     status = 500
     title = "Internal error"
     retry_after: int | None = None
+    links: tuple[tuple[str, str], ...] = ()
 
     def __init__(
         self,
@@ -86,11 +88,30 @@ class BadGateway(ProxyError):
 
 
 class Unavailable(ProxyError):
-    """Not yet: the container is not running, or its service is not listening yet."""
+    """
+    Not yet: the container is not running, or its service is not listening yet, or the cluster
+    cannot answer.
+
+    @ivar transient: the cluster cannot answer for a moment: the same call may well succeed if
+        made again (the API server timed out, refused or dropped the connection, or answered
+        408, 429 or a 5xx other than 501; the registry's database stayed locked).
+        L{arvproxy.retry} retries these.
+    """
 
     status = 503
     title = "Not available yet"
     retry_after = 5
+
+    def __init__(
+        self,
+        message: str,
+        hint: str = "",
+        retry_after: int | None = None,
+        headers: dict[bytes, bytes] | None = None,
+        transient: bool = False,
+    ) -> None:
+        super().__init__(message, hint, retry_after, headers)
+        self.transient = transient
 
 
 class GatewayTimeout(ProxyError):

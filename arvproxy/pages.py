@@ -34,7 +34,7 @@ h1 {{ font-size: 1.5rem; }}
 <main>
 <h1>{title} <span class="status">({status})</span></h1>
 <p>{message}</p>
-{hint}
+{hint}{links}
 </main>
 </body>
 </html>
@@ -72,11 +72,16 @@ def render_error(request: Any, error: ProxyError) -> None:
         if error.retry_after is not None:
             refresh = f'\n<meta http-equiv="refresh" content="{error.retry_after}">'
         hint = f'<p class="hint">{escape(error.hint)}</p>' if error.hint else ""
+        links = "".join(
+            f'\n<p class="links"><a href="{escape(url)}">{escape(label)}</a></p>'
+            for label, url in error.links
+        )
         body = _PAGE.format(
             status=error.status,
             title=escape(error.title),
             message=escape(error.message),
             hint=hint,
+            links=links,
             refresh=refresh,
         ).encode("utf-8")
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
@@ -87,6 +92,8 @@ def render_error(request: Any, error: ProxyError) -> None:
         document: dict[str, Any] = {"errors": [error.message], "status": error.status}
         if error.hint:
             document["hint"] = error.hint
+        if error.links:
+            document["links"] = {label.lower(): url for label, url in error.links}
         body = json.dumps(document).encode("utf-8") + b"\n"
         request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"content-length", b"%d" % (len(body),))

@@ -11,8 +11,9 @@ import sqlite3
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
 from twisted.internet import defer, endpoints
+from twisted.internet.error import CannotListenError
 from twisted.internet.tcp import makeBinding
 from twisted.logger import Logger
 from twisted.python import usage
@@ -160,24 +161,39 @@ class ListeningService(Service):
         if not self.listening.called:
             self.listening.errback(failure)
         # Exit non-zero, also when listening failed at once, before the reactor ran.
-        fatal(failure, self._reactor, f"cannot start listening on {self._description}")
+        if failure.check(CannotListenError):
+            # A plain mistake (the address is taken, or not this machine's): no traceback.
+            reason = failure.value.socketError
+            fatal(failure, self._reactor, f"cannot listen on {self._description}: {reason}", True)
+        else:
+            fatal(failure, self._reactor, f"cannot start listening on {self._description}")
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         super().stopService()
         if self.port is not None:
-            yield self.port.stopListening()
-            self.port = None
+            # Taken before waiting, so that nobody stops the same port a second time meanwhile.
+            port, self.port = self.port, None
+            yield port.stopListening()
         if self._on_stopping is not None:
             yield self._on_stopping()
 
 
-def fatal(failure: Any, reactor: Any, what: str) -> None:
+def fatal(failure: Any, reactor: Any, what: str, plain: bool = False) -> None:
     """
     Stop the process because it cannot do its job: log why, stop the reactor, and exit with
     status 1 once the reactor has shut down cleanly (so supervisors and dispatchers notice).
+
+    @param plain: C{what} says it all: log it without a traceback, and write it as one line
+        on standard error too.
     """
-    log.failure("Fatal: {what}", failure, what=what)
+    if plain:
+        log.error("Fatal: {what}", what=what)
+        import os
+
+        os.write(2, f"error: {what}\n".encode("utf-8", "replace"))
+    else:
+        log.failure("Fatal: {what}", failure, what=what)
 
     def exit_now() -> None:
         import os
@@ -192,3 +208,20 @@ def fatal(failure: Any, reactor: Any, what: str) -> None:
         reactor.stop()
     else:
         reactor.callWhenRunning(reactor.stop)
+
+
+class StopInTurn(MultiService):
+    """
+    A C{MultiService} whose children stop one at a time, the last added first, each once the
+    one before has finished stopping (C{MultiService} stops them all at once).  A gateway
+    needs its cluster backend until it has recorded how its container ended.
+    """
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        for service in reversed(list(self)):
+            try:
+                yield defer.maybeDeferred(service.stopService)
+            except Exception:
+                log.failure("Cannot stop {service}", service=service)

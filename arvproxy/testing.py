@@ -534,6 +534,12 @@ class FakeRuntime:
             self._exited.callback(None)
         return defer.succeed(None)
 
+    def detach(self) -> Any:
+        self.detached = True
+        return self.stop()
+
+    detached = False
+
     def endpoint(self, port: int) -> MemoryEndpoint:
         endpoint = MemoryEndpoint(port, refuse=port in self.refusing)
         self.endpoints.append((port, endpoint))

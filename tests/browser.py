@@ -241,6 +241,20 @@ class BrowserChain:
         return demo.service_url(self.config, self.request_uuid, self.container.port, token)
 
 
+async def sign_in(browser: Browser, page: str, token: str) -> None:
+    """Open the services page at C{page} and sign in there with C{token}, as a person does."""
+    from selenium.webdriver.common.by import By
+
+    await browser.get(page)
+    await browser.wait_for_text("#sign-in", lambda t: "API token" in t)
+
+    def submit(driver: Any) -> None:
+        driver.find_element(By.ID, "token").send_keys(token)
+        driver.find_element(By.CSS_SELECTOR, "#sign-in-form button").click()
+
+    await browser.call(submit)
+
+
 async def start_browser_chain(testcase: Any) -> BrowserChain:
     """
     Start the chain for C{testcase}; its cleanups stop it all (gateway, controller, service)

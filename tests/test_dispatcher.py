@@ -192,12 +192,15 @@ class DispatcherTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_recover(self) -> Any:
-        """Containers left Locked by an earlier dispatcher are cancelled at start-up."""
+        """Containers left Locked by an earlier dispatcher get a new gateway at start-up."""
         left, queued = self.queue(), self.queue()
         self.registry.store.lock_container(left)
         yield defer.ensureDeferred(self.dispatcher.recover())
-        self.assertEqual(self.state(left).state, backends.CANCELLED)
-        self.assertIn("restarted", self.state(left).runtime_status["error"])
+        self.assertEqual(self.state(left).state, backends.LOCKED)
+        self.assertEqual(
+            [argv for _, argv in self.spawned],
+            [gateway_argv("/etc/arvproxy.yml", left, "docker")],
+        )
         self.assertEqual(self.state(queued).state, backends.QUEUED)
 
     @defer.inlineCallbacks

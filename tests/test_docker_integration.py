@@ -51,8 +51,11 @@ def gateway_pids(container_uuid: str) -> list[int]:
     return pids
 
 
-class DockerChainTests(unittest.TestCase):
-    """controller -> gateway -> network namespace -> busybox httpd, started by the dispatcher."""
+class DockerChain(unittest.TestCase):
+    """
+    The set-up of the tests below (a controller and a dispatcher as twistd processes, a
+    registry) and their helpers, for test cases of their own (L{tests.test_restart}).
+    """
 
     timeout = 180
 
@@ -126,6 +129,10 @@ class DockerChainTests(unittest.TestCase):
             {b"host": [host], b"cookie": [cookie], b"accept": [b"text/html"]},
         )
         return response.code, body, response.headers
+
+
+class DockerChainTests(DockerChain):
+    """controller -> gateway -> network namespace -> busybox httpd, started by the dispatcher."""
 
     @defer.inlineCallbacks
     def test_serve_sync_exit(self) -> Any:

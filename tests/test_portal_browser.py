@@ -21,7 +21,7 @@ from twisted.web import resource, server
 
 from arvproxy.backends.registry import RegistryStore
 from arvproxy.errors import NotFound
-from tests.browser import Browser, start_browser_chain
+from tests.browser import Browser, sign_in, start_browser_chain
 from tests.wsservice import EchoFactory
 
 SERVICE_PAGE = b"""<!doctype html>
@@ -157,14 +157,7 @@ class PortalBrowserTests(TestCase):
 
         chain, browser, service_port, store = await self._start()
         page = chain.config.external_url.url_for()
-        await browser.get(page)
-        await browser.wait_for_text("#sign-in", lambda t: "API token" in t)
-
-        def sign_in(driver: Any) -> None:
-            driver.find_element(By.ID, "token").send_keys(chain.token)
-            driver.find_element(By.CSS_SELECTOR, "#sign-in-form button").click()
-
-        await browser.call(sign_in)
+        await sign_in(browser, page, chain.token)
         await browser.wait_for_text("#list", lambda t: chain.request_uuid in t)
         listed = await browser.text("#list")
         self.assertIn(f"Port {chain.container.port}", listed)

@@ -78,7 +78,15 @@ from arvproxy.backends import (
 from arvproxy.backends.cache import AnswerCache
 from arvproxy.backends.cache import token_key as _digest
 from arvproxy.config import ClusterConfig
-from arvproxy.errors import BadRequest, Forbidden, NotFound, ProxyError, Unauthorized, Unavailable
+from arvproxy.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    ProxyError,
+    Unauthorized,
+    Unavailable,
+)
+from arvproxy.retry import is_transient, transient_status
 
 log = Logger()
 
@@ -386,7 +394,8 @@ class ArvadosCluster(Service):
             )
             raise Unavailable(
                 "The cluster's API server is not answering right now. "
-                "This page will retry by itself."
+                "This page will retry by itself.",
+                transient=True,
             ) from None
         except ProxyError:
             raise
@@ -399,7 +408,9 @@ class ArvadosCluster(Service):
             )
             raise Unavailable(
                 "The cluster's API server cannot be reached right now. "
-                "This page will retry by itself."
+                "This page will retry by itself.",
+                # Refused, reset, unreachable: worth another try; an untrusted certificate is not.
+                transient=is_transient(e),
             ) from None
         if status == 200:
             if not isinstance(answer, dict):
@@ -481,7 +492,8 @@ class ArvadosCluster(Service):
         if status == 422:
             return _Rejected(message)
         return Unavailable(
-            "The cluster's API server is having trouble right now. This page will retry by itself."
+            "The cluster's API server is having trouble right now. This page will retry by itself.",
+            transient=transient_status(status),
         )
 
     # -- ICluster -------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from zope.interface import implementer
 from arvproxy.backends import Container, ContainerRequest, Credentials, ICluster, User
 from arvproxy.backends.registry import Link, RegistryError, RegistryStore, Token, file_identity
 from arvproxy.errors import Unavailable
+from arvproxy.retry import busy_database
 
 if TYPE_CHECKING:
     from arvproxy.config import ClusterConfig
@@ -161,7 +162,10 @@ class EmbeddedRegistry(Service):
             failure.trap(sqlite3.Error, RegistryError, OSError)
             self.log.failure("registry call {name} failed", failure, name=f.__name__)
             raise Unavailable(
-                "The cluster registry cannot answer right now.", hint="Try again shortly."
+                "The cluster registry cannot answer right now.",
+                hint="Try again shortly.",
+                # A lock held past the busy timeout passes; a broken file does not.
+                transient=busy_database(failure.value),
             )
 
         return d.addErrback(unavailable)

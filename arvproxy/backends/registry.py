@@ -35,6 +35,7 @@ import stat
 import string
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -373,12 +374,15 @@ class RegistryStore:
         *,
         system_root_token: str = "",
         busy_timeout: float = 10.0,
+        read_only: bool = False,
     ) -> None:
         """
         @param clock: the current Unix time; decides token expiry and record timestamps.
         @param system_root_token: the cluster's SystemRootToken, accepted by L{authenticate}
             as the system user; C{""} disables it.
         @param busy_timeout: seconds to wait for another connection's lock before failing.
+        @param read_only: only read: never create the file, its directory or its schema, and
+            open it read-only (every change fails); a missing file is a L{RegistryError}.
         @raise ValueError: C{cluster_id} is not five characters a-z, 0-9.
         """
         if not re.fullmatch(r"[a-z0-9]{5}", cluster_id):
@@ -388,6 +392,7 @@ class RegistryStore:
         self._clock = clock
         self._root_token = system_root_token.encode("utf-8")
         self._busy_timeout = busy_timeout
+        self.read_only = read_only
         self._local = threading.local()
         self._schema_lock = threading.Lock()
         # The identity of the file whose schema was checked, or None.
@@ -408,8 +413,35 @@ class RegistryStore:
             conn.close()
             conn = None
         if conn is None:
-            conn, self._local.identity = self._connect()
+            if self.read_only:
+                conn = self._connect_read_only()
+                self._local.identity = file_identity(self.path)
+            else:
+                conn, self._local.identity = self._connect()
             self._local.conn = conn
+        return conn
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """A connection that cannot write, to a registry file that must exist already."""
+        if not os.path.isfile(self.path):
+            raise RegistryError(
+                f"{self.path}: there is no registry here (no such file); nothing has been "
+                "registered yet, or the configuration names another file"
+            )
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, timeout=self._busy_timeout, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            conn.execute("PRAGMA query_only = ON")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version != SCHEMA_VERSION:
+                raise RegistryError(
+                    f"{self.path}: not an arvproxy registry this version understands "
+                    f"(schema version {version}, expected {SCHEMA_VERSION})"
+                )
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _connect(self) -> tuple[sqlite3.Connection, tuple[int, int]]:

@@ -15,6 +15,8 @@ Routes (anything else is a 404):
   - C{POST /api/connect} (JSON C{{"uuid": ..., "port": ...}}): a URL that opens that port with
     a fresh token scoped to exactly C{CONNECT /arvados/v1/container/<uuid>/<port>} that expires
     in L{CONNECT_TOKEN_TTL} seconds.  The user's own token never appears in any URL.
+  - C{GET /logs/<uuid>}: a container's kept output and why it ended, for whoever may connect
+    to it (L{arvproxy.controller.logpage}).
 
 Every POST must come from this page: C{Sec-Fetch-Site: same-origin} or an C{Origin} equal to
 the page's own; C{/api/connect} also needs C{X-Requested-With} (a header a cross-site form cannot
@@ -45,7 +47,7 @@ from arvproxy.backends import (
     Credentials,
 )
 from arvproxy.config import ClusterConfig
-from arvproxy.controller import signin
+from arvproxy.controller import logpage, signin
 from arvproxy.controller.statecookies import StateCookies
 from arvproxy.errors import (
     BadRequest,
@@ -200,6 +202,9 @@ def describe(
         "started_at": _time(container.started_at) if container is not None else None,
         "finished_at": _time(container.finished_at) if container is not None else None,
         "exit_code": container.exit_code if container is not None else None,
+        "reason": logpage.reason_of(container)[0],
+        "reason_detail": logpage.reason_of(container)[1],
+        "logs_url": logpage.logs_path(cr.uuid),
         "can_connect": container is not None
         and container.state == RUNNING
         and bool(container.gateway_address),
@@ -239,6 +244,7 @@ class Portal:
         self.connect_ttl = connect_ttl
         self._origin = config.external_url.url_for().rstrip("/").lower().encode("ascii")
         self.cookies = StateCookies(config.system_root_token, config.external_url)
+        self.logs = logpage.LogPage(reactor, cluster, config.container_logs, self._credentials)
 
     async def __call__(self, request: StreamingRequest) -> None:
         uri, query_token = policy.split_query_token(request.uri)
@@ -265,6 +271,8 @@ class Portal:
         path, method = request.path, request.method
         if path in STATIC_FILES and method in (b"GET", b"HEAD"):
             self._static(request, *STATIC_FILES[path])
+        elif path.startswith(logpage.PATH_PREFIX) and method in (b"GET", b"HEAD"):
+            await self.logs.render(request, self._write)
         elif path == b"/api/containers" and method in (b"GET", b"HEAD"):
             self._json(request, await self._containers(request))
         elif path == b"/api/connect" and method == b"POST":

@@ -36,6 +36,7 @@ from arvproxy.backends import CONTAINER_INFIX, CONTAINER_REQUEST_INFIX, ICluster
 from arvproxy.carrier import Carrier, CarrierError, CarrierPool
 from arvproxy.config import ClusterConfig, Limits
 from arvproxy.controller import signin, sitedata
+from arvproxy.controller.logpage import logs_path
 from arvproxy.controller.portal import Portal
 from arvproxy.controller.statecookies import StateCookies
 from arvproxy.deadlines import tls_with_deadline
@@ -48,6 +49,7 @@ from arvproxy.errors import (
     ProxyError,
     Translating,
     Unauthorized,
+    Unavailable,
 )
 from arvproxy.hopclient import RETRYABLE, HopPool, HopResponse, Informational
 from arvproxy.httpserver import StreamingRequest
@@ -416,6 +418,18 @@ class Controller:
         self._generation: Callable[[], int | None] | None = getattr(cluster, "generation", None)
 
     async def __call__(self, request: StreamingRequest) -> None:
+        try:
+            await self._handle(request)
+        except (Gone, BadGateway, Unavailable) as e:
+            # The container finished, broke or is not there yet: say where its logs are.
+            host = request.getHeader(b"host")
+            target = policy.parse_vhost(host, self._config.external_url) if host else None
+            if target is not None:
+                url = self._config.external_url.url_for(None, logs_path(target.uuid))
+                e.links = (*e.links, ("Logs", url))
+            raise
+
+    async def _handle(self, request: StreamingRequest) -> None:
         external = self._config.external_url
         host = request.getHeader(b"host")
         if host is None:

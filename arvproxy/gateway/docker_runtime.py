@@ -34,6 +34,9 @@ WEB_URL_VARIABLE = "ARVADOS_CONTAINER_WEB_URL_{port}"
 
 NAME_PREFIX = "arvproxy-"
 LABEL = "org.arvados.container_uuid"
+CLUSTER_LABEL = "org.arvados.cluster_id"
+"""Docker labels on every container a gateway creates: its container's UUID and cluster, so a
+dispatcher that restarts finds the containers it had running (L{arvproxy.reconcile})."""
 
 
 class DockerUnavailable(Exception):
@@ -97,7 +100,7 @@ async def spec_from_record(cluster: Any, uuid: str, external: ExternalURL) -> Co
         environment=environment,
         cwd=container.cwd,
         name=docker_name(uuid),
-        labels={LABEL: uuid},
+        labels={LABEL: uuid, CLUSTER_LABEL: uuid[:5]},
     )
 
 
@@ -135,7 +138,10 @@ class _ContainerEndpoint:
 class DockerRuntime:
     """
     One Docker container: created from a L{ContainerSpec} and removed when it has exited, or
-    (with C{container_id}) one started by someone else, which L{stop} leaves running.
+    (with C{container_id}) one started by someone else, which L{stop} leaves running, or (with
+    C{container_id} and C{adopt}) one an earlier gateway created for the same record, which
+    this one then owns as if it had created it.  L{detach} lets go of an owned container
+    without stopping it, for the next gateway to adopt.
 
     L{exited} fires with the container's exit code when it exits by itself, or C{None} when
     L{stop} stopped it (or the engine lost track of it).
@@ -146,6 +152,9 @@ class DockerRuntime:
         reactor: Any,
         spec: Callable[[], Awaitable[ContainerSpec]] | None = None,
         container_id: str | None = None,
+        adopt: bool = False,
+        output: Callable[[bytes], None] | None = None,
+        output_since: float | None = None,
         client_factory: Callable[[], Any] = default_client,
         connect_timeout: float = 10.0,
         stop_timeout: int = 10,
@@ -154,6 +163,12 @@ class DockerRuntime:
         """
         @param spec: what to create (called once, by L{start}); or
         @param container_id: the running container to attach to.
+        @param adopt: own the container C{container_id} names: stop it when stopped, remove it
+            once it has exited.
+        @param output: called (in a thread of this runtime) with the container's standard
+            output and error as they come, until it exits or is let go.
+        @param output_since: only output from this Unix time on (an adopted container's
+            earlier output was kept by the gateway before).
         @param client_factory: makes the Docker SDK client (called in a thread).
         @param wait_slice: seconds each blocking wait for the container lasts, so stopping
             never waits longer for a pool thread.
@@ -164,7 +179,14 @@ class DockerRuntime:
         self.connect_timeout = connect_timeout
         self._spec = spec
         self._container_id = container_id
+        # Whether the container is this runtime's to stop and remove.
+        self._owned = container_id is None or adopt
         self._client_factory = client_factory
+        self._output = output
+        self._output_since = output_since
+        self._output_stream: Any = None
+        self._output_done: defer.Deferred[None] | None = None
+        self._output_closing = False
         self._stop_timeout = stop_timeout
         self._wait_slice = wait_slice
         self._pool = ThreadPool(minthreads=0, maxthreads=4, name="arvproxy-docker")
@@ -238,7 +260,37 @@ class DockerRuntime:
             else:
                 self.pid = pid
                 await self.namespace.check(self.reactor)
+        if self._output is not None:
+            self._output_done = self._call(self._copy_output)
+            self._output_done.addErrback(
+                lambda f: log.warn("Cannot read the container's output: {e}", e=f.value)
+            )
         self._watching = defer.ensureDeferred(self._watch())
+
+    def _copy_output(self) -> None:
+        """Hand the container's output to C{output} until it ends (blocking: in a thread)."""
+        assert self._output is not None
+        options: dict[str, Any] = {"stream": True, "follow": True, "stdout": True, "stderr": True}
+        if self._output_since:
+            options["since"] = self._output_since
+        stream = self.container.logs(**options)
+        self._output_stream = stream
+        try:
+            if not self._output_closing:
+                for chunk in stream:
+                    self._output(chunk)
+        finally:
+            stream.close()
+
+    async def _output_copied(self, let_go: bool) -> None:
+        """Wait until the output has all been handed on; C{let_go}: stop following it now."""
+        if self._output_done is None:
+            return
+        if let_go:
+            self._output_closing = True
+            if self._output_stream is not None:
+                await self._call(self._output_stream.close)
+        await self._output_done
 
     async def _ensure_image(self, image: str) -> None:
         import docker.errors
@@ -270,7 +322,7 @@ class DockerRuntime:
 
         code: int | None = None
         failures = 0
-        while not (self._stopping and self._container_id is not None):
+        while not (self._stopping and not self._owned):
             try:
                 result = await self._call(self.container.wait, timeout=self._wait_slice)
                 code = result.get("StatusCode")
@@ -303,7 +355,9 @@ class DockerRuntime:
             self.namespace = None
         if self._stopping:
             code = None
-        if self._container_id is None:
+        # An exited container's output ends by itself; one let go must be let go of.
+        await self._output_copied(let_go=not self._owned)
+        if self._owned:
             await self._log_tail()
             try:
                 await self._call(self.container.remove, force=True)
@@ -336,13 +390,13 @@ class DockerRuntime:
             except Exception:
                 pass  # start() reported its own failure
         if self._watching is not None:
-            if self._container_id is None and not self._exited.called:
+            if self._owned and not self._exited.called:
                 try:
                     await self._call(self.container.stop, timeout=self._stop_timeout)
                 except Exception as e:
                     log.warn("Cannot stop the Docker container: {error}", error=e)
             await self._watching
-        elif self.container is not None and self._container_id is None:
+        elif self.container is not None and self._owned:
             try:  # created but never watched: start() failed after creating it
                 await self._call(self.container.remove, force=True)
             except Exception as e:
@@ -357,6 +411,11 @@ class DockerRuntime:
             from twisted.internet.threads import deferToThread
 
             await deferToThread(self._pool.stop)
+
+    def detach(self) -> defer.Deferred[None]:
+        """Let go of the container, leaving it running (see L{IRuntime.detach})."""
+        self._owned = False
+        return self.stop()
 
     def endpoint(self, port: int) -> Any:
         return _ContainerEndpoint(self, port)

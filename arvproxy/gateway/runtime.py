@@ -40,6 +40,15 @@ class IRuntime(Interface):
         @return: a Deferred that fires when it has stopped.
         """
 
+    def detach() -> Any:
+        """
+        Stop watching the container but leave it running, for a gateway that hands its
+        container over to the next one (a restart); L{exited} fires with C{None}.  A runtime
+        whose container cannot outlive the gateway stops it instead.
+
+        @return: a Deferred that fires once let go.
+        """
+
     def endpoint(port: int) -> Any:
         """
         An C{IStreamClientEndpoint} that connects to C{port} inside the container.  Endpoints for
@@ -75,6 +84,10 @@ class HostRuntime:
         if not self._exited.called:
             self._exited.callback(None)
         return defer.succeed(None)
+
+    def detach(self) -> defer.Deferred[None]:
+        # The node's own ports are not the gateway's to keep or stop.
+        return self.stop()
 
     def endpoint(self, port: int) -> Any:
         endpoint_type = TCP6ClientEndpoint if ":" in self._host else TCP4ClientEndpoint

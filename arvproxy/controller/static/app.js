@@ -87,8 +87,18 @@
         ? "This container has finished: its ports can no longer be opened."
         : "Ports can be opened once the container is running." })
       : null;
+    // Why it failed or ended (runtime_status), and where its output is kept.
+    const finished = item.state === "Complete" || item.state === "Cancelled";
+    const reason = item.reason || item.reason_detail
+      ? el("div", { class: "reason", role: "note" },
+        el("p", {}, el("strong", { text: finished ? "Why it ended: " : "Problem: " }),
+          item.reason || item.reason_detail),
+        item.reason && item.reason_detail ? el("p", { class: "detail", text: item.reason_detail }) : null)
+      : null;
+    const logs = el("p", { class: "logs" },
+      el("a", { href: item.logs_url, "aria-label": `Logs of ${title}`, text: "Logs" }));
     return el("li", { class: "card", "data-uuid": item.uuid },
-      el("h3", { text: title }), meta, el("h4", { text: "Ports" }), ports, note);
+      el("h3", { text: title }), meta, reason, logs, el("h4", { text: "Ports" }), ports, note);
   }
 
   function render(document_) {
