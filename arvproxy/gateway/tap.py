@@ -327,7 +327,8 @@ class ContainerSupervisor(Service):
         from arvproxy.backends.arvados import NotLockHolder
 
         if failure.check(NotLockHolder):
-            # Not ours to cancel: it belongs to whoever holds the lock.
+            # Not ours to cancel, nor to hand back: it belongs to whoever holds the lock.
+            self._given_up = True
             fatal(failure, self._reactor, f"cannot serve container {self._uuid}")
             return None
         if not self.running:
