@@ -11,20 +11,12 @@ Which token asks what:
   - Container requests and containers by UUID, and the container requests that use a container
     (C{container_requests} listed with C{filters=[["container_uuid","=",...]]}, every page):
     the service token (the SystemRootToken in the controller).
-  - L{ArvadosCluster.permission_level}, two rules:
-      1. I{The user's own view} -- when the call carries the user's L{Credentials} and their
-         token's scopes allow reading the container request: the request must be readable with
-         the user's token (else C{None}); the owner of the request gets C{can_manage}; anyone
-         else gets what C{groups/<owner>} or C{users/<owner>}, read with the user's token, says
-         in C{can_manage}/C{can_write}, or C{can_read} when the owner is not writable or not
-         visible.
-      2. I{The record's word} -- for scope-limited tokens (say, only
-         C{CONNECT /arvados/v1/container/<uuid>/<port>}), which cannot read the request or its
-         owner, and for calls without credentials: the request is read with the service token;
-         its owner (C{owner_uuid}) gets C{can_manage}, its submitter (C{modified_by_user_uuid})
-         C{can_write}, anyone else C{None}.  This is the rule Arvados itself ships for
-         container web services; sharing (permission links, projects) does not count here.
-    Admins are decided by the caller from L{Credentials.is_admin}.
+  - L{ArvadosCluster.permission_level}: the user's rows of the API server's permission graph
+    for the request and its owner (C{GET computed_permissions}, admins only: the service
+    token), read as the API server reads them (L{arvproxy.backends.arvados_access}).  The same
+    question, asked the same way, for every token of the user, full or scoped: a scoped token
+    never grants more than its user's full token, and stops working as soon as its user loses
+    access.  Admins are decided by the caller from L{Credentials.is_admin}.
 
 Answers are kept for C{cache_ttl} seconds (L{arvproxy.backends.cache}): tokens, permission
 levels, container requests, container-request lists, and containers that are running with a
@@ -62,9 +54,6 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from arvproxy.backends import (
-    CAN_MANAGE,
-    CAN_READ,
-    CAN_WRITE,
     CONTAINER_REQUEST_INFIX,
     RUNNING,
     USER_INFIX,
@@ -75,6 +64,7 @@ from arvproxy.backends import (
     ICluster,
     uuid_infix,
 )
+from arvproxy.backends.arvados_access import acting_users, best_level
 from arvproxy.backends.cache import AnswerCache
 from arvproxy.backends.cache import token_key as _digest
 from arvproxy.config import ClusterConfig
@@ -82,7 +72,6 @@ from arvproxy.errors import BadRequest, Forbidden, NotFound, ProxyError, Unautho
 
 log = Logger()
 
-GROUP_INFIX = "j7d0g"
 UPDATABLE_CONTAINER_FIELDS = frozenset(
     {"state", "gateway_address", "exit_code", "listening_ports", "runtime_status"}
 )
@@ -302,6 +291,7 @@ class ArvadosCluster(Service):
             self._clock, cache_ttl, failure_ttl
         )
         self._levels: AnswerCache[str | None] = AnswerCache(self._clock, cache_ttl, failure_ttl)
+        self._acting: AnswerCache[list[str]] = AnswerCache(self._clock, cache_ttl, failure_ttl)
         self._requests: AnswerCache[ContainerRequest] = AnswerCache(
             self._clock, cache_ttl, failure_ttl
         )
@@ -639,68 +629,92 @@ class ArvadosCluster(Service):
     ) -> defer.Deferred[str | None]:
         """
         See L{ICluster.permission_level}; only container requests are answered (anything else:
-        C{None}).  Which of the two rules in this module's docstring applies: I{the user's own
-        view} when C{credentials} are the user's, with a token whose scopes allow
-        C{GET /arvados/v1/container_requests/<uuid>}; I{the record's word} otherwise.
+        C{None}).  The answer depends on the user, never on their token (C{credentials} are
+        not used): see L{arvproxy.backends.arvados_access}.
         """
         if not UUID_RE.match(target_uuid) or uuid_infix(target_uuid) != CONTAINER_REQUEST_INFIX:
             return defer.succeed(None)
-        if (
-            credentials is not None
-            and credentials.token
-            and credentials.user_uuid == user_uuid
-            and scope_permits(
-                credentials.scopes, "GET", f"/arvados/v1/container_requests/{target_uuid}"
-            )
-        ):
-            creds = credentials
-            return self._levels.get(
-                ("user", _digest(creds.token), target_uuid),
-                lambda: defer.ensureDeferred(self._level_as_user(creds, target_uuid)),
-            )
         return self._levels.get(
-            ("record", user_uuid, target_uuid),
-            lambda: defer.ensureDeferred(self._level_by_record(user_uuid, target_uuid)),
+            (user_uuid, target_uuid),
+            lambda: defer.ensureDeferred(self._request_level(user_uuid, target_uuid)),
         )
 
-    async def _level_as_user(self, credentials: Credentials, target_uuid: str) -> str | None:
-        token = credentials.token
-        try:
-            record = await self._api(
-                "GET", f"container_requests/{target_uuid}", token, as_user=True
-            )
-        except (NotFound, Forbidden):
-            return None
-        cr = self._container_request(record)
-        if cr.owner_uuid == credentials.user_uuid:
-            return CAN_MANAGE
-        kind = {GROUP_INFIX: "groups", USER_INFIX: "users"}.get(
-            uuid_infix(cr.owner_uuid) if UUID_RE.match(cr.owner_uuid) else ""
-        )
-        if kind is None:
-            return CAN_READ
-        if not scope_permits(credentials.scopes, "GET", f"/arvados/v1/{kind}/{cr.owner_uuid}"):
-            return await self._level_by_record(credentials.user_uuid, target_uuid)
-        try:
-            owner = await self._api("GET", f"{kind}/{cr.owner_uuid}", token, as_user=True)
-        except (NotFound, Forbidden):
-            return CAN_READ
-        if owner.get("can_manage") is True:
-            return CAN_MANAGE
-        if owner.get("can_write") is True:
-            return CAN_WRITE
-        return CAN_READ
-
-    async def _level_by_record(self, user_uuid: str, target_uuid: str) -> str | None:
+    async def _request_level(self, user_uuid: str, target_uuid: str) -> str | None:
         try:
             cr = await self.get_container_request(target_uuid)
         except NotFound:
             return None
-        if cr.owner_uuid == user_uuid:
-            return CAN_MANAGE
-        if cr.modified_by_user_uuid == user_uuid:
-            return CAN_WRITE
-        return None
+        acting = await self._acting.get(
+            user_uuid, lambda: defer.ensureDeferred(self._acting_users(user_uuid))
+        )
+        rows = await self._permission_rows(acting, [cr.uuid, cr.owner_uuid])
+        return best_level(acting, cr.uuid, cr.owner_uuid, rows)
+
+    async def _acting_users(self, user_uuid: str) -> list[str]:
+        """The user, and the users of this cluster whose accounts they manage."""
+        prefix = f"{self.cluster_id}-{USER_INFIX}-"
+        rows = await self._computed_permissions(
+            [
+                ["user_uuid", "=", user_uuid],
+                ["target_uuid", ">=", prefix + "0" * 15],
+                ["target_uuid", "<=", prefix + "z" * 15],
+            ]
+        )
+        return acting_users(user_uuid, rows.get(user_uuid, {}))
+
+    async def _permission_rows(
+        self, users: list[str], targets: list[str]
+    ) -> dict[str, dict[str, str]]:
+        """The rows of the permission graph of C{users} on C{targets}, by user and target."""
+        wanted = sorted({t for t in targets if UUID_RE.match(t)})
+        who = sorted({u for u in users if UUID_RE.match(u)})
+        rows: dict[str, dict[str, str]] = {}
+        # The API takes no offset here: ask for as many rows as can be, a few targets at a time.
+        step = max(1, PAGE_SIZE // max(1, len(who)))
+        for start in range(0, len(wanted), step):
+            chunk = wanted[start : start + step]
+            found = await self._computed_permissions(
+                [["user_uuid", "in", who], ["target_uuid", "in", chunk]],
+                limit=len(chunk) * len(who),
+            )
+            for user, targets_of in found.items():
+                rows.setdefault(user, {}).update(targets_of)
+        return rows
+
+    async def _computed_permissions(
+        self, filters: list[list[Any]], limit: int = PAGE_SIZE
+    ) -> dict[str, dict[str, str]]:
+        """
+        One page of C{GET computed_permissions} (admins only: the service token), as
+        C{user_uuid} to C{target_uuid} to C{perm_level}.
+
+        @raise Unavailable: the page is full (the API takes no offset to read on).
+        """
+        page = await self._api(
+            "GET",
+            "computed_permissions",
+            self._service_token,
+            as_user=False,
+            params={
+                "filters": json.dumps(filters),
+                "select": json.dumps(["user_uuid", "target_uuid", "perm_level"]),
+                "limit": str(limit),
+                "count": "none",
+            },
+        )
+        items = page.get("items")
+        if not isinstance(items, list) or len(items) > limit:
+            raise self._malformed("GET", "computed_permissions")
+        if len(items) == limit and limit >= PAGE_SIZE:
+            log.warn("Arvados API: computed_permissions answered a full page; refusing to guess")
+            raise Unavailable("The cluster's API server gave an incomplete answer.")
+        rows: dict[str, dict[str, str]] = {}
+        for item in items:
+            if not isinstance(item, dict):
+                raise self._malformed("GET", "computed_permissions")
+            user, target = str(item.get("user_uuid")), str(item.get("target_uuid"))
+            rows.setdefault(user, {})[target] = str(item.get("perm_level"))
+        return rows
 
     def container_auth(self, uuid: str) -> defer.Deferred[str]:
         """
