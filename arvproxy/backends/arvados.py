@@ -19,9 +19,10 @@ Which token asks what:
     access.  Admins are decided by the caller from L{Credentials.is_admin}.
 
 Answers are kept for C{cache_ttl} seconds (L{arvproxy.backends.cache}): tokens, permission
-levels, container requests, container-request lists, and containers that are running with a
-gateway (others are asked again every time, so a page waiting for its container to start sees
-it start).  Concurrent identical lookups share one API call.  When the API server is down,
+levels, container requests and container-request lists.  Containers are never kept: each
+request reads its container's state afresh (one call, shared by the requests that arrive in the
+same turn of the reactor), so a container that has finished, or has not started yet, is seen
+so at once.  Concurrent identical lookups share one API call.  When the API server is down,
 slow (C{timeout}) or answers 5xx, calls fail with L{Unavailable} (503 with C{Retry-After}), while
 fresh cached answers keep working; nothing failed is kept, so recovery is immediate.  API answers
 401, 403, 404 and 422 become L{Unauthorized}, L{Forbidden}, L{NotFound} and L{BadRequest}, and a
@@ -55,7 +56,6 @@ from zope.interface import implementer
 
 from arvproxy.backends import (
     CONTAINER_REQUEST_INFIX,
-    RUNNING,
     USER_INFIX,
     UUID_RE,
     Container,
@@ -298,7 +298,11 @@ class ArvadosCluster(Service):
         self._request_lists: AnswerCache[list[ContainerRequest]] = AnswerCache(
             self._clock, cache_ttl
         )
-        self._containers: AnswerCache[Container] = AnswerCache(self._clock, cache_ttl, failure_ttl)
+        # Never kept: shared only by the lookups of one turn of the reactor (see get_container).
+        self._containers: AnswerCache[Container] = AnswerCache(self._clock, 0)
+        self._reactor = reactor
+        self._turn = 0
+        self._in_turn = False
 
     @classmethod
     def from_config(cls, reactor: Any, config: ClusterConfig, **kwargs: Any) -> ArvadosCluster:
@@ -549,15 +553,26 @@ class ArvadosCluster(Service):
         return self._container_request(record)
 
     def get_container(self, uuid: str) -> defer.Deferred[Container]:
-        d = self._containers.get(uuid, lambda: defer.ensureDeferred(self._get_container(uuid)))
-        return d.addCallback(self._keep_if_serving)
+        """
+        The container as the API server has it now: a container that has finished is refused
+        by the very next request.  Lookups made in the same turn of the reactor (requests that
+        arrived together) share one API call; a lookup never joins a call that was made before
+        it began, so no answer predates the request it decides.
+        """
+        return self._containers.get(
+            (uuid, self._this_turn()), lambda: defer.ensureDeferred(self._get_container(uuid))
+        )
 
-    def _keep_if_serving(self, container: Container) -> Container:
-        # Only a serving container is worth keeping: a page waiting for one to start must see
-        # it start, and one that stops must be seen to stop within the cache's lifetime.
-        if container.state != RUNNING or not container.gateway_address:
-            self._containers.forget(container.uuid)
-        return container
+    def _this_turn(self) -> int:
+        """A number for the current turn of the reactor."""
+        if not self._in_turn:
+            self._in_turn = True
+            self._turn += 1
+            self._reactor.callLater(0, self._turn_over)
+        return self._turn
+
+    def _turn_over(self) -> None:
+        self._in_turn = False
 
     async def _get_container(self, uuid: str) -> Container:
         if not UUID_RE.match(uuid):
@@ -759,7 +774,6 @@ class ArvadosCluster(Service):
         if unknown:
             raise ValueError(f"cannot change container field(s): {', '.join(sorted(unknown))}")
         body = {k: v for k, v in changes.items() if k not in UNSTORED_CONTAINER_FIELDS}
-        self._containers.forget(uuid)
         if not body:
             return await self._get_container(uuid)
         try:
@@ -775,8 +789,6 @@ class ArvadosCluster(Service):
             raise ValueError(
                 f"the API server refused to update container {uuid}: {e.api_message}"
             ) from None
-        finally:
-            self._containers.forget(uuid)
         return self._container(record)
 
     # -- records --------------------------------------------------------------------------------
