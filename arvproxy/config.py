@@ -3,7 +3,8 @@ The cluster configuration: YAML in the shape of an Arvados cluster config, parse
 start-up, into typed values ("parse, don't validate").
 
 L{load_config} reads a file; L{parse_config} does the work on an already-loaded document and
-touches nothing but the path arithmetic for C{Registry}.  The keys we read::
+touches nothing but the path arithmetic for C{Registry} and reading C{ArvProxy.TLS.CAFile}.
+The keys we read::
 
     Clusters:
       zzzzz:                                  # exactly 5 characters, a-z and 0-9
@@ -20,6 +21,8 @@ touches nothing but the path arithmetic for C{Registry}.  The keys we read::
           Gateway:
             MaxClockSkew: 300s                # Arvados duration: "300s", "5m", "1h30m", 300
           CacheTTL: 10s                       # how long the front door keeps answers about tokens
+          TLS:
+            CAFile: /etc/arvados/ca.pem       # CA certificates (PEM) to trust for the API server
 
     With C{Backend: arvados}, two more Arvados keys are read::
 
@@ -109,6 +112,8 @@ class ClusterConfig:
     @ivar api_url: the Arvados API server (C{Services.Controller.ExternalURL}), or C{""} when
         the backend is not C{arvados}.
     @ivar tls_insecure: C{TLS.Insecure}: do not verify the API server's certificate.
+    @ivar api_ca_file: C{ArvProxy.TLS.CAFile}: a PEM file of the CA certificates to trust for
+        the API server's certificate instead of the system's (absolute; C{""}: not set).
     @ivar cache_ttl: seconds the front door keeps answers about tokens, container requests and
         permissions (0: not at all); a revoked token keeps working this long at most (with the
         embedded registry, not at all: its answers go as soon as the file changes).
@@ -129,6 +134,7 @@ class ClusterConfig:
     api_url: str = ""
     tls_insecure: bool = False
     cache_ttl: float = 10.0
+    api_ca_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -172,7 +178,9 @@ ARVPROXY_KEYS = (
     "Timeouts",
     "Limits",
     "CacheTTL",
+    "TLS",
 )
+TLS_KEYS = ("CAFile",)
 TIMEOUT_KEYS = ("ClientIdle", "RequestHeaders", "TunnelIdle", "ConnectSession")
 LIMIT_KEYS = ("MaxRequestHeaderBytes", "MaxConnectionsPerContainer")
 GATEWAY_KEYS = ("MaxClockSkew",)
@@ -268,6 +276,9 @@ def parse_config(document: object, source: str, cluster_id: str | None = None) -
     skew = p.duration(gateway.get("MaxClockSkew", 300), f"{at_ap}.Gateway.MaxClockSkew")
     limits = p.limits(own, at_ap)
     cache_ttl = p.duration(own.get("CacheTTL", 10), f"{at_ap}.CacheTTL", zero_ok=True)
+    own_tls = p.mapping(own.get("TLS"), f"{at_ap}.TLS", optional=True)
+    p.known_keys(own_tls, f"{at_ap}.TLS", TLS_KEYS)
+    ca_file = p.ca_file(own_tls.get("CAFile"), f"{at_ap}.TLS.CAFile")
     tls = p.mapping(cluster.get("TLS"), f"{at}.TLS", optional=True)
     insecure = tls.get("Insecure", False)
     if not isinstance(insecure, bool):
@@ -299,6 +310,7 @@ def parse_config(document: object, source: str, cluster_id: str | None = None) -
         api_url=api_url,
         tls_insecure=insecure,
         cache_ttl=cache_ttl,
+        api_ca_file=ca_file,
     )
 
 
@@ -528,6 +540,24 @@ class _Parser:
             self.fail(key, f"expected the path of a SQLite file, got {_show(value)}")
         base = os.path.dirname(os.path.abspath(self.source))
         return os.path.normpath(os.path.join(base, value))
+
+    def ca_file(self, value: object, key: str) -> str:
+        """A readable PEM file holding at least one certificate (relative: to the file's dir)."""
+        if value is None or value == "":
+            return ""
+        if not isinstance(value, str):
+            self.fail(
+                key, f"expected the path of a PEM file of CA certificates, got {_show(value)}"
+            )
+        path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(self.source)), value))
+        try:
+            with open(path, "rb") as f:
+                text = f.read()
+        except OSError as e:
+            self.fail(key, f"cannot read {path}: {e.strerror}")
+        if b"-----BEGIN CERTIFICATE-----" not in text:
+            self.fail(key, f"{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+        return path
 
     def networks(
         self, value: object, key: str

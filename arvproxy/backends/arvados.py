@@ -47,7 +47,7 @@ from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
-from twisted.internet.ssl import Certificate, CertificateOptions
+from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http_headers import Headers
@@ -63,6 +63,13 @@ from arvproxy.backends import (
     Credentials,
     ICluster,
     uuid_infix,
+)
+from arvproxy.backends.apitls import (
+    UntrustedAPI,
+    ca_file_for,
+    certificate_problem,
+    explain,
+    trust_root_from_file,
 )
 from arvproxy.backends.arvados_access import acting_users, best_level
 from arvproxy.backends.cache import AnswerCache
@@ -234,6 +241,21 @@ class InsecureTLSPolicy:
         return _UnverifiedCreator(self._context, hostname)
 
 
+def _trust(config: ClusterConfig, insecure_setting: str) -> dict[str, Any]:
+    """The trust root and the settings' names for a backend built from C{config}."""
+    ca_setting = f"Clusters.{config.cluster_id}.ArvProxy.TLS.CAFile"
+    ca_file = ca_file_for(config.api_ca_file)
+    trust_root = None
+    if ca_file:
+        try:
+            trust_root = trust_root_from_file(ca_file)
+        except (OSError, ValueError) as e:
+            if config.api_ca_file:
+                raise  # checked when the configuration was read: it changed since
+            log.warn("Not using {file}: {error}", file=ca_file, error=e)
+    return {"trust_root": trust_root, "tls_settings": (insecure_setting, ca_setting)}
+
+
 class _Rejected(BadRequest):
     """A 422 from the API: what arvproxy sent was refused.  C{api_message} says why."""
 
@@ -255,7 +277,10 @@ class ArvadosCluster(Service):
         L{authenticate} may accept it as the system user without asking the API.
     @param clock: the time source for cache lifetimes, token expiry and call timeouts
         (default: C{reactor}).
-    @param trust_root: a CA certificate to trust instead of the system's (tests).
+    @param trust_root: CA certificates to trust instead of the system's: a C{Certificate} or
+        any trust root (L{arvproxy.backends.apitls.trust_root_from_file}).
+    @param tls_settings: the names of the settings that skip the certificate check and that
+        name a CA file, for the message when the check fails.
     """
 
     def __init__(
@@ -267,7 +292,8 @@ class ArvadosCluster(Service):
         cluster_id: str,
         service_token_is_root: bool = True,
         insecure: bool = False,
-        trust_root: Certificate | None = None,
+        trust_root: Any = None,
+        tls_settings: tuple[str, str] = ("TLS.Insecure", "ArvProxy.TLS.CAFile"),
         cache_ttl: float = DEFAULT_CACHE_TTL,
         failure_ttl: float = DEFAULT_FAILURE_TTL,
         timeout: float = DEFAULT_TIMEOUT,
@@ -279,6 +305,9 @@ class ArvadosCluster(Service):
         self.cluster_id = cluster_id
         self._clock: IReactorTime = clock if clock is not None else reactor
         self._timeout = timeout
+        self._tls_settings = tls_settings
+        self._explained = False
+        self._probing = False
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 16
         self.pool.retryAutomatically = False
@@ -314,6 +343,7 @@ class ArvadosCluster(Service):
             cluster_id=config.cluster_id,
             insecure=config.tls_insecure,
             cache_ttl=config.cache_ttl,
+            **_trust(config, f"Clusters.{config.cluster_id}.TLS.Insecure"),
             **kwargs,
         )
 
@@ -340,12 +370,49 @@ class ArvadosCluster(Service):
             service_token_is_root=False,
             insecure=api.insecure or config.tls_insecure,
             cache_ttl=config.cache_ttl,
+            **_trust(config, "Env.ARVADOS_API_HOST_INSECURE"),
             **kwargs,
         )
 
     def stopService(self) -> Any:
         super().stopService()
         return self.pool.closeCachedConnections()
+
+    def probe(self) -> defer.Deferred[None]:
+        """
+        Ask the API server who the service token is, to learn at start-up whether it can be
+        reached and trusted.
+
+        @raise UntrustedAPI: the server's certificate fails the check (said once, in the log).
+        @raise ProxyError: the server cannot answer, or refuses the token.
+        """
+
+        async def ask() -> None:
+            # Whoever probes says what failed (check_at_start): not logged here too.
+            self._probing = True
+            try:
+                await self._api(
+                    "GET", "api_client_authorizations/current", self._service_token, as_user=False
+                )
+            finally:
+                self._probing = False
+
+        return defer.ensureDeferred(ask())
+
+    def _untrusted(self, error: Exception) -> UntrustedAPI | None:
+        """An explained L{UntrustedAPI} when C{error} is a failed certificate check."""
+        problem = certificate_problem(error)
+        if problem is None:
+            return None
+        insecure, ca_file = self._tls_settings
+        message = explain(problem, urlsplit(self._base).netloc, insecure, ca_file)
+        if not self._explained and not self._probing:
+            self._explained = True
+            log.error("Arvados API: {explanation}", explanation=message)
+        return UntrustedAPI(
+            message,
+            hint="Tell the cluster's administrator; the proxy's configuration needs fixing.",
+        )
 
     # -- talking to the API --------------------------------------------------------------------
 
@@ -385,6 +452,9 @@ class ArvadosCluster(Service):
         except ProxyError:
             raise
         except Exception as e:
+            untrusted = self._untrusted(e)
+            if untrusted is not None:
+                raise untrusted from None
             log.warn(
                 "Arvados API {method} {path} failed: {error}",
                 method=method,
