@@ -21,6 +21,7 @@ The keys we read::
           Gateway:
             MaxClockSkew: 300s                # Arvados duration: "300s", "5m", "1h30m", 300
           CacheTTL: 10s                       # how long the front door keeps answers about tokens
+          ConnectionsEnabled: true            # false: every container web service is off (403)
           TLS:
             CAFile: /etc/arvados/ca.pem       # CA certificates (PEM) to trust for the API server
 
@@ -114,6 +115,8 @@ class ClusterConfig:
     @ivar tls_insecure: C{TLS.Insecure}: do not verify the API server's certificate.
     @ivar api_ca_file: C{ArvProxy.TLS.CAFile}: a PEM file of the CA certificates to trust for
         the API server's certificate instead of the system's (absolute; C{""}: not set).
+    @ivar connections_enabled: C{ArvProxy.ConnectionsEnabled}: C{False} turns every container
+        web service off (403), for everyone, admins included.
     @ivar cache_ttl: seconds the front door keeps answers about tokens, container requests and
         permissions (0: not at all); a revoked token keeps working this long at most (with the
         embedded registry, not at all: its answers go as soon as the file changes).
@@ -135,6 +138,7 @@ class ClusterConfig:
     tls_insecure: bool = False
     cache_ttl: float = 10.0
     api_ca_file: str = ""
+    connections_enabled: bool = True
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,7 @@ ARVPROXY_KEYS = (
     "Timeouts",
     "Limits",
     "CacheTTL",
+    "ConnectionsEnabled",
     "TLS",
 )
 TLS_KEYS = ("CAFile",)
@@ -279,6 +284,9 @@ def parse_config(document: object, source: str, cluster_id: str | None = None) -
     own_tls = p.mapping(own.get("TLS"), f"{at_ap}.TLS", optional=True)
     p.known_keys(own_tls, f"{at_ap}.TLS", TLS_KEYS)
     ca_file = p.ca_file(own_tls.get("CAFile"), f"{at_ap}.TLS.CAFile")
+    enabled = own.get("ConnectionsEnabled", True)
+    if not isinstance(enabled, bool):
+        p.fail(f"{at_ap}.ConnectionsEnabled", f"expected true or false, got {_show(enabled)}")
     tls = p.mapping(cluster.get("TLS"), f"{at}.TLS", optional=True)
     insecure = tls.get("Insecure", False)
     if not isinstance(insecure, bool):
@@ -311,6 +319,7 @@ def parse_config(document: object, source: str, cluster_id: str | None = None) -
         tls_insecure=insecure,
         cache_ttl=cache_ttl,
         api_ca_file=ca_file,
+        connections_enabled=enabled,
     )
 
 

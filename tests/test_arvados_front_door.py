@@ -52,3 +52,51 @@ class FreshStateTests(FrontDoorTestCase):
             self.assertEqual(await self.status(token, cr), 200)
 
         return defer.ensureDeferred(run())
+
+
+class PolicyTests(FrontDoorTestCase):
+    def test_first_connection_marks_the_record(self) -> defer.Deferred[None]:
+        """
+        The first request that reaches a container sets interactive_session_started on its
+        Arvados record, once, with the SystemRootToken (as ContainerSSH does); later requests
+        write nothing.
+        """
+        alice = self.api.add_user("Alice")
+        token = self.api.add_token(alice)
+        cr, container = self.running_request(alice)
+
+        async def run() -> None:
+            self.assertFalse(self.api.containers[container]["interactive_session_started"])
+            for _ in range(5):
+                self.assertEqual(await self.status(token, cr), 200)
+            self.assertTrue(self.api.containers[container]["interactive_session_started"])
+            puts = [c for c in self.api.calls if c.method == "PUT"]
+            self.assertEqual(len(puts), 1)
+            self.assertEqual(puts[0].token_uuid, "zzzzz-gj3su-000000000000000")
+            self.assertEqual(puts[0].params["container"], {"interactive_session_started": True})
+
+        return defer.ensureDeferred(run())
+
+    def test_prohibited_by_a_property(self) -> defer.Deferred[None]:
+        """
+        A container request whose properties prohibit connections keeps everyone out of its
+        container (403), admins too, by the request's URL, the container's, or another
+        request's that uses the container; nothing is forwarded or marked.
+        """
+        alice = self.api.add_user("Alice")
+        admin = self.api.add_user("Admin", is_admin=True)
+        cr, container = self.running_request(
+            alice, properties={"arvproxy:connections": "prohibited"}
+        )
+        other = self.api.add_container_request(alice, container)
+        tokens = [self.api.add_token(alice), self.api.add_token(admin)]
+
+        async def run() -> None:
+            got = [
+                await self.status(t, target) for t in tokens for target in (cr, container, other)
+            ]
+            self.assertEqual(got, [403] * 6)
+            self.assertEqual(self.gateways.calls, [])
+            self.assertFalse(self.api.containers[container]["interactive_session_started"])
+
+        return defer.ensureDeferred(run())

@@ -95,6 +95,7 @@ class ContainerRequest:
     cwd: str = ""
     published_ports: dict[str, dict[str, Any]] = field(default_factory=dict)
     created_at: datetime | None = None
+    properties: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,8 @@ class Container:
     """
     @ivar gateway_address: C{"host:port"} of the container's gateway, or C{""} before it has one.
     @ivar listening_ports: TCP ports a process in the container listens on, as last reported.
+    @ivar interactive_session_started: someone has connected to one of its services (or a
+        shell); set once, never cleared (Arvados' field).
     """
 
     uuid: str
@@ -117,6 +120,7 @@ class Container:
     published_ports: dict[str, dict[str, Any]] = field(default_factory=dict)
     listening_ports: tuple[int, ...] = ()
     runtime_status: dict[str, Any] = field(default_factory=dict)
+    interactive_session_started: bool = False
 
 
 class ICluster(Interface):
@@ -168,8 +172,8 @@ class ICluster(Interface):
     def update_container(uuid: str, **changes: Any) -> Any:
         """
         Change fields of a container record (C{state}, C{gateway_address}, C{exit_code},
-        C{listening_ports}, C{runtime_status}...).  Moving to C{Running} sets C{started_at};
-        moving to a final state sets C{finished_at}.
+        C{listening_ports}, C{runtime_status}, C{interactive_session_started}...).  Moving to
+        C{Running} sets C{started_at}; moving to a final state sets C{finished_at}.
 
         @return: a Deferred firing with the updated L{Container}; fails with C{NotFound}.
         """

@@ -80,7 +80,14 @@ from arvproxy.errors import BadRequest, Forbidden, NotFound, ProxyError, Unautho
 log = Logger()
 
 UPDATABLE_CONTAINER_FIELDS = frozenset(
-    {"state", "gateway_address", "exit_code", "listening_ports", "runtime_status"}
+    {
+        "state",
+        "gateway_address",
+        "exit_code",
+        "listening_ports",
+        "runtime_status",
+        "interactive_session_started",
+    }
 )
 """What L{ArvadosCluster.update_container} accepts (as every L{ICluster})."""
 
@@ -878,6 +885,7 @@ class ArvadosCluster(Service):
                 cwd=str(record.get("cwd") or ""),
                 published_ports=dict(record.get("published_ports") or {}),
                 created_at=parse_api_time(record.get("created_at")),
+                properties=dict(record.get("properties") or {}),
             )
         except (KeyError, ValueError, TypeError):
             raise self._malformed("GET", "container_requests") from None
@@ -898,6 +906,7 @@ class ArvadosCluster(Service):
                 cwd=str(record.get("cwd") or ""),
                 published_ports=dict(record.get("published_ports") or {}),
                 runtime_status=dict(record.get("runtime_status") or {}),
+                interactive_session_started=record.get("interactive_session_started") is True,
             )
         except (KeyError, ValueError, TypeError):
             raise self._malformed("GET", "containers") from None

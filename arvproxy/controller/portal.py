@@ -385,6 +385,8 @@ class Portal:
         }
 
     async def _connect(self, request: StreamingRequest) -> dict[str, Any]:
+        if not self._config.connections_enabled:
+            raise permissions.services_turned_off()
         credentials = await self._credentials(request)
         self._require_backend("create_token")
         content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()

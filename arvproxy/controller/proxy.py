@@ -37,6 +37,7 @@ from arvproxy.carrier import Carrier, CarrierError, CarrierPool
 from arvproxy.config import ClusterConfig
 from arvproxy.controller import sitedata
 from arvproxy.controller.portal import Portal
+from arvproxy.controller.sessions import SessionMarks
 from arvproxy.errors import (
     BadGateway,
     BadRequest,
@@ -351,6 +352,7 @@ class Controller:
         self._gateways = gateways
         self._slots = ConnectionSlots(config.limits.max_connections_per_container)
         self.portal = Portal(reactor, config, cluster)
+        self._sessions = SessionMarks(reactor, cluster)
         # Decisions are kept only with a cluster that says when its answers change.
         self._generation: Callable[[], int | None] | None = getattr(cluster, "generation", None)
 
@@ -368,6 +370,8 @@ class Controller:
                 "This server only serves container web services, at addresses like "
                 f"{external.url_for('<container-uuid>-<port>')}",
             )
+        if not self._config.connections_enabled:
+            raise permissions.services_turned_off()
 
         uri, query_token = policy.split_query_token(request.uri)
         decided = self._decided(request, host) if query_token is None else None
@@ -376,6 +380,9 @@ class Controller:
             if decided is None:
                 return  # Answered already: a redirect.
         container, seen = decided
+        marking = self._sessions.mark(container)  # no reuse after a connection
+        if marking is not None:
+            await marking
         remember = seen != container.uuid.encode("ascii")
         with self._slots.hold(container.uuid) as slot:
             tunnel = await self._forward(
@@ -460,9 +467,23 @@ class Controller:
                             credentials.user_uuid, cr.uuid, credentials=credentials
                         )
                 permissions.check_access(credentials, target.uuid, requests, levels)
+        await self._check_connections_allowed(target, container, requests)
         permissions.check_running(container, target.uuid)
         self._keep(request, host, container, seen, credentials, generation)
         return container, seen
+
+    async def _check_connections_allowed(
+        self, target: policy.Target, container: Any, requests: list[Any]
+    ) -> None:
+        """
+        @raise Forbidden: a container request that uses the container prohibits connections
+            (L{permissions.check_connections_allowed}), the one in the URL or any other.
+        """
+        permissions.check_connections_allowed(requests)
+        if container is not None and target.uuid != container.uuid:
+            permissions.check_connections_allowed(
+                await self._cluster.container_requests_for(container.uuid)
+            )
 
     # The last decision on each connection: a browser or client sends request after request
     # with the same Host and cookies, and while the cluster's answers stay the same (the cache's
