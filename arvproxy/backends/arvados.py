@@ -216,6 +216,21 @@ def parse_dispatch_api(env: Mapping[str, Any]) -> DispatchAPI | None:
     return DispatchAPI(url=f"https://{parts.netloc}/", token=token, insecure=insecure)
 
 
+LISTED_RECENT_SECONDS = 24 * 3600.0
+"""The services page lists a finished container this long after it finished."""
+
+LISTED_MAX = 200
+"""The most container requests of each kind (live, recently finished) the page lists."""
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """A token the backend made: its UUID and when it expires (C{None}: never)."""
+
+    uuid: str
+    expires_at: datetime | None
+
+
 class NotLockHolder(Exception):
     """
     The gateway's token does not hold its container's lock: the API server will not let it
@@ -867,6 +882,198 @@ class ArvadosCluster(Service):
                 f"the API server refused to update container {uuid}: {e.api_message}"
             ) from None
         return self._container(record)
+
+    # -- the services page, and its Connect links --------------------------------------------
+
+    def list_container_requests(
+        self, owner_uuid: str | None = None, credentials: Credentials | None = None
+    ) -> defer.Deferred[list[ContainerRequest]]:
+        """
+        The container requests the user can read (their own, and those shared with them) whose
+        container is queued, running or finished in the last C{LISTED_RECENT_SECONDS}, newest
+        first, at most C{LISTED_MAX} of each: read with the user's own token.
+
+        @param owner_uuid: ignored (the user is the one C{credentials} prove).
+        @param credentials: the signed-in user's, with their token.
+        """
+        return defer.ensureDeferred(self._list_requests(credentials))
+
+    async def _list_requests(self, credentials: Credentials | None) -> list[ContainerRequest]:
+        if credentials is None or not credentials.token:
+            raise Unauthorized("Sign in to see your containers.")
+        since = datetime.fromtimestamp(self._clock.seconds() - LISTED_RECENT_SECONDS, UTC)
+        found: dict[str, ContainerRequest] = {}
+        for filters in (
+            [["container.state", "in", ["Queued", "Locked", "Running"]]],
+            [
+                ["container.state", "in", ["Complete", "Cancelled"]],
+                ["container.finished_at", ">=", since.isoformat().replace("+00:00", "Z")],
+            ],
+        ):
+            page = await self._api(
+                "GET",
+                "container_requests",
+                credentials.token,
+                as_user=True,
+                params={
+                    "filters": json.dumps(filters),
+                    "order": json.dumps(["created_at desc"]),
+                    "limit": str(LISTED_MAX),
+                    "count": "none",
+                },
+            )
+            items = page.get("items")
+            if not isinstance(items, list):
+                raise self._malformed("GET", "container_requests")
+            for item in items:
+                cr = self._container_request(item)
+                found[cr.uuid] = cr
+        return sorted(
+            found.values(),
+            key=lambda cr: (cr.created_at or datetime.min.replace(tzinfo=UTC), cr.uuid),
+            reverse=True,
+        )
+
+    def get_containers(
+        self, uuids: Iterable[str], credentials: Credentials
+    ) -> defer.Deferred[dict[str, Container]]:
+        """The containers of C{uuids} the user can read, in one call with their token."""
+        return defer.ensureDeferred(self._get_containers(sorted(set(uuids)), credentials))
+
+    async def _get_containers(
+        self, uuids: list[str], credentials: Credentials
+    ) -> dict[str, Container]:
+        wanted = [u for u in uuids if UUID_RE.match(u)]
+        if not wanted:
+            return {}
+        page = await self._api(
+            "GET",
+            "containers",
+            credentials.token,
+            as_user=True,
+            params={
+                "filters": json.dumps([["uuid", "in", wanted]]),
+                "limit": str(len(wanted)),
+                "count": "none",
+            },
+        )
+        items = page.get("items")
+        if not isinstance(items, list):
+            raise self._malformed("GET", "containers")
+        containers = [self._container(item) for item in items]
+        return {c.uuid: c for c in containers}
+
+    def permission_levels(
+        self, user_uuid: str, requests: Iterable[ContainerRequest]
+    ) -> defer.Deferred[dict[str, str | None]]:
+        """L{permission_level} for many container requests at once (two API calls)."""
+        return defer.ensureDeferred(self._levels_of(user_uuid, list(requests)))
+
+    async def _levels_of(
+        self, user_uuid: str, requests: list[ContainerRequest]
+    ) -> dict[str, str | None]:
+        if not requests:
+            return {}
+        acting = await self._acting.get(
+            user_uuid, lambda: defer.ensureDeferred(self._acting_users(user_uuid))
+        )
+        targets = [t for cr in requests for t in (cr.uuid, cr.owner_uuid)]
+        rows = await self._permission_rows(acting, targets)
+        return {cr.uuid: best_level(acting, cr.uuid, cr.owner_uuid, rows) for cr in requests}
+
+    def create_token(
+        self,
+        user_uuid: str,
+        scopes: Iterable[str] = ("all",),
+        ttl: float | None = None,
+        credentials: Credentials | None = None,
+    ) -> defer.Deferred[tuple[str, IssuedToken]]:
+        """
+        A new token for the signed-in user, with narrower C{scopes} and an expiry, made with
+        their own token (C{POST api_client_authorizations}: a user may make tokens for
+        themselves; the cluster's C{API.MaxTokenLifetime} may shorten it).
+
+        @raise Unauthorized: C{credentials} are not C{user_uuid}'s.
+        """
+        return defer.ensureDeferred(self._create_token(user_uuid, list(scopes), ttl, credentials))
+
+    async def _create_token(
+        self,
+        user_uuid: str,
+        scopes: list[str],
+        ttl: float | None,
+        credentials: Credentials | None,
+        *,
+        owner: bool = False,
+    ) -> tuple[str, IssuedToken]:
+        attrs: dict[str, Any]
+        if owner:
+            token, attrs = self._service_token, {"owner_uuid": user_uuid}
+        elif credentials is None or not credentials.token or credentials.user_uuid != user_uuid:
+            raise Unauthorized("Sign in to open a container's service.")
+        else:
+            token, attrs = credentials.token, {}
+        attrs["scopes"] = scopes
+        if ttl is not None:
+            expires = datetime.fromtimestamp(self._clock.seconds() + ttl, UTC)
+            attrs["expires_at"] = expires.isoformat().replace("+00:00", "Z")
+        try:
+            record = await self._api(
+                "POST",
+                "api_client_authorizations",
+                token,
+                as_user=not owner,
+                body={"api_client_authorization": attrs},
+            )
+        except _Rejected as e:
+            raise Unavailable(
+                f"The cluster's API server refused a new token: {e.api_message}"
+            ) from None
+        try:
+            issued = IssuedToken(str(record["uuid"]), parse_api_time(record.get("expires_at")))
+            return f"v2/{issued.uuid}/{record['api_token']}", issued
+        except (KeyError, ValueError, TypeError):
+            raise self._malformed("POST", "api_client_authorizations") from None
+
+    def exchange_token(self, token: str, ttl: float) -> defer.Deferred[str]:
+        """
+        Use up a token (the services page's Connect link) and issue another for the same user
+        with the same scopes, valid for C{ttl} seconds; see
+        L{arvproxy.backends.registry.RegistryStore.exchange_token}.  Made and revoked with the
+        service token: the link's token, scoped to one port, can do neither.
+
+        @raise Unauthorized: C{token} is not valid, or was used up meanwhile.
+        """
+        return defer.ensureDeferred(self._exchange_token(token, ttl))
+
+    async def _exchange_token(self, token: str, ttl: float) -> str:
+        credentials = await self.authenticate(token)
+        if credentials.token_uuid is None:
+            raise Unauthorized("The SystemRootToken cannot be exchanged.")
+        self._credentials.forget(("token", _digest(token)))
+        new, issued = await self._create_token(
+            credentials.user_uuid, list(credentials.scopes), ttl, None, owner=True
+        )
+        try:
+            await self._api(
+                "DELETE",
+                f"api_client_authorizations/{credentials.token_uuid}",
+                self._service_token,
+                as_user=False,
+            )
+        except NotFound:
+            # Used up at the same moment elsewhere: only one of the two exchanges may win.
+            await self._api(
+                "DELETE",
+                f"api_client_authorizations/{issued.uuid}",
+                self._service_token,
+                as_user=False,
+            )
+            raise Unauthorized("This link has already been used.") from None
+        finally:
+            # Whatever was kept of the used-up token meanwhile goes too.
+            self._credentials.forget(("token", _digest(token)))
+        return new
 
     # -- records --------------------------------------------------------------------------------
 

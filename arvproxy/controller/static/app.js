@@ -87,8 +87,10 @@
         ? "This container has finished: its ports can no longer be opened."
         : "Ports can be opened once the container is running." })
       : null;
+    // Why this person may not connect even while it runs (read-only, prohibited, turned off).
+    const refusal = item.note ? el("p", { class: "help refusal", text: item.note }) : null;
     return el("li", { class: "card", "data-uuid": item.uuid },
-      el("h3", { text: title }), meta, el("h4", { text: "Ports" }), ports, note);
+      el("h3", { text: title }), meta, el("h4", { text: "Ports" }), ports, note, refusal);
   }
 
   function render(document_) {
