@@ -147,6 +147,11 @@ def fatal(failure: Any, reactor: Any, what: str) -> None:
     status 1 once the reactor has shut down cleanly (so supervisors and dispatchers notice).
     """
     log.failure("Fatal: {what}", failure, what=what)
+    exit_when_stopped(reactor)
+
+
+def exit_when_stopped(reactor: Any) -> None:
+    """Stop the reactor, and exit with status 1 once it has shut down cleanly."""
 
     def exit_now() -> None:
         import os

@@ -44,6 +44,7 @@ from arvproxy.backends import (
     QUEUED,
     RUNNING,
     TOKEN_INFIX,
+    UPDATABLE_CONTAINER_FIELDS,
     USER_INFIX,
     UUID_RE,
     Container,
@@ -56,17 +57,6 @@ from arvproxy.backends import (
 from arvproxy.errors import NotFound, Unauthorized
 from arvproxy.gateway.runtime import IRuntime
 
-# The container fields ICluster.update_container may change (as in the embedded registry).
-UPDATABLE_CONTAINER_FIELDS = frozenset(
-    {
-        "state",
-        "gateway_address",
-        "exit_code",
-        "listening_ports",
-        "runtime_status",
-        "interactive_session_started",
-    }
-)
 _STATES = frozenset({QUEUED, "Locked", RUNNING, *FINAL_STATES})
 
 

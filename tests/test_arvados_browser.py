@@ -18,7 +18,7 @@ from arvproxy import policy
 from tests import e2e
 from tests.browser import Browser
 from tests.test_arvados_chain import ArvadosCluster
-from tests.test_portal_browser import ServiceFactory, _history_urls
+from tests.test_portal_browser import ServiceFactory, _history_urls, navigation_urls, sign_in
 
 
 class ArvadosPortalBrowserTests(TestCase):
@@ -48,35 +48,10 @@ class ArvadosPortalBrowserTests(TestCase):
         shared = api.add_container_request(
             bobs, api.add_container(state="Queued"), name="shared by Bob"
         )
-        await cluster.lock()
-        port = e2e.free_port()
-        config = cluster.write_config(port)
-        controller = e2e.Twistd.spawn(
-            reactor, cluster.directory, "controller", ["arv-controller-proxy", "--config", config]
-        )
-        self.addCleanup(controller.stop, reactor)
-        gateway = cluster.gateway(
-            self, config, cluster.dispatch_json(cluster.api_host, cluster.dispatcher_token)
-        )
-        await e2e.wait_for(
-            reactor,
-            lambda: cluster.record()["state"] == "Running" and cluster.record()["gateway_address"],
-            "the gateway to mark its container Running",
-            [gateway],
-            timeout=60,
-        )
-        await e2e.wait_for(reactor, lambda: e2e.accepting(port), "the controller", [controller])
+        _, port, _ = await cluster.start_plugins(self)
 
         browser = await Browser.start(self)
-        page = f"http://{e2e.SUFFIX}:{port}/"
-        await browser.get(page)
-        await browser.wait_for_text("#sign-in", lambda t: "API token" in t)
-
-        def sign_in(driver: Any) -> None:
-            driver.find_element(By.ID, "token").send_keys(cluster.token)
-            driver.find_element(By.CSS_SELECTOR, "#sign-in-form button").click()
-
-        await browser.call(sign_in)
+        await sign_in(browser, f"http://{e2e.SUFFIX}:{port}/", cluster.token)
         listed = await browser.wait_for_text(
             "#list", lambda t: cluster.request in t and shared in t
         )
@@ -103,15 +78,7 @@ class ArvadosPortalBrowserTests(TestCase):
         )
         await browser.screenshot("arvados-portal-service")
 
-        def history(driver: Any) -> list[str]:
-            urls = []
-            for handle in driver.window_handles:
-                driver.switch_to.window(handle)
-                entries = driver.execute_cdp_cmd("Page.getNavigationHistory", {})["entries"]
-                urls += [entry["url"] for entry in entries]
-            return urls
-
-        urls = await browser.call(history)
+        urls = await browser.call(navigation_urls)
         profile = browser.driver.capabilities["chrome"]["userDataDir"]
         await deferToThread(browser.driver.quit)
         browser.driver.quit = lambda: None  # The cleanup's quit: already done.

@@ -123,6 +123,33 @@ class ArvadosCluster:
     def record(self) -> dict[str, Any]:
         return self.api.containers[self.container]
 
+    async def start_plugins(self, testcase: unittest.TestCase) -> tuple[e2e.Twistd, int, str]:
+        """
+        Lock the container, then start the front door and the container's gateway; return
+        once the container is Running and the front door accepts connections.
+
+        @return: the front door, its port, and the configuration file both use.
+        """
+        await self.lock()
+        port = e2e.free_port()
+        config = self.write_config(port)
+        controller = e2e.Twistd.spawn(
+            reactor, self.directory, "controller", ["arv-controller-proxy", "--config", config]
+        )
+        testcase.addCleanup(controller.stop, reactor)
+        gateway = self.gateway(
+            testcase, config, self.dispatch_json(self.api_host, self.dispatcher_token)
+        )
+        await e2e.wait_for(
+            reactor,
+            lambda: self.record()["state"] == "Running" and self.record()["gateway_address"],
+            "the gateway to mark its container Running",
+            [gateway],
+            timeout=60,
+        )
+        await e2e.wait_for(reactor, lambda: e2e.accepting(port), "the controller", [controller])
+        return controller, port, config
+
 
 class ArvadosChainTests(unittest.TestCase):
     def test_front_door_to_gateway(self) -> defer.Deferred[None]:
@@ -134,26 +161,7 @@ class ArvadosChainTests(unittest.TestCase):
         service_port = service.listen(reactor)
         self.addCleanup(service.stop, reactor)
         cluster = ArvadosCluster(self, service_port)
-        await cluster.lock()
-        controller_port = e2e.free_port()
-        config = cluster.write_config(controller_port)
-        controller = e2e.Twistd.spawn(
-            reactor, cluster.directory, "controller", ["arv-controller-proxy", "--config", config]
-        )
-        self.addCleanup(controller.stop, reactor)
-        gateway = cluster.gateway(
-            self, config, cluster.dispatch_json(cluster.api_host, cluster.dispatcher_token)
-        )
-        await e2e.wait_for(
-            reactor,
-            lambda: cluster.record()["state"] == "Running" and cluster.record()["gateway_address"],
-            "the gateway to mark its container Running",
-            [gateway],
-            timeout=60,
-        )
-        await e2e.wait_for(
-            reactor, lambda: e2e.accepting(controller_port), "the controller", [controller]
-        )
+        controller, controller_port, _ = await cluster.start_plugins(self)
         client = e2e.Client(reactor)
         self.addCleanup(client.close)
         vhost = f"{cluster.request}-{service_port}.{e2e.SUFFIX}:{controller_port}".encode()
@@ -242,26 +250,7 @@ class ArvadosRulesChainTests(unittest.TestCase):
         api.grant(sharer, project, "can_write")
         api.grant(reader, project, "can_read")
         admin = api.add_user("Admin", is_admin=True)
-        await cluster.lock()
-        controller_port = e2e.free_port()
-        config = cluster.write_config(controller_port)
-        controller = e2e.Twistd.spawn(
-            reactor, cluster.directory, "controller", ["arv-controller-proxy", "--config", config]
-        )
-        self.addCleanup(controller.stop, reactor)
-        gateway = cluster.gateway(
-            self, config, cluster.dispatch_json(cluster.api_host, cluster.dispatcher_token)
-        )
-        await e2e.wait_for(
-            reactor,
-            lambda: cluster.record()["state"] == "Running" and cluster.record()["gateway_address"],
-            "the gateway to mark its container Running",
-            [gateway],
-            timeout=60,
-        )
-        await e2e.wait_for(
-            reactor, lambda: e2e.accepting(controller_port), "the controller", [controller]
-        )
+        controller, controller_port, _ = await cluster.start_plugins(self)
         client = e2e.Client(reactor)
         self.addCleanup(client.close)
 

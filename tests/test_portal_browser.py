@@ -124,6 +124,30 @@ class ServiceFactory(Factory):
         await defer.gatherResults(waiting)
 
 
+async def sign_in(browser: Browser, page: str, token: str) -> None:
+    """Open the services page at C{page} and sign in with C{token}, as a person would."""
+    from selenium.webdriver.common.by import By
+
+    await browser.get(page)
+    await browser.wait_for_text("#sign-in", lambda t: "API token" in t)
+
+    def submit(driver: Any) -> None:
+        driver.find_element(By.ID, "token").send_keys(token)
+        driver.find_element(By.CSS_SELECTOR, "#sign-in-form button").click()
+
+    await browser.call(submit)
+
+
+def navigation_urls(driver: Any) -> list[str]:
+    """Every URL in the navigation history of every tab of a driver's browser."""
+    urls = []
+    for handle in driver.window_handles:
+        driver.switch_to.window(handle)
+        history = driver.execute_cdp_cmd("Page.getNavigationHistory", {})
+        urls += [entry["url"] for entry in history["entries"]]
+    return urls
+
+
 def _history_urls(profile: str) -> list[str]:
     """Every URL in the History database of a Chromium profile (after Chromium has quit)."""
     path = os.path.join(profile, "Default", "History")
@@ -157,14 +181,7 @@ class PortalBrowserTests(TestCase):
 
         chain, browser, service_port, store = await self._start()
         page = chain.config.external_url.url_for()
-        await browser.get(page)
-        await browser.wait_for_text("#sign-in", lambda t: "API token" in t)
-
-        def sign_in(driver: Any) -> None:
-            driver.find_element(By.ID, "token").send_keys(chain.token)
-            driver.find_element(By.CSS_SELECTOR, "#sign-in-form button").click()
-
-        await browser.call(sign_in)
+        await sign_in(browser, page, chain.token)
         await browser.wait_for_text("#list", lambda t: chain.request_uuid in t)
         listed = await browser.text("#list")
         self.assertIn(f"Port {chain.container.port}", listed)
@@ -208,14 +225,6 @@ class PortalBrowserTests(TestCase):
         self.assertEqual(self.service.echo.frames, [("TextMessage", 20)])
 
         # Every URL of every tab's history, then the profile's History database.
-        def navigation_urls(driver: Any) -> list[str]:
-            urls = []
-            for handle in driver.window_handles:
-                driver.switch_to.window(handle)
-                history = driver.execute_cdp_cmd("Page.getNavigationHistory", {})
-                urls += [entry["url"] for entry in history["entries"]]
-            return urls
-
         urls = await browser.call(navigation_urls)
         profile = browser.driver.capabilities["chrome"]["userDataDir"]
         await deferToThread(browser.driver.quit)

@@ -25,6 +25,18 @@ COMPLETE = "Complete"
 CANCELLED = "Cancelled"
 FINAL_STATES = frozenset({COMPLETE, CANCELLED})
 
+# The container fields ICluster.update_container may change, in every backend.
+UPDATABLE_CONTAINER_FIELDS = frozenset(
+    {
+        "state",
+        "gateway_address",
+        "exit_code",
+        "listening_ports",
+        "runtime_status",
+        "interactive_session_started",
+    }
+)
+
 # Permission levels, weakest first.
 CAN_READ = "can_read"
 CAN_WRITE = "can_write"

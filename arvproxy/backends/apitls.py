@@ -24,6 +24,7 @@ from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 
 from arvproxy.errors import Unavailable
+from arvproxy.service import exit_when_stopped
 
 log = Logger()
 
@@ -110,13 +111,4 @@ def stop_plainly(reactor: Any, line: str) -> None:
     """
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
-
-    def exit_now() -> None:
-        sys.stdout.flush()
-        os._exit(1)
-
-    reactor.addSystemEventTrigger("after", "shutdown", exit_now)
-    if reactor.running:
-        reactor.stop()
-    else:
-        reactor.callWhenRunning(reactor.stop)
+    exit_when_stopped(reactor)

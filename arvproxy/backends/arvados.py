@@ -56,6 +56,7 @@ from zope.interface import implementer
 
 from arvproxy.backends import (
     CONTAINER_REQUEST_INFIX,
+    UPDATABLE_CONTAINER_FIELDS,
     USER_INFIX,
     UUID_RE,
     Container,
@@ -79,17 +80,6 @@ from arvproxy.errors import BadRequest, Forbidden, NotFound, ProxyError, Unautho
 
 log = Logger()
 
-UPDATABLE_CONTAINER_FIELDS = frozenset(
-    {
-        "state",
-        "gateway_address",
-        "exit_code",
-        "listening_ports",
-        "runtime_status",
-        "interactive_session_started",
-    }
-)
-"""What L{ArvadosCluster.update_container} accepts (as every L{ICluster})."""
 
 UNSTORED_CONTAINER_FIELDS = frozenset({"listening_ports"})
 """Accepted but not sent: an Arvados container record has no field that can carry them."""
@@ -751,14 +741,15 @@ class ArvadosCluster(Service):
             cr = await self.get_container_request(target_uuid)
         except NotFound:
             return None
-        acting = await self._acting.get(
-            user_uuid, lambda: defer.ensureDeferred(self._acting_users(user_uuid))
-        )
-        rows = await self._permission_rows(acting, [cr.uuid, cr.owner_uuid])
-        return best_level(acting, cr.uuid, cr.owner_uuid, rows)
+        return (await self._levels_of(user_uuid, [cr]))[cr.uuid]
 
-    async def _acting_users(self, user_uuid: str) -> list[str]:
-        """The user, and the users of this cluster whose accounts they manage."""
+    def _acting_users(self, user_uuid: str) -> defer.Deferred[list[str]]:
+        """The user, and the users of this cluster whose accounts they manage (kept a while)."""
+        return self._acting.get(
+            user_uuid, lambda: defer.ensureDeferred(self._read_acting_users(user_uuid))
+        )
+
+    async def _read_acting_users(self, user_uuid: str) -> list[str]:
         prefix = f"{self.cluster_id}-{USER_INFIX}-"
         rows = await self._computed_permissions(
             [
@@ -974,9 +965,7 @@ class ArvadosCluster(Service):
     ) -> dict[str, str | None]:
         if not requests:
             return {}
-        acting = await self._acting.get(
-            user_uuid, lambda: defer.ensureDeferred(self._acting_users(user_uuid))
-        )
+        acting = await self._acting_users(user_uuid)
         targets = [t for cr in requests for t in (cr.uuid, cr.owner_uuid)]
         rows = await self._permission_rows(acting, targets)
         return {cr.uuid: best_level(acting, cr.uuid, cr.owner_uuid, rows) for cr in requests}

@@ -52,6 +52,7 @@ from arvproxy.backends import (
     QUEUED,
     RUNNING,
     TOKEN_INFIX,
+    UPDATABLE_CONTAINER_FIELDS,
     USER_INFIX,
     UUID_RE,
     Container,
@@ -73,17 +74,6 @@ STATES = (QUEUED, LOCKED, RUNNING, COMPLETE, CANCELLED)
 ACCESS_LEVELS = ("private", "public")
 """The values of C{published_ports[port]["access"]}."""
 
-UPDATABLE_CONTAINER_FIELDS = frozenset(
-    {
-        "state",
-        "gateway_address",
-        "exit_code",
-        "listening_ports",
-        "runtime_status",
-        "interactive_session_started",
-    }
-)
-"""The container fields L{RegistryStore.update_container} may change."""
 
 _ALNUM = string.ascii_lowercase + string.digits
 _SECRET_ALPHABET = string.ascii_letters + string.digits
