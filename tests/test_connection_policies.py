@@ -282,3 +282,29 @@ class CommandTests(TestCase):
             record = json.loads(out.getvalue())
             self.assertEqual(record["properties"], want)
             self.assertEqual(store.get_container_request(record["uuid"]).properties, want)
+
+
+class SettingTests(SynchronousTestCase):
+    def test_connections_enabled(self) -> None:
+        """ConnectionsEnabled is true by default, may be false, and anything else names the key."""
+        from arvproxy.config import ConfigError, parse_config
+
+        def parse(**arvproxy: Any) -> Any:
+            document = {
+                "Clusters": {
+                    "zzzzz": {
+                        "SystemRootToken": "x" * 40,
+                        "Services": {
+                            "ContainerWebServices": {"ExternalURL": "https://*.c.example.com"}
+                        },
+                        "ArvProxy": arvproxy,
+                    }
+                }
+            }
+            return parse_config(document, "/etc/arvados/config.yml")
+
+        self.assertTrue(parse().connections_enabled)
+        self.assertFalse(parse(ConnectionsEnabled=False).connections_enabled)
+        with self.assertRaises(ConfigError) as caught:
+            parse(ConnectionsEnabled="no")
+        self.assertIn("Clusters.zzzzz.ArvProxy.ConnectionsEnabled", str(caught.exception))
