@@ -80,9 +80,10 @@ class Credentials:
     @ivar token_uuid: the API client authorization's UUID, or C{None} for the SystemRootToken.
     @ivar scopes: Arvados scopes: C{"all"}, or C{"METHOD /path"} entries.
     @ivar expires_at: when the token stops working, or C{None} if it never does.
-    @ivar token: the token itself, for backends that ask on the user's behalf (Arvados:
-        L{ICluster.permission_level} reads records with it); C{""} when a backend does not need
-        it.  Left out of C{repr} and comparisons, so it is never logged by accident.
+    @ivar token: the token itself, for backends that ask on the user's behalf (Arvados: the
+        services page lists requests and makes Connect tokens with it); C{""} when a backend
+        does not need it.  Left out of C{repr} and comparisons, so it is never logged by
+        accident.
     """
 
     token_uuid: str | None
@@ -173,11 +174,12 @@ class ICluster(Interface):
     ) -> Any:
         """
         The strongest permission C{user_uuid} holds on record C{target_uuid}: by ownership
-        (C{can_manage}) or by a permission link.
+        (C{can_manage}) or by a permission link, and on Arvados by any path of its permission
+        graph (projects, groups, managed accounts).
 
         @param credentials: what L{authenticate} returned for the request being decided, when
-            there is one.  Backends that must ask with the user's own token (Arvados) use it, and
-            fall back to a stricter rule without it; the embedded registry ignores it.
+            there is one.  The answer must not depend on them: it is the user's permission,
+            whichever token they use (the README's rule), and both backends ignore them.
         @return: a Deferred firing with one of L{LEVELS}, or C{None} for no permission.
         """
 
