@@ -17,6 +17,10 @@ Which token asks what:
     question, asked the same way, for every token of the user, full or scoped: a scoped token
     never grants more than its user's full token, and stops working as soon as its user loses
     access.  Admins are decided by the caller from L{Credentials.is_admin}.
+  - The first connection's mark (C{interactive_session_started}), and a Connect link's
+    exchange for a session token (make the new one, delete the used one): the service token.
+  - The services page: the user's readable container requests and their containers, and the
+    Connect link's token (C{POST api_client_authorizations}): the user's own token.
 
 Answers are kept for C{cache_ttl} seconds (L{arvproxy.backends.cache}): tokens, permission
 levels, container requests and container-request lists.  Containers are never kept: each
