@@ -18,11 +18,13 @@ looks for a row of level 2 or more on the request itself, or on its owner when t
 permission on the owner reach what the owner owns (C{traverse_owned}: always for a group, and
 for a user only through C{can_manage}).
 
-Narrower than C{User#can?} in two corners, so that arvproxy may refuse what Arvados would allow,
-never the reverse: a row on a user counts only at C{can_manage} (the API does not list
-C{traverse_owned}, which a C{can_manage} row always has, but a weaker one may have too), and
-only this cluster's users are looked at as managed accounts.  Frozen projects are not looked
-at.
+Narrower than C{User#can?} in two corners, so that arvproxy may refuse what Arvados would
+allow: a row on a user counts only at C{can_manage} (the API does not list C{traverse_owned},
+which a C{can_manage} row always has, but a weaker one may have too), and only this cluster's
+users are looked at as managed accounts.  Frozen projects are not looked
+at (C{can?} refuses writes inside one): Arvados never lets a project that holds a committed
+container request be frozen (C{Group#update_frozen}), so a running container's requests are not
+in one.
 """
 
 from __future__ import annotations
