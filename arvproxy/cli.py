@@ -37,6 +37,7 @@ from arvproxy.clirun import CommandFailed
 from arvproxy.clirun import add_commands as add_run_commands
 from arvproxy.config import ConfigError, load_config
 from arvproxy.errors import ProxyError
+from arvproxy.permissions import CONNECTIONS_PROPERTY, PROHIBITED
 
 PROG = "arvproxy"
 CONFIG_ENV = "ARVPROXY_CONFIG"
@@ -234,6 +235,12 @@ def add_port_options(parser: argparse.ArgumentParser) -> None:
         metavar="PORT",
         help="a published port whose service speaks TLS (self-signed is fine)",
     )
+    parser.add_argument(
+        "--no-connections",
+        action="store_true",
+        help="nobody may connect to the container's services, admins included (the request's "
+        f'property "{CONNECTIONS_PROPERTY}": "{PROHIBITED}")',
+    )
     for option, metavar, what in (
         ("--port-label", "PORT=LABEL", "a label for a published port (shown on the services page)"),
         ("--initial-path", "PORT=PATH", "where a published port's link opens, e.g. 8888=/lab"),
@@ -263,6 +270,11 @@ def published_ports(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return ports
 
 
+def request_properties(args: argparse.Namespace) -> dict[str, Any]:
+    """The request's C{properties} from the options of L{add_port_options}."""
+    return {CONNECTIONS_PROPERTY: PROHIBITED} if getattr(args, "no_connections", False) else {}
+
+
 def _container_request_create(store: RegistryStore, args: argparse.Namespace) -> Any:
     command = list(args.command)
     if command[:1] == ["--"]:
@@ -276,6 +288,7 @@ def _container_request_create(store: RegistryStore, args: argparse.Namespace) ->
         environment=dict(args.env),
         cwd=args.cwd,
         published_ports=ports,
+        properties=request_properties(args),
     )
     return to_json(request)
 

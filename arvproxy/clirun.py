@@ -153,7 +153,7 @@ def run_container(
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> Any:
-    from arvproxy.cli import _Plain, published_ports
+    from arvproxy.cli import _Plain, published_ports, request_properties
 
     problem = engine_problem()
     if problem is not None:
@@ -171,11 +171,15 @@ def run_container(
         environment=dict(args.env),
         cwd=args.cwd,
         published_ports=published_ports(args),
+        properties=request_properties(args),
     )
     assert request.container_uuid is not None
     container = wait_running(store, request.container_uuid, args.timeout, sleep, clock)
     lines = [f"{request.uuid}: container {container.uuid} is Running ({args.image})"]
     urls = service_urls(config, request)
+    if getattr(args, "no_connections", False):
+        lines.append("  (nobody may connect to it: it was started with --no-connections)")
+        urls = {}
     if urls:
         scopes = [policy.connect_scope(request.uuid, port) for port in urls]
         token, _ = store.create_token(user, scopes, TOKEN_TTL)

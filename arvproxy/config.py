@@ -3,7 +3,8 @@ The cluster configuration: YAML in the shape of an Arvados cluster config, parse
 start-up, into typed values ("parse, don't validate").
 
 L{load_config} reads a file; L{parse_config} does the work on an already-loaded document and
-touches nothing but the path arithmetic for C{Registry}.  The keys we read::
+touches nothing but the path arithmetic for C{Registry} and reading C{ArvProxy.TLS.CAFile}.
+The keys we read::
 
     Clusters:
       zzzzz:                                  # exactly 5 characters, a-z and 0-9
@@ -24,6 +25,9 @@ touches nothing but the path arithmetic for C{Registry}.  The keys we read::
           ContainerLogs:                      # each container's output, kept on its node
             Directory: container-logs         # default: beside the registry file
             MaxBytes: 4194304                 # per container: the current file and one rotated
+          ConnectionsEnabled: true            # false: every container web service is off (403)
+          TLS:
+            CAFile: /etc/arvados/ca.pem       # CA certificates (PEM) to trust for the API server
 
     With C{Backend: arvados}, two more Arvados keys are read::
 
@@ -116,6 +120,10 @@ class ClusterConfig:
     @ivar api_url: the Arvados API server (C{Services.Controller.ExternalURL}), or C{""} when
         the backend is not C{arvados}.
     @ivar tls_insecure: C{TLS.Insecure}: do not verify the API server's certificate.
+    @ivar api_ca_file: C{ArvProxy.TLS.CAFile}: a PEM file of the CA certificates to trust for
+        the API server's certificate instead of the system's (absolute; C{""}: not set).
+    @ivar connections_enabled: C{ArvProxy.ConnectionsEnabled}: C{False} turns every container
+        web service off (403), for everyone, admins included.
     @ivar cache_ttl: seconds the front door keeps answers about tokens, container requests and
         permissions (0: not at all); a revoked token keeps working this long at most (with the
         embedded registry, not at all: its answers go as soon as the file changes).
@@ -142,6 +150,8 @@ class ClusterConfig:
     cache_ttl: float = 10.0
     container_logs: str = ""
     container_log_bytes: int = 4 * 1024 * 1024
+    api_ca_file: str = ""
+    connections_enabled: bool = True
 
 
 @dataclass(frozen=True)
@@ -223,7 +233,10 @@ ARVPROXY_KEYS = (
     "Limits",
     "CacheTTL",
     "ContainerLogs",
+    "ConnectionsEnabled",
+    "TLS",
 )
+TLS_KEYS = ("CAFile",)
 TIMEOUT_KEYS = (
     "ClientIdle",
     "RequestHeaders",
@@ -342,6 +355,12 @@ def parse_config(document: object, source: str, cluster_id: str | None = None) -
     limits = p.limits(own, at_ap)
     cache_ttl = p.duration(own.get("CacheTTL", 10), f"{at_ap}.CacheTTL", zero_ok=True)
     log_dir, log_bytes = p.container_logs(own, f"{at_ap}.ContainerLogs", registry)
+    own_tls = p.mapping(own.get("TLS"), f"{at_ap}.TLS", optional=True)
+    p.known_keys(own_tls, f"{at_ap}.TLS", TLS_KEYS)
+    ca_file = p.ca_file(own_tls.get("CAFile"), f"{at_ap}.TLS.CAFile")
+    enabled = own.get("ConnectionsEnabled", True)
+    if not isinstance(enabled, bool):
+        p.fail(f"{at_ap}.ConnectionsEnabled", f"expected true or false, got {_show(enabled)}")
     tls = p.mapping(cluster.get("TLS"), f"{at}.TLS", optional=True)
     insecure = tls.get("Insecure", False)
     if not isinstance(insecure, bool):
@@ -376,6 +395,8 @@ def parse_config(document: object, source: str, cluster_id: str | None = None) -
         cache_ttl=cache_ttl,
         container_logs=log_dir,
         container_log_bytes=log_bytes,
+        api_ca_file=ca_file,
+        connections_enabled=enabled,
     )
 
 
@@ -655,6 +676,24 @@ class _Parser:
                 f"expected a whole number of at least {MIN_CONTAINER_LOG_BYTES}, got {_show(size)}",
             )
         return path, size
+
+    def ca_file(self, value: object, key: str) -> str:
+        """A readable PEM file holding at least one certificate (relative: to the file's dir)."""
+        if value is None or value == "":
+            return ""
+        if not isinstance(value, str):
+            self.fail(
+                key, f"expected the path of a PEM file of CA certificates, got {_show(value)}"
+            )
+        path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(self.source)), value))
+        try:
+            with open(path, "rb") as f:
+                text = f.read()
+        except OSError as e:
+            self.fail(key, f"cannot read {path}: {e.strerror}")
+        if b"-----BEGIN CERTIFICATE-----" not in text:
+            self.fail(key, f"{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+        return path
 
     def networks(
         self, value: object, key: str

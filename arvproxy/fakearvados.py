@@ -25,12 +25,12 @@ server's source (Arvados 913e363, C{services/api/}; each rule below cites where 
     C{container_count < container_count_max} (C{Container#handle_completed}).
   - Lists take C{filters}, C{order}, C{limit}, C{offset}, C{count} and C{select} as the server
     does (L{arvproxy.fakearvados_lists}).
-  - Permissions, simplified from Arvados: admins may do anything; a user has C{can_manage} on
-    itself and on what it owns, directly or through projects it owns; a permission link
-    (C{tail_uuid} user, C{head_uuid} a user, project or record) grants its level on the head
-    and on everything the head owns.  A record the caller cannot read is 404, as in Arvados.
-    A container is readable by admins and by whoever can read a container request that uses it
-    (C{Container.readable_by}).
+  - Permissions, by the graph the API server materializes (L{arvproxy.fakearvados_permissions}:
+    ownership, projects, role groups, permission links on any record, C{can_manage} on a
+    user), and C{User#can?} on it; admins may do anything.  A record the caller cannot read is
+    404, as in Arvados.  A container is readable by admins and by whoever can read a container
+    request that uses it (C{Container.readable_by}).  C{computed_permissions} lists the graph's
+    rows to admins.
   - Errors are the Rails server's: C{{"errors": ["<message> (req-...)"], "error_token":
     "<time>+<hex>"}} (C{ApplicationController#send_error}).  Clients that talk to the real
     cluster through its controller (C{lib/controller}) may get the same messages wrapped as
@@ -91,6 +91,16 @@ from arvproxy.fakearvados_lists import (
     rendered,
     ruby_inspect,
     run_list,
+)
+from arvproxy.fakearvados_permissions import (
+    MANAGE,
+    READ,
+    WRITE,
+    can,
+    graph_edges,
+    level_name,
+    list_computed_permissions,
+    materialized,
 )
 from arvproxy.fakearvados_schema import (
     CONTAINER_REQUESTS,
@@ -322,6 +332,12 @@ class FakeArvadosAPI(Resource):
         }
         return uuid
 
+    def add_role_group(self, name: str = "") -> str:
+        """A role group (owned by the system user): members join it with L{grant}."""
+        uuid = self.add_project(self.system_user_uuid, name)
+        self.groups[uuid]["group_class"] = "role"
+        return uuid
+
     def add_container(self, state: str = QUEUED, **fields: Any) -> str:
         """
         A container record, as the API server would hold it in C{state}.
@@ -381,7 +397,10 @@ class FakeArvadosAPI(Resource):
         return uuid
 
     def grant(self, user_uuid: str, head_uuid: str, level: str) -> str:
-        """A permission link giving C{user_uuid} C{level} on C{head_uuid}."""
+        """
+        A permission link giving C{user_uuid} (a user, or a group: then its members) C{level}
+        on C{head_uuid} (a user, a group, or any record).
+        """
         if level not in LEVELS:
             raise ValueError(level)
         uuid = self.new_uuid("o0j2j")
@@ -451,25 +470,31 @@ class FakeArvadosAPI(Resource):
         return None
 
     def level(self, user_uuid: str, uuid: str) -> str | None:
-        """The strongest permission C{user_uuid} holds on C{uuid}, or C{None}."""
+        """
+        The strongest permission C{user_uuid} holds on C{uuid}, or C{None}: the highest level
+        at which C{User#can?} says yes (L{arvproxy.fakearvados_permissions}).
+        """
         user = self.users.get(user_uuid)
         if user is None or not user["is_active"]:
             return None
-        if user["is_admin"]:
-            return "can_manage"
-        best = -1
-        chain: list[str] = []
-        current: str | None = uuid
-        while current is not None and current not in chain:
-            chain.append(current)
-            current = self._owner_of(current)
-        for node in chain:
-            if node == user_uuid:
-                return "can_manage"
-            for link in self.links:
-                if link["tail_uuid"] == user_uuid and link["head_uuid"] == node:
-                    best = max(best, LEVELS.index(link["name"]))
-        return LEVELS[best] if best >= 0 else None
+        owner = self._owner_of(uuid)
+        edges = self._permission_edges()
+        memo: dict[str, dict[str, tuple[int, bool]]] = {}
+
+        def rows_of(uuid: str) -> dict[str, tuple[int, bool]]:
+            if uuid not in memo:
+                memo[uuid] = materialized(uuid, edges)
+            return memo[uuid]
+
+        best = 0
+        for needed in (READ, WRITE, MANAGE):
+            if not can(user_uuid, bool(user["is_admin"]), needed, uuid, owner, rows_of):
+                break
+            best = needed
+        return level_name(best)
+
+    def _permission_edges(self) -> dict[str, list[tuple[str, int]]]:
+        return graph_edges(self.users.values(), self.groups.values(), self.links)
 
     def _container_readable(self, user_uuid: str, uuid: str) -> bool:
         """C{Container.readable_by}: admins, and readers of a request that uses it."""
@@ -622,6 +647,7 @@ class FakeArvadosAPI(Resource):
         routes: dict[tuple[str, str, int, str], Any] = {
             ("GET", "users", 1, ""): self._get_user,
             ("GET", "groups", 1, ""): self._get_group,
+            ("GET", "computed_permissions", 0, ""): self._computed_permissions,
             ("POST", "api_client_authorizations", 0, ""): self._create_token,
             ("GET", "api_client_authorizations", 1, ""): self._get_token,
             ("DELETE", "api_client_authorizations", 1, ""): self._delete_token,
@@ -663,6 +689,16 @@ class FakeArvadosAPI(Resource):
         if level is None:
             raise APIError(404, "Path not found")
         return _with_access(self.groups[uuid], level)
+
+    def _computed_permissions(
+        self, caller: Caller, parts: list[str], params: dict[str, Any]
+    ) -> Any:
+        """C{ComputedPermissionsController#index}: C{admin_required}, then the list."""
+        if not caller.is_admin:
+            raise APIError(403, "Forbidden")
+        edges = self._permission_edges()
+        rows = {uuid: materialized(uuid, edges) for uuid in self.users}
+        return list_computed_permissions(rows, params, self.max_page)
 
     # -- api_client_authorizations ------------------------------------------------------------
 

@@ -140,3 +140,40 @@ def is_public(
         ports = next((cr.published_ports for cr in requests if cr.uuid == named_uuid), {})
     entry = ports.get(str(port))
     return isinstance(entry, Mapping) and entry.get("access") == "public"
+
+
+CONNECTIONS_PROPERTY = "arvproxy:connections"
+"""The container request property that can prohibit connections to its container."""
+
+PROHIBITED = "prohibited"
+"""The value of L{CONNECTIONS_PROPERTY} that does: nobody may connect, admins included."""
+
+
+def prohibits_connections(request: ContainerRequest) -> bool:
+    """Whether a container request says that nobody may connect to its container."""
+    return request.properties.get(CONNECTIONS_PROPERTY) == PROHIBITED
+
+
+def check_connections_allowed(requests: Sequence[ContainerRequest]) -> None:
+    """
+    Nobody may connect to a container that any of its container requests (C{requests}: every
+    request that uses it) prohibits connections to, admins included; the person learns which
+    request says so.
+
+    @raise Forbidden: one of them does.
+    """
+    for cr in requests:
+        if prohibits_connections(cr):
+            raise Forbidden(
+                f"Connections to this container are prohibited: its container request {cr.uuid} "
+                f'says so (property "{CONNECTIONS_PROPERTY}": "{PROHIBITED}").',
+                hint="Its owner can allow them by removing that property from the request.",
+            )
+
+
+def services_turned_off() -> Forbidden:
+    """The answer to every request for a container's service when the cluster turned them off."""
+    return Forbidden(
+        "Container web services are turned off on this cluster.",
+        hint="The cluster's administrator has turned them off (ArvProxy.ConnectionsEnabled).",
+    )

@@ -194,6 +194,11 @@ def fatal(failure: Any, reactor: Any, what: str, plain: bool = False) -> None:
         os.write(2, f"error: {what}\n".encode("utf-8", "replace"))
     else:
         log.failure("Fatal: {what}", failure, what=what)
+    exit_when_stopped(reactor)
+
+
+def exit_when_stopped(reactor: Any) -> None:
+    """Stop the reactor, and exit with status 1 once it has shut down cleanly."""
 
     def exit_now() -> None:
         import os

@@ -44,6 +44,7 @@ from arvproxy.backends import (
     QUEUED,
     RUNNING,
     TOKEN_INFIX,
+    UPDATABLE_CONTAINER_FIELDS,
     USER_INFIX,
     UUID_RE,
     Container,
@@ -56,10 +57,6 @@ from arvproxy.backends import (
 from arvproxy.errors import NotFound, Unauthorized
 from arvproxy.gateway.runtime import IRuntime
 
-# The container fields ICluster.update_container may change (as in the embedded registry).
-UPDATABLE_CONTAINER_FIELDS = frozenset(
-    {"state", "gateway_address", "exit_code", "listening_ports", "runtime_status"}
-)
 _STATES = frozenset({QUEUED, "Locked", RUNNING, *FINAL_STATES})
 
 
@@ -88,7 +85,8 @@ class FakeCluster:
     L{permission_level} counts ownership of container requests and tokens (C{can_manage}) and
     permission links, never admin rights.  L{update_container} never moves a container out of a
     final state (C{ValueError}), sets C{started_at} on C{Running} and C{finished_at} on a final
-    state (marking the container's requests C{Final}).
+    state (marking the container's requests C{Final}), and sets C{interactive_session_started}
+    only while Running, never clearing it.
 
     @ivar calls: every L{ICluster} call as C{(method name, arguments)}, in order.
     """
@@ -291,6 +289,9 @@ class FakeCluster:
         if "listening_ports" in values:
             values["listening_ports"] = tuple(sorted(set(values["listening_ports"])))
         new_state = values.get("state", old.state)
+        started = values.get("interactive_session_started", old.interactive_session_started)
+        if started != old.interactive_session_started and (not started or new_state != RUNNING):
+            raise ValueError(f"container {uuid}: interactive_session_started can only be set")
         if new_state != old.state:
             if old.state in FINAL_STATES:
                 raise ValueError(f"container {uuid} is {old.state}: its state is final")

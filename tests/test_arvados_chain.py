@@ -123,6 +123,33 @@ class ArvadosCluster:
     def record(self) -> dict[str, Any]:
         return self.api.containers[self.container]
 
+    async def start_plugins(self, testcase: unittest.TestCase) -> tuple[e2e.Twistd, int, str]:
+        """
+        Lock the container, then start the front door and the container's gateway; return
+        once the container is Running and the front door accepts connections.
+
+        @return: the front door, its port, and the configuration file both use.
+        """
+        await self.lock()
+        port = e2e.free_port()
+        config = self.write_config(port)
+        controller = e2e.Twistd.spawn(
+            reactor, self.directory, "controller", ["arv-controller-proxy", "--config", config]
+        )
+        testcase.addCleanup(controller.stop, reactor)
+        gateway = self.gateway(
+            testcase, config, self.dispatch_json(self.api_host, self.dispatcher_token)
+        )
+        await e2e.wait_for(
+            reactor,
+            lambda: self.record()["state"] == "Running" and self.record()["gateway_address"],
+            "the gateway to mark its container Running",
+            [gateway],
+            timeout=60,
+        )
+        await e2e.wait_for(reactor, lambda: e2e.accepting(port), "the controller", [controller])
+        return controller, port, config
+
 
 class ArvadosChainTests(unittest.TestCase):
     def test_front_door_to_gateway(self) -> defer.Deferred[None]:
@@ -134,26 +161,7 @@ class ArvadosChainTests(unittest.TestCase):
         service_port = service.listen(reactor)
         self.addCleanup(service.stop, reactor)
         cluster = ArvadosCluster(self, service_port)
-        await cluster.lock()
-        controller_port = e2e.free_port()
-        config = cluster.write_config(controller_port)
-        controller = e2e.Twistd.spawn(
-            reactor, cluster.directory, "controller", ["arv-controller-proxy", "--config", config]
-        )
-        self.addCleanup(controller.stop, reactor)
-        gateway = cluster.gateway(
-            self, config, cluster.dispatch_json(cluster.api_host, cluster.dispatcher_token)
-        )
-        await e2e.wait_for(
-            reactor,
-            lambda: cluster.record()["state"] == "Running" and cluster.record()["gateway_address"],
-            "the gateway to mark its container Running",
-            [gateway],
-            timeout=60,
-        )
-        await e2e.wait_for(
-            reactor, lambda: e2e.accepting(controller_port), "the controller", [controller]
-        )
+        controller, controller_port, _ = await cluster.start_plugins(self)
         client = e2e.Client(reactor)
         self.addCleanup(client.close)
         vhost = f"{cluster.request}-{service_port}.{e2e.SUFFIX}:{controller_port}".encode()
@@ -212,3 +220,100 @@ class ArvadosChainTests(unittest.TestCase):
             # The container is left to the dispatcher that holds it: not moved, not cancelled.
             self.assertEqual(cluster.record()["state"], "Locked")
             self.assertFalse([c for c in cluster.api.calls[calls:] if c.method == "PUT"])
+
+
+class ArvadosRulesChainTests(unittest.TestCase):
+    """The Arvados backend's rules and the two policies, through the real plugins over TLS."""
+
+    def test_rules_and_policies(self) -> defer.Deferred[None]:
+        """
+        Through twistd arv-controller-proxy and crunch-run-gateway on Arvados: a can_write link
+        on the container request itself, and a project share, open the port with a full token
+        and with a token scoped to the port alike; a reader gets 403, a stranger 404; the
+        first connection marks the container; a request whose property prohibits connections
+        keeps even its owner and an admin out (403); and with ConnectionsEnabled false every
+        service is turned off (403).
+        """
+        return run(self._rules_and_policies())
+
+    async def _rules_and_policies(self) -> None:
+        service = e2e.ServiceSite(reactor)
+        service_port = service.listen(reactor)
+        self.addCleanup(service.stop, reactor)
+        cluster = ArvadosCluster(self, service_port)
+        api = cluster.api
+        project = api.container_requests[cluster.request]["owner_uuid"]
+        linked, sharer, reader, stranger = (
+            api.add_user(name) for name in ("Linked", "Sharer", "Reader", "Stranger")
+        )
+        api.grant(linked, cluster.request, "can_write")
+        api.grant(sharer, project, "can_write")
+        api.grant(reader, project, "can_read")
+        admin = api.add_user("Admin", is_admin=True)
+        controller, controller_port, _ = await cluster.start_plugins(self)
+        client = e2e.Client(reactor)
+        self.addCleanup(client.close)
+
+        async def status(token: str, target: str, port: int = controller_port) -> int:
+            vhost = f"{target}-{service_port}.{e2e.SUFFIX}:{port}".encode()
+            cookie = policy.TOKEN_COOKIE + b"=" + policy.encode_token_cookie(token.encode())
+            response, _ = await client.fetch(
+                b"GET",
+                b"http://127.0.0.1:%d/" % port,
+                Headers({b"host": [vhost], b"cookie": [cookie]}),
+            )
+            return int(response.code)
+
+        def scoped(user: str) -> str:
+            return api.add_token(user, [policy.connect_scope(cluster.request, service_port)])
+
+        self.assertFalse(cluster.record()["interactive_session_started"])
+        table = [
+            ("a can_write link on the request", linked, 200),
+            ("a project share to write", sharer, 200),
+            ("a project share to read", reader, 403),
+            ("a stranger", stranger, 404),
+        ]
+        got = [
+            (
+                name,
+                await status(api.add_token(user), cluster.request),
+                await status(scoped(user), cluster.request),
+            )
+            for name, user, _ in table
+        ]
+        self.assertEqual(
+            got, [(name, want, want) for name, _, want in table], controller.describe()
+        )
+        self.assertTrue(cluster.record()["interactive_session_started"])
+        marks = [
+            c
+            for c in api.calls
+            if c.method == "PUT" and "interactive_session_started" in str(c.params)
+        ]
+        self.assertEqual(len(marks), 1)
+
+        # A request whose property prohibits connections: nobody gets in, by either URL.
+        closed_container = api.add_container(state="Running", gateway_address="127.0.0.1:1")
+        closed = api.add_container_request(
+            project, closed_container, properties={"arvproxy:connections": "prohibited"}
+        )
+        for token in (cluster.token, api.add_token(admin)):
+            for target in (closed, closed_container):
+                self.assertEqual(await status(token, target), 403, target)
+
+        # With ConnectionsEnabled false, every service is off.
+        off_port = e2e.free_port()
+        off_config = cluster.write_config(off_port)
+        with open(off_config) as f:
+            document = yaml.safe_load(f)
+        document["Clusters"][e2e.CLUSTER_ID]["ArvProxy"]["ConnectionsEnabled"] = False
+        off_config = off_config.replace("config.yml", "off.yml")
+        with open(off_config, "w") as f:
+            yaml.safe_dump(document, f)
+        off = e2e.Twistd.spawn(
+            reactor, cluster.directory, "off", ["arv-controller-proxy", "--config", off_config]
+        )
+        self.addCleanup(off.stop, reactor)
+        await e2e.wait_for(reactor, lambda: e2e.accepting(off_port), "the second controller", [off])
+        self.assertEqual(await status(api.add_token(admin), cluster.container, off_port), 403)

@@ -8,8 +8,7 @@ shared with someone lives in its own project, and the project is what is shared,
 cluster).  The access questions are asked the way the controller asks them (L{decide}).
 
 Where the backends differ on purpose, the difference is tested in the backend's own tests, not
-here: for scope-limited tokens the Arvados backend follows Arvados' rule (owner or submitter
-only; see L{arvproxy.backends.arvados}), so sharing does not count for them.
+here.
 """
 
 from __future__ import annotations

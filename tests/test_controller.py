@@ -781,12 +781,24 @@ class ForwardingTests(ControllerTestCase):
         self.assertEqual(self.gateways.calls, [])
 
     def test_cluster_lookups(self) -> None:
-        """A container request's URL costs four lookups: token, request, container, one level."""
+        """
+        A container request's URL costs five lookups: token, request, container, one level, and
+        the container's requests (any may prohibit connections); the first also marks the
+        container (a session started).
+        """
+        lookups = [
+            "authenticate",
+            "get_container_request",
+            "get_container",
+            "permission_level",
+            "container_requests_for",
+        ]
         self.get_ok(self.cr.uuid, self.tokens["carol"])
         names: list[Any] = [name for name, _ in self.cluster.calls]
-        self.assertEqual(
-            names, ["authenticate", "get_container_request", "get_container", "permission_level"]
-        )
+        self.assertEqual(names, [*lookups, "update_container"])
+        self.cluster.calls.clear()
+        self.get_ok(self.cr.uuid, self.tokens["carol"])
+        self.assertEqual([name for name, _ in self.cluster.calls], lookups)
 
 
 class FakeClusterTests(SynchronousTestCase):

@@ -46,7 +46,9 @@ API = [*SAME_ORIGIN, (b"X-Requested-With", b"arvproxy"), (b"Content-Type", b"app
 class PortalCluster(FakeCluster):
     """The fake cluster, plus the two calls the page needs (as the embedded registry has)."""
 
-    def list_container_requests(self, owner_uuid: str | None = None) -> Any:
+    def list_container_requests(
+        self, owner_uuid: str | None = None, credentials: Any = None
+    ) -> Any:
         return self._answer(
             "list_container_requests",
             (owner_uuid,),
@@ -58,7 +60,11 @@ class PortalCluster(FakeCluster):
         )
 
     def create_token(
-        self, user_uuid: str, scopes: Iterable[str] = ("all",), ttl: float | None = None
+        self,
+        user_uuid: str,
+        scopes: Iterable[str] = ("all",),
+        ttl: float | None = None,
+        credentials: Any = None,
     ) -> Any:
         def create() -> tuple[str, Token]:
             token = self.add_token(user_uuid, list(scopes), ttl)

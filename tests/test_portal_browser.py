@@ -124,6 +124,16 @@ class ServiceFactory(Factory):
         await defer.gatherResults(waiting)
 
 
+def navigation_urls(driver: Any) -> list[str]:
+    """Every URL in the navigation history of every tab of a driver's browser."""
+    urls = []
+    for handle in driver.window_handles:
+        driver.switch_to.window(handle)
+        history = driver.execute_cdp_cmd("Page.getNavigationHistory", {})
+        urls += [entry["url"] for entry in history["entries"]]
+    return urls
+
+
 def _history_urls(profile: str) -> list[str]:
     """Every URL in the History database of a Chromium profile (after Chromium has quit)."""
     path = os.path.join(profile, "Default", "History")
@@ -201,14 +211,6 @@ class PortalBrowserTests(TestCase):
         self.assertEqual(self.service.echo.frames, [("TextMessage", 20)])
 
         # Every URL of every tab's history, then the profile's History database.
-        def navigation_urls(driver: Any) -> list[str]:
-            urls = []
-            for handle in driver.window_handles:
-                driver.switch_to.window(handle)
-                history = driver.execute_cdp_cmd("Page.getNavigationHistory", {})
-                urls += [entry["url"] for entry in history["entries"]]
-            return urls
-
         urls = await browser.call(navigation_urls)
         profile = browser.driver.capabilities["chrome"]["userDataDir"]
         await deferToThread(browser.driver.quit)

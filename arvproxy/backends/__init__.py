@@ -25,6 +25,18 @@ COMPLETE = "Complete"
 CANCELLED = "Cancelled"
 FINAL_STATES = frozenset({COMPLETE, CANCELLED})
 
+# The container fields ICluster.update_container may change, in every backend.
+UPDATABLE_CONTAINER_FIELDS = frozenset(
+    {
+        "state",
+        "gateway_address",
+        "exit_code",
+        "listening_ports",
+        "runtime_status",
+        "interactive_session_started",
+    }
+)
+
 # Permission levels, weakest first.
 CAN_READ = "can_read"
 CAN_WRITE = "can_write"
@@ -68,9 +80,10 @@ class Credentials:
     @ivar token_uuid: the API client authorization's UUID, or C{None} for the SystemRootToken.
     @ivar scopes: Arvados scopes: C{"all"}, or C{"METHOD /path"} entries.
     @ivar expires_at: when the token stops working, or C{None} if it never does.
-    @ivar token: the token itself, for backends that ask on the user's behalf (Arvados:
-        L{ICluster.permission_level} reads records with it); C{""} when a backend does not need
-        it.  Left out of C{repr} and comparisons, so it is never logged by accident.
+    @ivar token: the token itself, for backends that ask on the user's behalf (Arvados: the
+        services page lists requests and makes Connect tokens with it); C{""} when a backend
+        does not need it.  Left out of C{repr} and comparisons, so it is never logged by
+        accident.
     """
 
     token_uuid: str | None
@@ -95,6 +108,7 @@ class ContainerRequest:
     cwd: str = ""
     published_ports: dict[str, dict[str, Any]] = field(default_factory=dict)
     created_at: datetime | None = None
+    properties: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,8 @@ class Container:
     """
     @ivar gateway_address: C{"host:port"} of the container's gateway, or C{""} before it has one.
     @ivar listening_ports: TCP ports a process in the container listens on, as last reported.
+    @ivar interactive_session_started: someone has connected to one of its services (or a
+        shell); set once, never cleared (Arvados' field).
     """
 
     uuid: str
@@ -117,6 +133,7 @@ class Container:
     published_ports: dict[str, dict[str, Any]] = field(default_factory=dict)
     listening_ports: tuple[int, ...] = ()
     runtime_status: dict[str, Any] = field(default_factory=dict)
+    interactive_session_started: bool = False
 
 
 class ICluster(Interface):
@@ -157,19 +174,20 @@ class ICluster(Interface):
     ) -> Any:
         """
         The strongest permission C{user_uuid} holds on record C{target_uuid}: by ownership
-        (C{can_manage}) or by a permission link.
+        (C{can_manage}) or by a permission link, and on Arvados by any path of its permission
+        graph (projects, groups, managed accounts).
 
         @param credentials: what L{authenticate} returned for the request being decided, when
-            there is one.  Backends that must ask with the user's own token (Arvados) use it, and
-            fall back to a stricter rule without it; the embedded registry ignores it.
+            there is one.  The answer must not depend on them: it is the user's permission,
+            whichever token they use (the README's rule), and both backends ignore them.
         @return: a Deferred firing with one of L{LEVELS}, or C{None} for no permission.
         """
 
     def update_container(uuid: str, **changes: Any) -> Any:
         """
         Change fields of a container record (C{state}, C{gateway_address}, C{exit_code},
-        C{listening_ports}, C{runtime_status}...).  Moving to C{Running} sets C{started_at};
-        moving to a final state sets C{finished_at}.
+        C{listening_ports}, C{runtime_status}, C{interactive_session_started}...).  Moving to
+        C{Running} sets C{started_at}; moving to a final state sets C{finished_at}.
 
         @return: a Deferred firing with the updated L{Container}; fails with C{NotFound}.
         """

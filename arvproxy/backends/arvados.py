@@ -11,25 +11,22 @@ Which token asks what:
   - Container requests and containers by UUID, and the container requests that use a container
     (C{container_requests} listed with C{filters=[["container_uuid","=",...]]}, every page):
     the service token (the SystemRootToken in the controller).
-  - L{ArvadosCluster.permission_level}, two rules:
-      1. I{The user's own view} -- when the call carries the user's L{Credentials} and their
-         token's scopes allow reading the container request: the request must be readable with
-         the user's token (else C{None}); the owner of the request gets C{can_manage}; anyone
-         else gets what C{groups/<owner>} or C{users/<owner>}, read with the user's token, says
-         in C{can_manage}/C{can_write}, or C{can_read} when the owner is not writable or not
-         visible.
-      2. I{The record's word} -- for scope-limited tokens (say, only
-         C{CONNECT /arvados/v1/container/<uuid>/<port>}), which cannot read the request or its
-         owner, and for calls without credentials: the request is read with the service token;
-         its owner (C{owner_uuid}) gets C{can_manage}, its submitter (C{modified_by_user_uuid})
-         C{can_write}, anyone else C{None}.  This is the rule Arvados itself ships for
-         container web services; sharing (permission links, projects) does not count here.
-    Admins are decided by the caller from L{Credentials.is_admin}.
+  - L{ArvadosCluster.permission_level}: the user's rows of the API server's permission graph
+    for the request and its owner (C{GET computed_permissions}, admins only: the service
+    token), read as the API server reads them (L{arvproxy.backends.arvados_access}).  The same
+    question, asked the same way, for every token of the user, full or scoped: a scoped token
+    never grants more than its user's full token, and stops working as soon as its user loses
+    access.  Admins are decided by the caller from L{Credentials.is_admin}.
+  - The first connection's mark (C{interactive_session_started}), and a Connect link's
+    exchange for a session token (make the new one, delete the used one): the service token.
+  - The services page: the user's readable container requests and their containers, and the
+    Connect link's token (C{POST api_client_authorizations}): the user's own token.
 
 Answers are kept for C{cache_ttl} seconds (L{arvproxy.backends.cache}): tokens, permission
-levels, container requests, container-request lists, and containers that are running with a
-gateway (others are asked again every time, so a page waiting for its container to start sees
-it start).  Concurrent identical lookups share one API call.  When the API server is down,
+levels, container requests and container-request lists.  Containers are never kept: each
+request reads its container's state afresh (one call, shared by the requests that arrive in the
+same turn of the reactor), so a container that has finished, or has not started yet, is seen
+so at once.  Concurrent identical lookups share one API call.  When the API server is down,
 slow (C{timeout}) or answers 5xx, calls fail with L{Unavailable} (503 with C{Retry-After}), while
 fresh cached answers keep working; nothing failed is kept, so recovery is immediate.  API answers
 401, 403, 404 and 422 become L{Unauthorized}, L{Forbidden}, L{NotFound} and L{BadRequest}, and a
@@ -54,7 +51,7 @@ from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
-from twisted.internet.ssl import Certificate, CertificateOptions
+from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http_headers import Headers
@@ -62,11 +59,8 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from arvproxy.backends import (
-    CAN_MANAGE,
-    CAN_READ,
-    CAN_WRITE,
     CONTAINER_REQUEST_INFIX,
-    RUNNING,
+    UPDATABLE_CONTAINER_FIELDS,
     USER_INFIX,
     UUID_RE,
     Container,
@@ -75,6 +69,14 @@ from arvproxy.backends import (
     ICluster,
     uuid_infix,
 )
+from arvproxy.backends.apitls import (
+    UntrustedAPI,
+    ca_file_for,
+    certificate_problem,
+    explain,
+    trust_root_from_file,
+)
+from arvproxy.backends.arvados_access import acting_users, best_level
 from arvproxy.backends.cache import AnswerCache
 from arvproxy.backends.cache import token_key as _digest
 from arvproxy.config import ClusterConfig
@@ -90,11 +92,6 @@ from arvproxy.retry import is_transient, transient_status
 
 log = Logger()
 
-GROUP_INFIX = "j7d0g"
-UPDATABLE_CONTAINER_FIELDS = frozenset(
-    {"state", "gateway_address", "exit_code", "listening_ports", "runtime_status"}
-)
-"""What L{ArvadosCluster.update_container} accepts (as every L{ICluster})."""
 
 UNSTORED_CONTAINER_FIELDS = frozenset({"listening_ports"})
 """Accepted but not sent: an Arvados container record has no field that can carry them."""
@@ -221,6 +218,21 @@ def parse_dispatch_api(env: Mapping[str, Any]) -> DispatchAPI | None:
     return DispatchAPI(url=f"https://{parts.netloc}/", token=token, insecure=insecure)
 
 
+LISTED_RECENT_SECONDS = 24 * 3600.0
+"""The services page lists a finished container this long after it finished."""
+
+LISTED_MAX = 200
+"""The most container requests of each kind (live, recently finished) the page lists."""
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """A token the backend made: its UUID and when it expires (C{None}: never)."""
+
+    uuid: str
+    expires_at: datetime | None
+
+
 class NotLockHolder(Exception):
     """
     The gateway's token does not hold its container's lock: the API server will not let it
@@ -253,6 +265,21 @@ class InsecureTLSPolicy:
         return _UnverifiedCreator(self._context, hostname)
 
 
+def _trust(config: ClusterConfig, insecure_setting: str) -> dict[str, Any]:
+    """The trust root and the settings' names for a backend built from C{config}."""
+    ca_setting = f"Clusters.{config.cluster_id}.ArvProxy.TLS.CAFile"
+    ca_file = ca_file_for(config.api_ca_file)
+    trust_root = None
+    if ca_file:
+        try:
+            trust_root = trust_root_from_file(ca_file)
+        except (OSError, ValueError) as e:
+            if config.api_ca_file:
+                raise  # checked when the configuration was read: it changed since
+            log.warn("Not using {file}: {error}", file=ca_file, error=e)
+    return {"trust_root": trust_root, "tls_settings": (insecure_setting, ca_setting)}
+
+
 class _Rejected(BadRequest):
     """A 422 from the API: what arvproxy sent was refused.  C{api_message} says why."""
 
@@ -274,7 +301,10 @@ class ArvadosCluster(Service):
         L{authenticate} may accept it as the system user without asking the API.
     @param clock: the time source for cache lifetimes, token expiry and call timeouts
         (default: C{reactor}).
-    @param trust_root: a CA certificate to trust instead of the system's (tests).
+    @param trust_root: CA certificates to trust instead of the system's: a C{Certificate} or
+        any trust root (L{arvproxy.backends.apitls.trust_root_from_file}).
+    @param tls_settings: the names of the settings that skip the certificate check and that
+        name a CA file, for the message when the check fails.
     """
 
     def __init__(
@@ -286,7 +316,8 @@ class ArvadosCluster(Service):
         cluster_id: str,
         service_token_is_root: bool = True,
         insecure: bool = False,
-        trust_root: Certificate | None = None,
+        trust_root: Any = None,
+        tls_settings: tuple[str, str] = ("TLS.Insecure", "ArvProxy.TLS.CAFile"),
         cache_ttl: float = DEFAULT_CACHE_TTL,
         failure_ttl: float = DEFAULT_FAILURE_TTL,
         timeout: float = DEFAULT_TIMEOUT,
@@ -298,6 +329,9 @@ class ArvadosCluster(Service):
         self.cluster_id = cluster_id
         self._clock: IReactorTime = clock if clock is not None else reactor
         self._timeout = timeout
+        self._tls_settings = tls_settings
+        self._explained = False
+        self._probing = False
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 16
         self.pool.retryAutomatically = False
@@ -310,13 +344,18 @@ class ArvadosCluster(Service):
             self._clock, cache_ttl, failure_ttl
         )
         self._levels: AnswerCache[str | None] = AnswerCache(self._clock, cache_ttl, failure_ttl)
+        self._acting: AnswerCache[list[str]] = AnswerCache(self._clock, cache_ttl, failure_ttl)
         self._requests: AnswerCache[ContainerRequest] = AnswerCache(
             self._clock, cache_ttl, failure_ttl
         )
         self._request_lists: AnswerCache[list[ContainerRequest]] = AnswerCache(
             self._clock, cache_ttl
         )
-        self._containers: AnswerCache[Container] = AnswerCache(self._clock, cache_ttl, failure_ttl)
+        # Never kept: shared only by the lookups of one turn of the reactor (see get_container).
+        self._containers: AnswerCache[Container] = AnswerCache(self._clock, 0)
+        self._reactor = reactor
+        self._turn = 0
+        self._in_turn = False
 
     @classmethod
     def from_config(cls, reactor: Any, config: ClusterConfig, **kwargs: Any) -> ArvadosCluster:
@@ -328,6 +367,7 @@ class ArvadosCluster(Service):
             cluster_id=config.cluster_id,
             insecure=config.tls_insecure,
             cache_ttl=config.cache_ttl,
+            **_trust(config, f"Clusters.{config.cluster_id}.TLS.Insecure"),
             **kwargs,
         )
 
@@ -354,12 +394,49 @@ class ArvadosCluster(Service):
             service_token_is_root=False,
             insecure=api.insecure or config.tls_insecure,
             cache_ttl=config.cache_ttl,
+            **_trust(config, "Env.ARVADOS_API_HOST_INSECURE"),
             **kwargs,
         )
 
     def stopService(self) -> Any:
         super().stopService()
         return self.pool.closeCachedConnections()
+
+    def probe(self) -> defer.Deferred[None]:
+        """
+        Ask the API server who the service token is, to learn at start-up whether it can be
+        reached and trusted.
+
+        @raise UntrustedAPI: the server's certificate fails the check (said once, in the log).
+        @raise ProxyError: the server cannot answer, or refuses the token.
+        """
+
+        async def ask() -> None:
+            # Whoever probes says what failed (check_at_start): not logged here too.
+            self._probing = True
+            try:
+                await self._api(
+                    "GET", "api_client_authorizations/current", self._service_token, as_user=False
+                )
+            finally:
+                self._probing = False
+
+        return defer.ensureDeferred(ask())
+
+    def _untrusted(self, error: Exception) -> UntrustedAPI | None:
+        """An explained L{UntrustedAPI} when C{error} is a failed certificate check."""
+        problem = certificate_problem(error)
+        if problem is None:
+            return None
+        insecure, ca_file = self._tls_settings
+        message = explain(problem, urlsplit(self._base).netloc, insecure, ca_file)
+        if not self._explained and not self._probing:
+            self._explained = True
+            log.error("Arvados API: {explanation}", explanation=message)
+        return UntrustedAPI(
+            message,
+            hint="Tell the cluster's administrator; the proxy's configuration needs fixing.",
+        )
 
     # -- talking to the API --------------------------------------------------------------------
 
@@ -400,6 +477,9 @@ class ArvadosCluster(Service):
         except ProxyError:
             raise
         except Exception as e:
+            untrusted = self._untrusted(e)
+            if untrusted is not None:
+                raise untrusted from None
             log.warn(
                 "Arvados API {method} {path} failed: {error}",
                 method=method,
@@ -571,15 +651,26 @@ class ArvadosCluster(Service):
         return self._container_request(record)
 
     def get_container(self, uuid: str) -> defer.Deferred[Container]:
-        d = self._containers.get(uuid, lambda: defer.ensureDeferred(self._get_container(uuid)))
-        return d.addCallback(self._keep_if_serving)
+        """
+        The container as the API server has it now: a container that has finished is refused
+        by the very next request.  Lookups made in the same turn of the reactor (requests that
+        arrived together) share one API call; a lookup never joins a call that was made before
+        it began, so no answer predates the request it decides.
+        """
+        return self._containers.get(
+            (uuid, self._this_turn()), lambda: defer.ensureDeferred(self._get_container(uuid))
+        )
 
-    def _keep_if_serving(self, container: Container) -> Container:
-        # Only a serving container is worth keeping: a page waiting for one to start must see
-        # it start, and one that stops must be seen to stop within the cache's lifetime.
-        if container.state != RUNNING or not container.gateway_address:
-            self._containers.forget(container.uuid)
-        return container
+    def _this_turn(self) -> int:
+        """A number for the current turn of the reactor."""
+        if not self._in_turn:
+            self._in_turn = True
+            self._turn += 1
+            self._reactor.callLater(0, self._turn_over)
+        return self._turn
+
+    def _turn_over(self) -> None:
+        self._in_turn = False
 
     async def _get_container(self, uuid: str) -> Container:
         if not UUID_RE.match(uuid):
@@ -651,68 +742,93 @@ class ArvadosCluster(Service):
     ) -> defer.Deferred[str | None]:
         """
         See L{ICluster.permission_level}; only container requests are answered (anything else:
-        C{None}).  Which of the two rules in this module's docstring applies: I{the user's own
-        view} when C{credentials} are the user's, with a token whose scopes allow
-        C{GET /arvados/v1/container_requests/<uuid>}; I{the record's word} otherwise.
+        C{None}).  The answer depends on the user, never on their token (C{credentials} are
+        not used): see L{arvproxy.backends.arvados_access}.
         """
         if not UUID_RE.match(target_uuid) or uuid_infix(target_uuid) != CONTAINER_REQUEST_INFIX:
             return defer.succeed(None)
-        if (
-            credentials is not None
-            and credentials.token
-            and credentials.user_uuid == user_uuid
-            and scope_permits(
-                credentials.scopes, "GET", f"/arvados/v1/container_requests/{target_uuid}"
-            )
-        ):
-            creds = credentials
-            return self._levels.get(
-                ("user", _digest(creds.token), target_uuid),
-                lambda: defer.ensureDeferred(self._level_as_user(creds, target_uuid)),
-            )
         return self._levels.get(
-            ("record", user_uuid, target_uuid),
-            lambda: defer.ensureDeferred(self._level_by_record(user_uuid, target_uuid)),
+            (user_uuid, target_uuid),
+            lambda: defer.ensureDeferred(self._request_level(user_uuid, target_uuid)),
         )
 
-    async def _level_as_user(self, credentials: Credentials, target_uuid: str) -> str | None:
-        token = credentials.token
-        try:
-            record = await self._api(
-                "GET", f"container_requests/{target_uuid}", token, as_user=True
-            )
-        except (NotFound, Forbidden):
-            return None
-        cr = self._container_request(record)
-        if cr.owner_uuid == credentials.user_uuid:
-            return CAN_MANAGE
-        kind = {GROUP_INFIX: "groups", USER_INFIX: "users"}.get(
-            uuid_infix(cr.owner_uuid) if UUID_RE.match(cr.owner_uuid) else ""
-        )
-        if kind is None:
-            return CAN_READ
-        if not scope_permits(credentials.scopes, "GET", f"/arvados/v1/{kind}/{cr.owner_uuid}"):
-            return await self._level_by_record(credentials.user_uuid, target_uuid)
-        try:
-            owner = await self._api("GET", f"{kind}/{cr.owner_uuid}", token, as_user=True)
-        except (NotFound, Forbidden):
-            return CAN_READ
-        if owner.get("can_manage") is True:
-            return CAN_MANAGE
-        if owner.get("can_write") is True:
-            return CAN_WRITE
-        return CAN_READ
-
-    async def _level_by_record(self, user_uuid: str, target_uuid: str) -> str | None:
+    async def _request_level(self, user_uuid: str, target_uuid: str) -> str | None:
         try:
             cr = await self.get_container_request(target_uuid)
         except NotFound:
             return None
-        if cr.owner_uuid == user_uuid:
-            return CAN_MANAGE
-        if cr.modified_by_user_uuid == user_uuid:
-            return CAN_WRITE
-        return None
+        return (await self._levels_of(user_uuid, [cr]))[cr.uuid]
+
+    def _acting_users(self, user_uuid: str) -> defer.Deferred[list[str]]:
+        """The user, and the users of this cluster whose accounts they manage (kept a while)."""
+        return self._acting.get(
+            user_uuid, lambda: defer.ensureDeferred(self._read_acting_users(user_uuid))
+        )
+
+    async def _read_acting_users(self, user_uuid: str) -> list[str]:
+        prefix = f"{self.cluster_id}-{USER_INFIX}-"
+        rows = await self._computed_permissions(
+            [
+                ["user_uuid", "=", user_uuid],
+                ["target_uuid", ">=", prefix + "0" * 15],
+                ["target_uuid", "<=", prefix + "z" * 15],
+            ]
+        )
+        return acting_users(user_uuid, rows.get(user_uuid, {}))
+
+    async def _permission_rows(
+        self, users: list[str], targets: list[str]
+    ) -> dict[str, dict[str, str]]:
+        """The rows of the permission graph of C{users} on C{targets}, by user and target."""
+        wanted = sorted({t for t in targets if UUID_RE.match(t)})
+        who = sorted({u for u in users if UUID_RE.match(u)})
+        rows: dict[str, dict[str, str]] = {}
+        # The API takes no offset here: ask for as many rows as can be, a few targets at a time.
+        step = max(1, PAGE_SIZE // max(1, len(who)))
+        for start in range(0, len(wanted), step):
+            chunk = wanted[start : start + step]
+            found = await self._computed_permissions(
+                [["user_uuid", "in", who], ["target_uuid", "in", chunk]],
+                limit=len(chunk) * len(who),
+            )
+            for user, targets_of in found.items():
+                rows.setdefault(user, {}).update(targets_of)
+        return rows
+
+    async def _computed_permissions(
+        self, filters: list[list[Any]], limit: int = PAGE_SIZE
+    ) -> dict[str, dict[str, str]]:
+        """
+        One page of C{GET computed_permissions} (admins only: the service token), as
+        C{user_uuid} to C{target_uuid} to C{perm_level}.
+
+        @raise Unavailable: the page is full (the API takes no offset to read on).
+        """
+        page = await self._api(
+            "GET",
+            "computed_permissions",
+            self._service_token,
+            as_user=False,
+            params={
+                "filters": json.dumps(filters),
+                "select": json.dumps(["user_uuid", "target_uuid", "perm_level"]),
+                "limit": str(limit),
+                "count": "none",
+            },
+        )
+        items = page.get("items")
+        if not isinstance(items, list) or len(items) > limit:
+            raise self._malformed("GET", "computed_permissions")
+        if len(items) == limit and limit >= PAGE_SIZE:
+            log.warn("Arvados API: computed_permissions answered a full page; refusing to guess")
+            raise Unavailable("The cluster's API server gave an incomplete answer.")
+        rows: dict[str, dict[str, str]] = {}
+        for item in items:
+            if not isinstance(item, dict):
+                raise self._malformed("GET", "computed_permissions")
+            user, target = str(item.get("user_uuid")), str(item.get("target_uuid"))
+            rows.setdefault(user, {})[target] = str(item.get("perm_level"))
+        return rows
 
     def container_auth(self, uuid: str) -> defer.Deferred[str]:
         """
@@ -757,7 +873,6 @@ class ArvadosCluster(Service):
         if unknown:
             raise ValueError(f"cannot change container field(s): {', '.join(sorted(unknown))}")
         body = {k: v for k, v in changes.items() if k not in UNSTORED_CONTAINER_FIELDS}
-        self._containers.forget(uuid)
         if not body:
             return await self._get_container(uuid)
         try:
@@ -773,9 +888,197 @@ class ArvadosCluster(Service):
             raise ValueError(
                 f"the API server refused to update container {uuid}: {e.api_message}"
             ) from None
-        finally:
-            self._containers.forget(uuid)
         return self._container(record)
+
+    # -- the services page, and its Connect links --------------------------------------------
+
+    def list_container_requests(
+        self, owner_uuid: str | None = None, credentials: Credentials | None = None
+    ) -> defer.Deferred[list[ContainerRequest]]:
+        """
+        The container requests the user can read (their own, and those shared with them) whose
+        container is queued, running or finished in the last C{LISTED_RECENT_SECONDS}, newest
+        first, at most C{LISTED_MAX} of each: read with the user's own token.
+
+        @param owner_uuid: ignored (the user is the one C{credentials} prove).
+        @param credentials: the signed-in user's, with their token.
+        """
+        return defer.ensureDeferred(self._list_requests(credentials))
+
+    async def _list_requests(self, credentials: Credentials | None) -> list[ContainerRequest]:
+        if credentials is None or not credentials.token:
+            raise Unauthorized("Sign in to see your containers.")
+        since = datetime.fromtimestamp(self._clock.seconds() - LISTED_RECENT_SECONDS, UTC)
+        found: dict[str, ContainerRequest] = {}
+        for filters in (
+            [["container.state", "in", ["Queued", "Locked", "Running"]]],
+            [
+                ["container.state", "in", ["Complete", "Cancelled"]],
+                ["container.finished_at", ">=", since.isoformat().replace("+00:00", "Z")],
+            ],
+        ):
+            page = await self._api(
+                "GET",
+                "container_requests",
+                credentials.token,
+                as_user=True,
+                params={
+                    "filters": json.dumps(filters),
+                    "order": json.dumps(["created_at desc"]),
+                    "limit": str(LISTED_MAX),
+                    "count": "none",
+                },
+            )
+            items = page.get("items")
+            if not isinstance(items, list):
+                raise self._malformed("GET", "container_requests")
+            for item in items:
+                cr = self._container_request(item)
+                found[cr.uuid] = cr
+        return sorted(
+            found.values(),
+            key=lambda cr: (cr.created_at or datetime.min.replace(tzinfo=UTC), cr.uuid),
+            reverse=True,
+        )
+
+    def get_containers(
+        self, uuids: Iterable[str], credentials: Credentials
+    ) -> defer.Deferred[dict[str, Container]]:
+        """The containers of C{uuids} the user can read, in one call with their token."""
+        return defer.ensureDeferred(self._get_containers(sorted(set(uuids)), credentials))
+
+    async def _get_containers(
+        self, uuids: list[str], credentials: Credentials
+    ) -> dict[str, Container]:
+        wanted = [u for u in uuids if UUID_RE.match(u)]
+        if not wanted:
+            return {}
+        page = await self._api(
+            "GET",
+            "containers",
+            credentials.token,
+            as_user=True,
+            params={
+                "filters": json.dumps([["uuid", "in", wanted]]),
+                "limit": str(len(wanted)),
+                "count": "none",
+            },
+        )
+        items = page.get("items")
+        if not isinstance(items, list):
+            raise self._malformed("GET", "containers")
+        containers = [self._container(item) for item in items]
+        return {c.uuid: c for c in containers}
+
+    def permission_levels(
+        self, user_uuid: str, requests: Iterable[ContainerRequest]
+    ) -> defer.Deferred[dict[str, str | None]]:
+        """L{permission_level} for many container requests at once (two API calls)."""
+        return defer.ensureDeferred(self._levels_of(user_uuid, list(requests)))
+
+    async def _levels_of(
+        self, user_uuid: str, requests: list[ContainerRequest]
+    ) -> dict[str, str | None]:
+        if not requests:
+            return {}
+        acting = await self._acting_users(user_uuid)
+        targets = [t for cr in requests for t in (cr.uuid, cr.owner_uuid)]
+        rows = await self._permission_rows(acting, targets)
+        return {cr.uuid: best_level(acting, cr.uuid, cr.owner_uuid, rows) for cr in requests}
+
+    def create_token(
+        self,
+        user_uuid: str,
+        scopes: Iterable[str] = ("all",),
+        ttl: float | None = None,
+        credentials: Credentials | None = None,
+    ) -> defer.Deferred[tuple[str, IssuedToken]]:
+        """
+        A new token for the signed-in user, with narrower C{scopes} and an expiry, made with
+        their own token (C{POST api_client_authorizations}: a user may make tokens for
+        themselves; the cluster's C{API.MaxTokenLifetime} may shorten it).
+
+        @raise Unauthorized: C{credentials} are not C{user_uuid}'s.
+        """
+        return defer.ensureDeferred(self._create_token(user_uuid, list(scopes), ttl, credentials))
+
+    async def _create_token(
+        self,
+        user_uuid: str,
+        scopes: list[str],
+        ttl: float | None,
+        credentials: Credentials | None,
+        *,
+        owner: bool = False,
+    ) -> tuple[str, IssuedToken]:
+        attrs: dict[str, Any]
+        if owner:
+            token, attrs = self._service_token, {"owner_uuid": user_uuid}
+        elif credentials is None or not credentials.token or credentials.user_uuid != user_uuid:
+            raise Unauthorized("Sign in to open a container's service.")
+        else:
+            token, attrs = credentials.token, {}
+        attrs["scopes"] = scopes
+        if ttl is not None:
+            expires = datetime.fromtimestamp(self._clock.seconds() + ttl, UTC)
+            attrs["expires_at"] = expires.isoformat().replace("+00:00", "Z")
+        try:
+            record = await self._api(
+                "POST",
+                "api_client_authorizations",
+                token,
+                as_user=not owner,
+                body={"api_client_authorization": attrs},
+            )
+        except _Rejected as e:
+            raise Unavailable(
+                f"The cluster's API server refused a new token: {e.api_message}"
+            ) from None
+        try:
+            issued = IssuedToken(str(record["uuid"]), parse_api_time(record.get("expires_at")))
+            return f"v2/{issued.uuid}/{record['api_token']}", issued
+        except (KeyError, ValueError, TypeError):
+            raise self._malformed("POST", "api_client_authorizations") from None
+
+    def exchange_token(self, token: str, ttl: float) -> defer.Deferred[str]:
+        """
+        Use up a token (the services page's Connect link) and issue another for the same user
+        with the same scopes, valid for C{ttl} seconds; see
+        L{arvproxy.backends.registry.RegistryStore.exchange_token}.  Made and revoked with the
+        service token: the link's token, scoped to one port, can do neither.
+
+        @raise Unauthorized: C{token} is not valid, or was used up meanwhile.
+        """
+        return defer.ensureDeferred(self._exchange_token(token, ttl))
+
+    async def _exchange_token(self, token: str, ttl: float) -> str:
+        credentials = await self.authenticate(token)
+        if credentials.token_uuid is None:
+            raise Unauthorized("The SystemRootToken cannot be exchanged.")
+        self._credentials.forget(("token", _digest(token)))
+        new, issued = await self._create_token(
+            credentials.user_uuid, list(credentials.scopes), ttl, None, owner=True
+        )
+        try:
+            await self._api(
+                "DELETE",
+                f"api_client_authorizations/{credentials.token_uuid}",
+                self._service_token,
+                as_user=False,
+            )
+        except NotFound:
+            # Used up at the same moment elsewhere: only one of the two exchanges may win.
+            await self._api(
+                "DELETE",
+                f"api_client_authorizations/{issued.uuid}",
+                self._service_token,
+                as_user=False,
+            )
+            raise Unauthorized("This link has already been used.") from None
+        finally:
+            # Whatever was kept of the used-up token meanwhile goes too.
+            self._credentials.forget(("token", _digest(token)))
+        return new
 
     # -- records --------------------------------------------------------------------------------
 
@@ -794,6 +1097,7 @@ class ArvadosCluster(Service):
                 cwd=str(record.get("cwd") or ""),
                 published_ports=dict(record.get("published_ports") or {}),
                 created_at=parse_api_time(record.get("created_at")),
+                properties=dict(record.get("properties") or {}),
             )
         except (KeyError, ValueError, TypeError):
             raise self._malformed("GET", "container_requests") from None
@@ -814,6 +1118,7 @@ class ArvadosCluster(Service):
                 cwd=str(record.get("cwd") or ""),
                 published_ports=dict(record.get("published_ports") or {}),
                 runtime_status=dict(record.get("runtime_status") or {}),
+                interactive_session_started=record.get("interactive_session_started") is True,
             )
         except (KeyError, ValueError, TypeError):
             raise self._malformed("GET", "containers") from None

@@ -203,12 +203,17 @@ class EmbeddedRegistry(Service):
         return self._call(self.store.create_user, full_name, is_admin)
 
     def create_token(
-        self, user_uuid: str, scopes: Iterable[str] = ("all",), ttl: float | None = None
+        self,
+        user_uuid: str,
+        scopes: Iterable[str] = ("all",),
+        ttl: float | None = None,
+        credentials: Credentials | None = None,
     ) -> Deferred[tuple[str, Token]]:
+        # The registry makes tokens itself: the signed-in user's credentials add nothing.
         return self._call(self.store.create_token, user_uuid, tuple(scopes), ttl)
 
     def list_container_requests(
-        self, owner_uuid: str | None = None
+        self, owner_uuid: str | None = None, credentials: Credentials | None = None
     ) -> Deferred[list[ContainerRequest]]:
         return self._call(self.store.list_container_requests, owner_uuid)
 

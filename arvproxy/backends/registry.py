@@ -55,6 +55,7 @@ from arvproxy.backends import (
     QUEUED,
     RUNNING,
     TOKEN_INFIX,
+    UPDATABLE_CONTAINER_FIELDS,
     USER_INFIX,
     UUID_RE,
     Container,
@@ -65,8 +66,10 @@ from arvproxy.backends import (
 )
 from arvproxy.errors import NotFound, Unauthorized
 
-SCHEMA_VERSION = 1
-"""C{PRAGMA user_version} of a database this module created and understands."""
+SCHEMA_VERSION = 2
+"""C{PRAGMA user_version} of a database this module created and understands (version 1, from
+before containers had C{interactive_session_started} and requests C{properties}, is upgraded
+when opened)."""
 
 STATES = (QUEUED, LOCKED, RUNNING, COMPLETE, CANCELLED)
 """Every container state."""
@@ -74,10 +77,6 @@ STATES = (QUEUED, LOCKED, RUNNING, COMPLETE, CANCELLED)
 ACCESS_LEVELS = ("private", "public")
 """The values of C{published_ports[port]["access"]}."""
 
-UPDATABLE_CONTAINER_FIELDS = frozenset(
-    {"state", "gateway_address", "exit_code", "listening_ports", "runtime_status"}
-)
-"""The container fields L{RegistryStore.update_container} may change."""
 
 _ALNUM = string.ascii_lowercase + string.digits
 _SECRET_ALPHABET = string.ascii_letters + string.digits
@@ -117,7 +116,8 @@ CREATE TABLE IF NOT EXISTS containers (
     listening_ports TEXT NOT NULL DEFAULT '[]',
     runtime_status TEXT NOT NULL DEFAULT '{}',
     created_at TEXT NOT NULL,
-    modified_at TEXT NOT NULL
+    modified_at TEXT NOT NULL,
+    interactive_session_started INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS containers_state ON containers (state);
 CREATE TABLE IF NOT EXISTS container_requests (
@@ -133,7 +133,8 @@ CREATE TABLE IF NOT EXISTS container_requests (
     cwd TEXT NOT NULL,
     published_ports TEXT NOT NULL,
     created_at TEXT NOT NULL,
-    modified_at TEXT NOT NULL
+    modified_at TEXT NOT NULL,
+    properties TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS container_requests_container
     ON container_requests (container_uuid);
@@ -148,6 +149,13 @@ CREATE TABLE IF NOT EXISTS links (
 );
 CREATE INDEX IF NOT EXISTS links_tail_head ON links (tail_uuid, head_uuid);
 """
+
+
+_UPGRADE_FROM_1 = (
+    "ALTER TABLE containers ADD COLUMN interactive_session_started INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE container_requests ADD COLUMN properties TEXT NOT NULL DEFAULT '{}'",
+)
+"""What turns a version 1 registry into this version."""
 
 
 class RegistryError(Exception):
@@ -434,6 +442,12 @@ class RegistryStore:
             conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
             conn.execute("PRAGMA query_only = ON")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if 0 < version < SCHEMA_VERSION:
+                # Upgraded in place by the first process that may write (see _create_schema).
+                raise RegistryError(
+                    f"{self.path}: this registry is from an older arvproxy (schema version "
+                    f"{version}); start the front door or the dispatcher once to upgrade it"
+                )
             if version != SCHEMA_VERSION:
                 raise RegistryError(
                     f"{self.path}: not an arvproxy registry this version understands "
@@ -517,6 +531,10 @@ class RegistryStore:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version == 1:
+                for statement in _UPGRADE_FROM_1:
+                    conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
                 raise RegistryError(
@@ -801,14 +819,18 @@ class RegistryStore:
         environment: Mapping[str, str] | None = None,
         cwd: str = "",
         published_ports: Mapping[Any, Any] | None = None,
+        properties: Mapping[str, Any] | None = None,
     ) -> ContainerRequest:
         """
         Commit a container request for C{owner_uuid} and create its container (state
         C{Queued}) with the same image, command, environment, working directory and
-        published ports.
+        published ports.  Every request gets a container of its own: the registry never
+        reuses one.
 
+        @param properties: the request's own properties (Arvados' C{properties}: a JSON
+            object).
         @raise NotFound: no such user.
-        @raise ValueError: malformed command, environment or published ports.
+        @raise ValueError: malformed command, environment, published ports or properties.
         """
         command_t = tuple(command)
         if not all(isinstance(a, str) for a in command_t):
@@ -817,6 +839,10 @@ class RegistryStore:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
             raise ValueError("the environment must map strings to strings")
         ports = normalize_published_ports(published_ports)
+        props = dict(properties or {})
+        if not all(isinstance(k, str) for k in props):
+            raise ValueError("properties must be a JSON object")
+        props_json = json.dumps(props)
         cr_uuid = self._new_uuid(CONTAINER_REQUEST_INFIX)
         c_uuid = self._new_uuid(CONTAINER_INFIX)
         created = self._now()
@@ -839,9 +865,20 @@ class RegistryStore:
             conn.execute(
                 "INSERT INTO container_requests (uuid, owner_uuid, modified_by_user_uuid, name,"
                 " state, container_uuid, container_image, command, environment, cwd,"
-                " published_ports, created_at, modified_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (cr_uuid, owner_uuid, owner_uuid, name, "Committed", c_uuid, *shared, now, now),
+                " published_ports, created_at, modified_at, properties)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    cr_uuid,
+                    owner_uuid,
+                    owner_uuid,
+                    name,
+                    "Committed",
+                    c_uuid,
+                    *shared,
+                    now,
+                    now,
+                    props_json,
+                ),
             )
         return ContainerRequest(
             uuid=cr_uuid,
@@ -856,11 +893,12 @@ class RegistryStore:
             cwd=cwd,
             published_ports=ports,
             created_at=created,
+            properties=props,
         )
 
     _CR_COLUMNS = (
         "uuid, owner_uuid, modified_by_user_uuid, name, state, container_uuid, container_image,"
-        " command, environment, cwd, published_ports, created_at"
+        " command, environment, cwd, published_ports, created_at, properties"
     )
 
     @staticmethod
@@ -878,6 +916,7 @@ class RegistryStore:
             cwd=row[9],
             published_ports=json.loads(row[10]),
             created_at=parse_time(row[11]),
+            properties=json.loads(row[12]),
         )
 
     def get_container_request(self, uuid: str) -> ContainerRequest:
@@ -912,7 +951,8 @@ class RegistryStore:
 
     _C_COLUMNS = (
         "uuid, state, gateway_address, exit_code, started_at, finished_at, container_image,"
-        " command, environment, cwd, published_ports, listening_ports, runtime_status"
+        " command, environment, cwd, published_ports, listening_ports, runtime_status,"
+        " interactive_session_started"
     )
 
     @staticmethod
@@ -931,6 +971,7 @@ class RegistryStore:
             published_ports=json.loads(row[10]),
             listening_ports=tuple(json.loads(row[11])),
             runtime_status=json.loads(row[12]),
+            interactive_session_started=bool(row[13]),
         )
 
     def _select_container(self, conn: sqlite3.Connection, uuid: str) -> Container:
@@ -982,10 +1023,12 @@ class RegistryStore:
         Moving to C{Running} sets C{started_at} (unless already set); moving to C{Complete} or
         C{Cancelled} sets C{finished_at} (unless already set) and marks the container's
         requests C{Final}.  A container in a final state never changes state again.
+        C{interactive_session_started} may only become true, while the container is Running.
 
         @return: the updated container.
-        @raise ValueError: an unknown field, a malformed value, an unknown state, or a state
-            change out of a final state.
+        @raise ValueError: an unknown field, a malformed value, an unknown state, a state
+            change out of a final state, or a change of C{interactive_session_started} other
+            than setting it while Running.
         @raise NotFound: no such container.
         """
         unknown = set(changes) - UPDATABLE_CONTAINER_FIELDS
@@ -996,6 +1039,15 @@ class RegistryStore:
         with self._transaction(write=True) as conn:
             old = self._select_container(conn, uuid)
             new_state = changes.get("state", old.state)
+            if (
+                "interactive_session_started" in changes
+                and changes["interactive_session_started"] != old.interactive_session_started
+                and (not changes["interactive_session_started"] or new_state != RUNNING)
+            ):
+                # As in Arvados (Container#validate_change): set while Running, never cleared.
+                raise ValueError(
+                    f"container {uuid}: interactive_session_started can only be set, while Running"
+                )
             if new_state != old.state:
                 if old.state in FINAL_STATES:
                     raise ValueError(f"container {uuid} is {old.state}: its state is final")
@@ -1186,4 +1238,8 @@ def _container_columns(changes: Mapping[str, Any]) -> dict[str, Any]:
             if not isinstance(value, Mapping):
                 raise ValueError("runtime_status must be a mapping")
             columns[name] = json.dumps(dict(value))
+        elif name == "interactive_session_started":
+            if not isinstance(value, bool):
+                raise ValueError("interactive_session_started must be true or false")
+            columns[name] = int(value)
     return columns

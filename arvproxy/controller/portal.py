@@ -24,7 +24,10 @@ send, and a cross-origin C{fetch} cannot send without a preflight this server ne
 
 The page's API needs a token with scope C{all} (a token scoped to one container port must not
 list containers or mint tokens), and a backend that can list container requests and create
-tokens (the embedded registry); otherwise it answers 503.
+tokens: the embedded registry (the user's own requests), or Arvados (every request the user can
+read, listed with their own token, whose Connect tokens are made with their own token too);
+otherwise it answers 501.  A request the user may not connect to (read permission only,
+connections prohibited, services turned off) is listed with a note saying why.
 """
 
 from __future__ import annotations
@@ -188,9 +191,16 @@ def describe_ports(
 
 
 def describe(
-    config: ClusterConfig, cr: ContainerRequest, container: Container | None
+    config: ClusterConfig,
+    cr: ContainerRequest,
+    container: Container | None,
+    refusal: str | None = None,
 ) -> dict[str, Any]:
-    """What the page shows of one container request and its container."""
+    """
+    What the page shows of one container request and its container.
+
+    @param refusal: why the user may not connect to it even while it runs, or C{None}.
+    """
     return {
         "uuid": cr.uuid,
         "name": cr.name,
@@ -207,7 +217,9 @@ def describe(
         "logs_url": logpage.logs_path(cr.uuid),
         "can_connect": container is not None
         and container.state == RUNNING
-        and bool(container.gateway_address),
+        and bool(container.gateway_address)
+        and refusal is None,
+        "note": refusal,
         "ports": describe_ports(config, cr, container),
     }
 
@@ -389,18 +401,18 @@ class Portal:
     async def _containers(self, request: StreamingRequest) -> dict[str, Any]:
         credentials = await self._credentials(request)
         self._require_backend("list_container_requests")
-        requests = await self._cluster.list_container_requests(credentials.user_uuid)
+        requests = await self._cluster.list_container_requests(
+            credentials.user_uuid, credentials=credentials
+        )
         now = self._reactor.seconds()
+        containers = await self._containers_of(requests, credentials)
+        levels = await self._levels(credentials, requests)
         items = []
         for cr in requests:
-            container = None
-            if cr.container_uuid:
-                try:
-                    container = await self._cluster.get_container(cr.container_uuid)
-                except NotFound:
-                    container = None
+            container = containers.get(cr.container_uuid) if cr.container_uuid else None
             if is_shown(container, now):
-                items.append(describe(self._config, cr, container))
+                refusal = self._refusal(cr, levels.get(cr.uuid), credentials)
+                items.append(describe(self._config, cr, container, refusal))
         items.sort(key=lambda item: item["created_at"] or "", reverse=True)
         return {
             "user": {"uuid": credentials.user_uuid, "is_admin": credentials.is_admin},
@@ -408,7 +420,55 @@ class Portal:
             "poll_seconds": POLL_SECONDS,
         }
 
+    async def _containers_of(
+        self, requests: list[ContainerRequest], credentials: Credentials
+    ) -> dict[str, Container]:
+        """The containers of C{requests}: in one call when the backend can (Arvados)."""
+        uuids = [cr.container_uuid for cr in requests if cr.container_uuid]
+        batch = getattr(self._cluster, "get_containers", None)
+        if batch is not None:
+            found: dict[str, Container] = await batch(uuids, credentials)
+            return found
+        containers = {}
+        for uuid in uuids:
+            try:
+                containers[uuid] = await self._cluster.get_container(uuid)
+            except NotFound:
+                pass
+        return containers
+
+    async def _levels(
+        self, credentials: Credentials, requests: list[ContainerRequest]
+    ) -> dict[str, str | None]:
+        """The user's level on each request (all at once when the backend can; none: admin)."""
+        if credentials.is_admin or not requests:
+            return {}
+        batch = getattr(self._cluster, "permission_levels", None)
+        if batch is not None:
+            levels: dict[str, str | None] = await batch(credentials.user_uuid, requests)
+            return levels
+        return {
+            cr.uuid: await self._cluster.permission_level(
+                credentials.user_uuid, cr.uuid, credentials=credentials
+            )
+            for cr in requests
+        }
+
+    def _refusal(
+        self, cr: ContainerRequest, level: str | None, credentials: Credentials
+    ) -> str | None:
+        """Why the user may not connect to C{cr}'s container (as the front door would say)."""
+        if not self._config.connections_enabled:
+            return "Container web services are turned off on this cluster."
+        if permissions.prohibits_connections(cr):
+            return "Nobody may connect to this container: its request prohibits connections."
+        if not credentials.is_admin and level not in permissions.WRITE_LEVELS:
+            return "You can see this request, but connecting needs write permission on it."
+        return None
+
     async def _connect(self, request: StreamingRequest) -> dict[str, Any]:
+        if not self._config.connections_enabled:
+            raise permissions.services_turned_off()
         credentials = await self._credentials(request)
         self._require_backend("create_token")
         content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
@@ -440,12 +500,18 @@ class Portal:
         permissions.check_access(credentials, uuid, [cr], levels)
         if not cr.container_uuid:
             raise Unavailable(f"Container request {uuid} has no container yet.")
+        permissions.check_connections_allowed(
+            [cr, *await self._cluster.container_requests_for(cr.container_uuid)]
+        )
         permissions.check_running(await self._cluster.get_container(cr.container_uuid))
         entry = (cr.published_ports or {}).get(str(port))
         initial_path = str(entry.get("initial_path") or "") if isinstance(entry, Mapping) else ""
         url = port_url(self._config, uuid, port, initial_path)
         scoped, record = await self._cluster.create_token(
-            credentials.user_uuid, [policy.connect_scope(uuid, port)], self.connect_ttl
+            credentials.user_uuid,
+            [policy.connect_scope(uuid, port)],
+            self.connect_ttl,
+            credentials=credentials,
         )
         return {
             "url": with_token(url, scoped),

@@ -38,6 +38,7 @@ from arvproxy.config import ClusterConfig, Limits
 from arvproxy.controller import signin, sitedata
 from arvproxy.controller.logpage import logs_path
 from arvproxy.controller.portal import Portal
+from arvproxy.controller.sessions import SessionMarks
 from arvproxy.controller.statecookies import StateCookies
 from arvproxy.deadlines import tls_with_deadline
 from arvproxy.errors import (
@@ -414,6 +415,7 @@ class Controller:
         self._slots = ConnectionSlots.from_limits(config.limits)
         self.cookies = StateCookies(config.system_root_token, config.external_url)
         self.portal = Portal(reactor, config, cluster)
+        self._sessions = SessionMarks(reactor, cluster)
         # Decisions are kept only with a cluster that says when its answers change.
         self._generation: Callable[[], int | None] | None = getattr(cluster, "generation", None)
 
@@ -443,6 +445,8 @@ class Controller:
                 "This server only serves container web services, at addresses like "
                 f"{external.url_for('<container-uuid>-<port>')}",
             )
+        if not self._config.connections_enabled:
+            raise permissions.services_turned_off()
 
         uri, query_token = policy.split_query_token(request.uri)
         uri, sealed = policy.split_query_token(uri, signin.SWITCH_PARAM)
@@ -453,6 +457,9 @@ class Controller:
             if decided is None:
                 return  # Answered already: a redirect.
         container, seen, with_access = decided
+        marking = self._sessions.mark(container)  # no reuse after a connection
+        if marking is not None:
+            await marking
         # The marker is set again unless the browser sent a valid one naming this container.
         remember = container.uuid.encode("ascii") not in seen
         anonymous = None if with_access else self._client_key(request)
@@ -568,6 +575,7 @@ class Controller:
                     with_access = True
                 except ProxyError:
                     with_access = False
+        await self._check_connections_allowed(target, container, requests)
         permissions.check_running(container, target.uuid)
         self._keep(request, host, container, seen, credentials, generation, with_access)
         return container, seen, with_access
@@ -596,6 +604,19 @@ class Controller:
             request.requestHeaders.getRawHeaders(b"x-forwarded-for"),
             self._config.trusted_proxies,
         )
+
+    async def _check_connections_allowed(
+        self, target: policy.Target, container: Any, requests: list[Any]
+    ) -> None:
+        """
+        @raise Forbidden: a container request that uses the container prohibits connections
+            (L{permissions.check_connections_allowed}), the one in the URL or any other.
+        """
+        permissions.check_connections_allowed(requests)
+        if container is not None and target.uuid != container.uuid:
+            permissions.check_connections_allowed(
+                await self._cluster.container_requests_for(container.uuid)
+            )
 
     # The last decision on each connection: a browser or client sends request after request
     # with the same Host and cookies, and while the cluster's answers stay the same (the cache's

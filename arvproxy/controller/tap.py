@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import MultiService
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -84,6 +85,12 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     top = MultiService()
     cluster = open_cluster(reactor, config)
     cluster.setServiceParent(top)
+    if config.backend == "arvados":
+        from arvproxy.backends.apitls import check_at_start
+
+        reactor.callWhenRunning(
+            lambda: defer.ensureDeferred(check_at_start(reactor, cluster, "arv-controller-proxy"))
+        )
     if config.backend == "embedded" and config.cache_ttl > 0:
         # The Arvados backend keeps its own answers; the registry's cost a thread hop each.
         # Kept answers go as soon as the registry file changes: a finished container or a

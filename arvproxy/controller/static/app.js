@@ -97,8 +97,11 @@
       : null;
     const logs = el("p", { class: "logs" },
       el("a", { href: item.logs_url, "aria-label": `Logs of ${title}`, text: "Logs" }));
+    // Why this person may not connect even while it runs (read-only, prohibited, turned off).
+    const refusal = item.note ? el("p", { class: "help refusal", text: item.note }) : null;
     return el("li", { class: "card", "data-uuid": item.uuid },
-      el("h3", { text: title }), meta, reason, logs, el("h4", { text: "Ports" }), ports, note);
+      el("h3", { text: title }), meta, reason, logs, el("h4", { text: "Ports" }), ports, note,
+      refusal);
   }
 
   function render(document_) {
