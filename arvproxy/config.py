@@ -54,6 +54,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from arvproxy.nodeconfig import NodeDispatcherConfig, parse_node_dispatcher
+
 
 class ConfigError(Exception):
     """
@@ -122,6 +124,7 @@ class ClusterConfig:
     @ivar container_logs: the directory of each container's kept output (absolute), or C{""}
         to keep none (L{arvproxy.containerlogs}).
     @ivar container_log_bytes: the most output kept per container.
+    @ivar node_dispatcher: C{ArvProxy.NodeDispatcher} (L{arvproxy.nodeconfig}), or C{None}.
     """
 
     source: str
@@ -142,6 +145,7 @@ class ClusterConfig:
     cache_ttl: float = 10.0
     container_logs: str = ""
     container_log_bytes: int = 4 * 1024 * 1024
+    node_dispatcher: NodeDispatcherConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -223,6 +227,7 @@ ARVPROXY_KEYS = (
     "Limits",
     "CacheTTL",
     "ContainerLogs",
+    "NodeDispatcher",
 )
 TIMEOUT_KEYS = (
     "ClientIdle",
@@ -342,6 +347,7 @@ def parse_config(document: object, source: str, cluster_id: str | None = None) -
     limits = p.limits(own, at_ap)
     cache_ttl = p.duration(own.get("CacheTTL", 10), f"{at_ap}.CacheTTL", zero_ok=True)
     log_dir, log_bytes = p.container_logs(own, f"{at_ap}.ContainerLogs", registry)
+    node = parse_node_dispatcher(p, own.get("NodeDispatcher"), f"{at_ap}.NodeDispatcher")
     tls = p.mapping(cluster.get("TLS"), f"{at}.TLS", optional=True)
     insecure = tls.get("Insecure", False)
     if not isinstance(insecure, bool):
@@ -376,6 +382,7 @@ def parse_config(document: object, source: str, cluster_id: str | None = None) -
         cache_ttl=cache_ttl,
         container_logs=log_dir,
         container_log_bytes=log_bytes,
+        node_dispatcher=node,
     )
 
 

@@ -245,8 +245,7 @@ class LocalDispatcher(Service):
         @return: a Deferred that fires when it has started, or when the container has been
             cancelled because it could not be.
         """
-        secret = policy.gateway_secret(self._root_token, uuid)
-        process = GatewayProcess(uuid, dispatch_document(secret), self._gateway_ended)
+        process = GatewayProcess(uuid, self.dispatch_document(uuid), self._gateway_ended)
         if attach_to is None:
             argv = self._argv(self._config_path, uuid, self._runtime)
         else:
@@ -256,12 +255,20 @@ class LocalDispatcher(Service):
         except Exception as e:
             log.failure("Cannot start the gateway of {uuid}", uuid=uuid)
             return defer.ensureDeferred(
-                self._cancel(uuid, f"the gateway could not be started: {e}")
+                self._not_started(uuid, f"the gateway could not be started: {e}")
             )
         log.info("Started the gateway of {uuid}", uuid=uuid)
         self.gateways[uuid] = process
         self._reactor.callLater(self._start_timeout, self._check_started, uuid, process)
         return defer.succeed(None)
+
+    def dispatch_document(self, uuid: str) -> bytes:
+        """The JSON the gateway of container C{uuid} reads on standard input."""
+        return dispatch_document(policy.gateway_secret(self._root_token, uuid))
+
+    async def _not_started(self, uuid: str, reason: str) -> None:
+        """A locked container's gateway could not be started: cancel it, saying why."""
+        await self._cancel(uuid, reason)
 
     def _check_started(self, uuid: str, process: GatewayProcess) -> Any:
         """Kill a gateway that has not got its container Running in time."""
@@ -309,6 +316,14 @@ class LocalDispatcher(Service):
             how=how,
             state=container.state,
         )
+        await self._gateway_lost(container, how)
+
+    async def _gateway_lost(self, container: backends.Container, how: str) -> None:
+        """
+        The gateway of C{container} (Locked or Running) ended before it: cancel it, saying
+        why, and remove what the gateway left behind.
+        """
+        uuid = container.uuid
         await self._cancel(uuid, f"its gateway ended ({how}) before the container finished")
         if self._cleanup is not None:
             try:
