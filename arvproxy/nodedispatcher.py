@@ -147,6 +147,8 @@ class NodeDispatcher(LocalDispatcher):
     @param token: that token, handed to each gateway.
     @param address: where gateways listen (this node's address as the front door reaches it).
     @param port_free: whether a port of C{address}'s range can be listened on now.
+    @param on_fatal: called with a line saying why the dispatcher cannot work (by default:
+        the process exits with status 1, saying it).
     @ivar needs: what each container this node runs needs (for L{Capacity.fits}).
     @ivar ports: the port each gateway was given, when C{address} has a range.
     """
@@ -165,6 +167,7 @@ class NodeDispatcher(LocalDispatcher):
         address: GatewayAddress,
         capacity: Capacity,
         port_free: Callable[[str, int], bool] = port_bindable,
+        on_fatal: Callable[[str], Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -183,6 +186,7 @@ class NodeDispatcher(LocalDispatcher):
         self._address = address
         self.capacity = capacity
         self._port_free = port_free
+        self._on_fatal = on_fatal or (lambda what: fatal(None, reactor, what, plain=True))
         self.needs: dict[str, Resources] = {}
         self.ports: dict[str, int] = {}
         self._last_port: int | None = None
@@ -195,7 +199,9 @@ class NodeDispatcher(LocalDispatcher):
     def dispatch_document(self, uuid: str) -> bytes:
         port = 0
         if self._address.ports is not None:
-            port = self.ports.get(uuid) or self._take_port(uuid)
+            port = self.ports.get(uuid) or self._take_port(uuid) or 0
+            if not port:
+                raise RuntimeError(f"no free port left for the gateway of {uuid}")
         env = {
             "GatewayAddress": self._address.with_port(port),
             "GatewayAuthSecret": policy.gateway_secret(self._root_token, uuid),
@@ -205,8 +211,8 @@ class NodeDispatcher(LocalDispatcher):
         }
         return json.dumps({"Env": env}).encode("ascii") + b"\n"
 
-    def _take_port(self, uuid: str) -> int:
-        """A free port of the range for C{uuid}'s gateway (0 when none is: it then fails)."""
+    def _take_port(self, uuid: str) -> int | None:
+        """A free port of the range for C{uuid}'s gateway, now its own; C{None}: none is free."""
         assert self._address.ports is not None
         taken = set(self.ports.values())
         after = self._last_port
@@ -219,21 +225,7 @@ class NodeDispatcher(LocalDispatcher):
                 return port
             taken.add(port)
             after = port
-        log.error(
-            "No free port left in {host}:{first}-{last} for the gateway of {uuid}",
-            host=self._address.host,
-            first=self._address.ports[0],
-            last=self._address.ports[1],
-            uuid=uuid,
-        )
-        return 0
-
-    def _has_port(self) -> bool:
-        """Whether one more gateway can have a port (always, with C{host:0})."""
-        if self._address.ports is None:
-            return True
-        first, last = self._address.ports
-        return len(self.ports) < last - first + 1
+        return None
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -242,13 +234,10 @@ class NodeDispatcher(LocalDispatcher):
         try:
             me = await self._cluster.identify()
         except Exception as e:
-            fatal(
-                None,
-                self._reactor,
-                f"the Arvados API does not accept this node dispatcher's token: {describe(e)}",
-                plain=True,
-            )
             self._stopping = True
+            self._on_fatal(
+                f"the Arvados API does not accept this node dispatcher's token: {describe(e)}"
+            )
             return
         log.info("Node dispatcher with token {uuid}", uuid=me)
         try:
@@ -322,16 +311,20 @@ class NodeDispatcher(LocalDispatcher):
                 else:
                     self._note(uuid, f"Leaving {uuid} to other dispatchers: {verdict.reason}")
                 continue
-            if not self.capacity.fits(self._running_here(), entry.needs) or not self._has_port():
+            room = self.capacity.fits(self._running_here(), entry.needs)
+            if room and self._address.ports is not None and self._take_port(uuid) is None:
+                room = False
+            if not room:
                 self._note(uuid, f"Container {uuid} waits for room on this node")
                 break  # nothing of lower priority goes first
             try:
                 await self._api.lock(uuid)
-            except LockLost as e:
-                log.debug("Container {uuid} was taken first: {e}", uuid=uuid, e=e)
-                continue
             except Exception as e:
-                log.warn("Cannot lock container {uuid}: {e}", uuid=uuid, e=describe(e))
+                self.ports.pop(uuid, None)
+                if isinstance(e, LockLost):
+                    log.debug("Container {uuid} was taken first: {e}", uuid=uuid, e=e)
+                else:
+                    log.warn("Cannot lock container {uuid}: {e}", uuid=uuid, e=describe(e))
                 continue
             log.info("Locked container {uuid}", uuid=uuid)
             self.needs[uuid] = entry.needs

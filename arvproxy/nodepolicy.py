@@ -230,9 +230,11 @@ def judge(
     mounts = unsupported_mounts(entry, node.mount_kinds)
     if mounts:
         kinds = sorted(
-            str(m.get("kind")) if isinstance(m, Mapping) else "?"
-            for p, m in entry.mounts.items()
-            if p in mounts
+            {
+                str(m.get("kind")) if isinstance(m, Mapping) else "?"
+                for p, m in entry.mounts.items()
+                if p in mounts
+            }
         )
         return Verdict(
             UNSUITABLE,
