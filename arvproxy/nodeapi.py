@@ -142,7 +142,7 @@ class DispatchAPI(ArvadosCluster):
                 as_user=False,
                 params={
                     "filters": json.dumps([["container_uuid", "=", container_uuid]]),
-                    "select": json.dumps(["uuid", "state", "properties"]),
+                    "select": json.dumps(["uuid", "state", "properties", "published_ports"]),
                     "order": json.dumps(["uuid asc"]),
                     "limit": str(PAGE_SIZE),
                     "offset": str(len(found)),

@@ -193,6 +193,7 @@ class NodeDispatcher(LocalDispatcher):
         self._settling: set[str] = set()
         self._interrupted: set[str] = set()
         self._noted: dict[str, str] = {}
+        self._portless: set[str] = set()
 
     # -- what gateways get -------------------------------------------------------------------
 
@@ -298,9 +299,13 @@ class NodeDispatcher(LocalDispatcher):
             seen.add(uuid)
             if uuid in self.gateways or uuid in self._settling:
                 continue
+            if uuid in self._portless:
+                continue  # neither it nor its requests publish ports (they cannot start to)
             requests = None
-            if self._node.properties and ours(entry, self._node) is None:
+            if self._node.properties or ours(entry, self._node) is not None:
                 requests = await self._cluster.requests_of(uuid)
+                if ours(entry, self._node, requests) is not None:
+                    self._portless.add(uuid)
             verdict = judge(entry, self._node, self.capacity, requests)
             if verdict.action == SKIP:
                 self._note(uuid, f"Leaving container {uuid}: {verdict.reason}")
@@ -332,6 +337,7 @@ class NodeDispatcher(LocalDispatcher):
             await self.start_gateway(uuid)
         for uuid in set(self._noted) - seen:
             del self._noted[uuid]
+        self._portless &= seen
 
     def _note(self, uuid: str, text: str) -> None:
         """Log C{text} once for C{uuid} (again only when it changes)."""

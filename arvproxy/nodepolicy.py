@@ -170,14 +170,31 @@ class Verdict:
     cancel: bool = False
 
 
-def ours(entry: QueueEntry, node: NodeDispatcherConfig) -> str | None:
+def ours(
+    entry: QueueEntry,
+    node: NodeDispatcherConfig,
+    requests: Iterable[Mapping[str, Any]] | None = None,
+) -> str | None:
     """
-    Why C{entry} is not one this node takes by the container's own record (C{None}: it may
-    be, the request properties still to be checked with L{has_properties}).
+    Why C{entry} is not one this node takes by its ports (C{None}: it may be, the request
+    properties still to be checked with L{has_properties}).
+
+    A container publishes ports when its record does, or one of its committed requests does:
+    Arvados gives a request that it retries a new container without its C{published_ports}
+    (C{Container#handle_completed} copies neither them nor C{service}), so a retried service
+    shows its ports on its request only.
+
+    @param requests: the records of its container requests, or C{None} when not read (then
+        only the container's own record counts).
     """
-    if node.published_ports_only and not entry.published_ports:
-        return "it publishes no ports"
-    return None
+    if not node.published_ports_only or entry.published_ports:
+        return None
+    if any(
+        request.get("state") in (None, "Committed") and request.get("published_ports")
+        for request in requests or ()
+    ):
+        return None
+    return "it publishes no ports"
 
 
 def has_properties(requests: Iterable[Mapping[str, Any]], wanted: Mapping[str, Any]) -> bool:
@@ -217,10 +234,10 @@ def judge(
     """
     What this node does with queued container C{entry} (see this module's docstring).
 
-    @param requests: the records of the container requests that use it, when C{node} names
-        properties (C{None}: not read, so not ours if properties are wanted).
+    @param requests: the records of the container requests that use it (C{None}: not read;
+        then it is not ours if properties are wanted, or if only its requests publish ports).
     """
-    reason = ours(entry, node)
+    reason = ours(entry, node, requests)
     if reason is None and node.properties and not has_properties(requests or (), node.properties):
         wanted = ", ".join(f"{k}={v!r}" for k, v in sorted(node.properties.items()))
         reason = f"no committed request carries the properties {wanted}"

@@ -307,6 +307,14 @@ class NodeTests(unittest.TestCase):
         self.assertEqual(self.record(late)["state"], "Cancelled")
         self.assertIn("its gateway ended (signal 9)", self.record(late)["runtime_status"]["error"])
         self.assertEqual(sorted(node.cleaned), sorted([early, late]))
+        # Arvados retries the request with a new container, without published_ports (they
+        # stay on the request): this node still takes it.
+        [retry] = [u for u in self.fake.containers if u not in (early, late)]
+        self.assertEqual(self.record(retry)["published_ports"], {})
+        await node.poll()
+        self.assertEqual(
+            sorted(uuid_in(argv) for p, argv in node.spawned if not p.ended), sorted([early, retry])
+        )
 
     def test_unsuitable(self) -> defer.Deferred[None]:
         """Mounts a node cannot provide: left alone by default, cancelled saying why if asked."""

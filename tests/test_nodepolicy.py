@@ -65,6 +65,22 @@ class JudgeTests(unittest.TestCase):
             ("plain service", entry(), NODE, None, TAKE, ""),
             ("no ports", entry(published_ports={}), NODE, None, SKIP, "publishes no ports"),
             (
+                "ports on its request only (a retry)",
+                entry(published_ports={}),
+                NODE,
+                [{"state": "Committed", "published_ports": PORTS}],
+                TAKE,
+                "",
+            ),
+            (
+                "ports on a finished request only",
+                entry(published_ports={}),
+                NODE,
+                [{"state": "Final", "published_ports": PORTS}],
+                SKIP,
+                "publishes no ports",
+            ),
+            (
                 "no ports, ports not asked for",
                 entry(published_ports={}),
                 NodeDispatcherConfig(published_ports_only=False),
