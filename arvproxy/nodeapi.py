@@ -29,6 +29,20 @@ from arvproxy.backends.arvados import PAGE_SIZE, ArvadosCluster, _Rejected
 from arvproxy.config import ClusterConfig
 from arvproxy.nodepolicy import QUEUE_FIELDS, QueueEntry
 
+DISPATCHER_SCOPES = (
+    "GET /arvados/v1/api_client_authorizations/current",
+    "GET /arvados/v1/containers",
+    "GET /arvados/v1/containers/",
+    "POST /arvados/v1/containers/",
+    "PUT /arvados/v1/containers/",
+    "GET /arvados/v1/container_requests",
+)
+"""
+The scopes a node dispatcher's token needs, for its own calls (above), its gateways' (read and
+update their container, read its own token with C{containers/<uuid>/auth}, list its requests)
+and C{arvproxy node}'s: nothing but containers, and reading container requests.
+"""
+
 MAX_QUEUE_PAGES = 100
 """The most pages of the queue read in one look (C{PAGE_SIZE} each)."""
 

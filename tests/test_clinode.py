@@ -19,7 +19,7 @@ from twisted.trial import unittest
 from arvproxy import backends
 from arvproxy.clinode import release_reason
 from arvproxy.fakearvados import FakeAPIServer, FakeArvadosAPI, self_signed
-from arvproxy.nodeapi import DispatchAPI
+from arvproxy.nodeapi import DISPATCHER_SCOPES, DispatchAPI
 from tests.e2e import REPO_ROOT
 
 ROOT = "NodeCommandTestRootToken00000000000000000000"
@@ -37,7 +37,8 @@ class NodeCommandTests(unittest.TestCase):
         alice = self.fake.add_user("Alice")
         self.project = self.fake.add_project(alice)
         admin = self.fake.add_user("Dispatchers", is_admin=True)
-        self.gone, self.alive = self.fake.add_token(admin), self.fake.add_token(admin)
+        self.gone = self.fake.add_token(admin, scopes=DISPATCHER_SCOPES)
+        self.alive = self.fake.add_token(admin, scopes=DISPATCHER_SCOPES)
         self.directory = os.path.abspath(self.mktemp())
         os.makedirs(self.directory)
         with open(os.path.join(self.directory, "gone-token"), "w") as f:

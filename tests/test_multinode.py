@@ -39,6 +39,7 @@ from arvproxy import policy
 from arvproxy.fakearvados import FakeArvadosAPI, OpenConnections, self_signed
 from arvproxy.gateway.docker_runtime import LABEL, docker_name
 from arvproxy.gateway.netns import NamespaceEndpoint, NetworkNamespace, has_cap_sys_admin
+from arvproxy.nodeapi import DISPATCHER_SCOPES
 from tests import dockerhelp
 from tests.e2e import REPO_ROOT, ROOT_TOKEN, SUFFIX, TWISTD, Twistd, wait_for
 from tests.test_docker_integration import gateway_pids
@@ -288,7 +289,11 @@ class MultiNodeTests(unittest.TestCase):
         alice_token = self.fake.add_token(alice)
         project = self.fake.add_project(alice)
         dispatchers = self.fake.add_user("Node dispatchers", is_admin=True)
-        tokens = {i: self.fake.add_token(dispatchers) for i in range(1, NODES + 1)}
+        # Each node has a token of its own, limited to what node dispatchers need.
+        tokens = {
+            i: self.fake.add_token(dispatchers, scopes=DISPATCHER_SCOPES)
+            for i in range(1, NODES + 1)
+        }
         token_uuids = {i: t.split("/")[1] for i, t in tokens.items()}
         node_of = {u: i for i, u in token_uuids.items()}
         self.configs = {i: self.node_config(i, tokens[i]) for i in tokens}
@@ -305,12 +310,14 @@ class MultiNodeTests(unittest.TestCase):
         nodes = {i: self.start_node(i, f"node{i}") for i in tokens}
         watched = [front_door, *nodes.values()]
 
-        # Mid-way: node 2 holds a container (another may still be queued), and dies with its
-        # gateways, as when its cgroup is killed; its Docker containers keep running.
+        # Mid-way: node 2 runs a container, and dies with its gateways, as when its cgroup is
+        # killed; its Docker containers keep running.
         await wait_for(
             reactor,
-            lambda: any(self.holder(u) == token_uuids[2] for u in self.uuids),
-            "node 2 to take a container",
+            lambda: any(
+                self.holder(u) == token_uuids[2] and self.state(u) == "Running" for u in self.uuids
+            ),
+            "node 2 to run a container",
             watched,
             timeout=300,
         )
@@ -326,6 +333,7 @@ class MultiNodeTests(unittest.TestCase):
             "node 2's gateways to die",
         )
         was_running = [u for u in held_by_2 if self.state(u) == "Running"]
+        self.assertTrue(was_running)
         running_before = await deferToThread(self._docker_ids, was_running)
         nodes[2] = self.start_node(2, "node2-again")
         watched = [front_door, *nodes.values()]

@@ -15,7 +15,7 @@ from twisted.trial import unittest
 from arvproxy import backends, policy
 from arvproxy.dispatcher import GatewayProcess, gateway_argv
 from arvproxy.fakearvados import FakeAPIServer, FakeArvadosAPI
-from arvproxy.nodeapi import DispatchAPI
+from arvproxy.nodeapi import DISPATCHER_SCOPES, DispatchAPI
 from arvproxy.nodeconfig import CANCEL, GatewayAddress, NodeDispatcherConfig
 from arvproxy.nodedispatcher import NodeDispatcher, NodeInventory, api_host
 from arvproxy.nodepolicy import Capacity, Resources
@@ -135,8 +135,8 @@ class NodeTests(unittest.TestCase):
         self.alice = self.fake.add_user("Alice")
         self.project = self.fake.add_project(self.alice)
         dispatchers = self.fake.add_user("Dispatchers", is_admin=True)
-        self.token_a = self.fake.add_token(dispatchers)
-        self.token_b = self.fake.add_token(dispatchers)
+        self.token_a = self.fake.add_token(dispatchers, scopes=DISPATCHER_SCOPES)
+        self.token_b = self.fake.add_token(dispatchers, scopes=DISPATCHER_SCOPES)
 
     def queue(self, priority: int = 1, properties: Any = None, **fields: Any) -> str:
         """A committed request and its Queued container (a service publishing 8080)."""
