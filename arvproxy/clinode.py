@@ -33,7 +33,7 @@ import urllib.request
 from typing import Any
 
 from arvproxy.config import ConfigError, load_config
-from arvproxy.nodeconfig import NodeConfigError, dispatcher_token
+from arvproxy.nodeconfig import NodeConfigError, dispatcher_token, read_token_file
 from arvproxy.nodepolicy import QUEUE_FIELDS
 
 TIMEOUT = 30.0
@@ -148,14 +148,9 @@ def _connect(args: argparse.Namespace, config_path: str) -> tuple[API, str]:
         )
     if args.token_file:
         try:
-            with open(args.token_file, encoding="utf-8") as f:
-                token = f.read().strip()
-        except OSError as e:
-            raise NodeCommandFailed(
-                f"--token-file: cannot read {args.token_file}: {e.strerror}"
-            ) from None
-        if not token or len(token.split()) != 1:
-            raise NodeCommandFailed(f"--token-file: {args.token_file} does not hold one token")
+            token = read_token_file(args.token_file)
+        except ValueError as e:
+            raise NodeCommandFailed(f"--token-file: {e}") from None
     else:
         try:
             token = dispatcher_token(config)

@@ -380,31 +380,55 @@ def remove_docker_leftover(uuid: str) -> None:
         pass
 
 
+HAND_BACK_FLAG = [
+    "hand-back",
+    None,
+    "When stopped, leave the containers running (their gateways hand them back) for "
+    "the next dispatcher to attach to, instead of stopping them (Cancelled).",
+]
+RUNTIME_PARAMETER = ["runtime", None, "docker", 'The gateways\' runtime: "docker" or "host".']
+START_TIMEOUT_PARAMETER = [
+    "start-timeout",
+    None,
+    600.0,
+    "Seconds a gateway may take to get its container Running (image pulls included).",
+    float,
+]
+"""Options both dispatchers take (this one and L{arvproxy.nodedispatcher}'s)."""
+
+
+def check_runtime(runtime: str) -> None:
+    """
+    Refuse a gateway runtime this machine cannot give: not C{docker} or C{host}, or Docker
+    without root (gateways enter containers' namespaces) or without an engine.
+
+    @raise usage.UsageError: saying why.
+    """
+    if runtime not in ("docker", "host"):
+        raise usage.UsageError(f'--runtime must be "docker" or "host", got {runtime!r}')
+    if runtime == "docker":
+        from arvproxy.gateway.docker_runtime import engine_status
+        from arvproxy.gateway.netns import PERMISSION_HINT, has_cap_sys_admin
+
+        if not has_cap_sys_admin():
+            raise usage.UsageError(f"--runtime docker: {PERMISSION_HINT}")
+        problem = engine_status()
+        if problem is not None:
+            raise usage.UsageError(problem)
+
+
 class Options(usage.Options):
     synopsis = "--config FILE [--runtime docker|host] [--poll-interval SECONDS]"
     longdesc = (
         "Run the embedded registry's queued containers on this machine: lock each one and "
         "start a crunch-run-gateway for it."
     )
-    optFlags = [
-        [
-            "hand-back",
-            None,
-            "When stopped, leave the containers running (their gateways hand them back) for "
-            "the next dispatcher to attach to, instead of stopping them (Cancelled).",
-        ],
-    ]
+    optFlags = [HAND_BACK_FLAG]
     optParameters = [
         ["config", "c", None, "The cluster configuration file (YAML)."],
-        ["runtime", None, "docker", 'The gateways\' runtime: "docker" or "host".'],
+        RUNTIME_PARAMETER,
         ["poll-interval", None, 2.0, "Seconds between two looks at the queue.", float],
-        [
-            "start-timeout",
-            None,
-            600.0,
-            "Seconds a gateway may take to get its container Running (image pulls included).",
-            float,
-        ],
+        START_TIMEOUT_PARAMETER,
     ]
 
     def postOptions(self) -> None:
@@ -417,17 +441,7 @@ class Options(usage.Options):
                 "the local dispatcher runs the embedded registry's containers; with the "
                 f"{self['cluster'].backend} backend, Arvados' own dispatcher starts gateways"
             )
-        if self["runtime"] not in ("docker", "host"):
-            raise usage.UsageError(f'--runtime must be "docker" or "host", got {self["runtime"]!r}')
-        if self["runtime"] == "docker":
-            from arvproxy.gateway.docker_runtime import engine_status
-            from arvproxy.gateway.netns import PERMISSION_HINT, has_cap_sys_admin
-
-            if not has_cap_sys_admin():
-                raise usage.UsageError(f"--runtime docker: {PERMISSION_HINT}")
-            problem = engine_status()
-            if problem is not None:
-                raise usage.UsageError(problem)
+        check_runtime(self["runtime"])
         if not self["poll-interval"] > 0 or not self["start-timeout"] > 0:
             raise usage.UsageError("--poll-interval and --start-timeout must be positive")
 

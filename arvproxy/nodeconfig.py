@@ -272,12 +272,22 @@ def dispatcher_token(config: ClusterConfig) -> str:
             "(or Token, or UseSystemRootToken: true)"
         )
     try:
-        with open(node.token_file, encoding="utf-8") as f:
+        return read_token_file(node.token_file)
+    except ValueError as e:
+        raise NodeConfigError(f"{at}.TokenFile: {e}") from None
+
+
+def read_token_file(path: str) -> str:
+    """
+    The one token a file holds (blank lines and surrounding space ignored).
+
+    @raise ValueError: it cannot be read, or does not hold exactly one token.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
             token = f.read().strip()
-    except OSError as e:
-        raise NodeConfigError(
-            f"{at}.TokenFile: cannot read {node.token_file}: {e.strerror}"
-        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     if not token or not token.isprintable() or len(token.split()) != 1:
-        raise NodeConfigError(f"{at}.TokenFile: {node.token_file} does not hold one token")
+        raise ValueError(f"{path} does not hold one token")
     return token

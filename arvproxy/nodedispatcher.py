@@ -65,7 +65,15 @@ from arvproxy.containerlogs import (
     container_directory,
     gateway_running,
 )
-from arvproxy.dispatcher import LocalDispatcher, gateway_argv, remove_docker_leftover
+from arvproxy.dispatcher import (
+    HAND_BACK_FLAG,
+    RUNTIME_PARAMETER,
+    START_TIMEOUT_PARAMETER,
+    LocalDispatcher,
+    check_runtime,
+    gateway_argv,
+    remove_docker_leftover,
+)
 from arvproxy.nodeapi import DispatchAPI, LockLost
 from arvproxy.nodeconfig import (
     GatewayAddress,
@@ -404,14 +412,7 @@ class Options(usage.Options):
         "containers through the API (ArvProxy.NodeDispatcher) and start a crunch-run-gateway "
         "for each."
     )
-    optFlags = [
-        [
-            "hand-back",
-            None,
-            "When stopped, leave the containers running (their gateways hand them back) for "
-            "the next node dispatcher to attach to, instead of stopping them (Cancelled).",
-        ],
-    ]
+    optFlags = [HAND_BACK_FLAG]
     optParameters = [
         ["config", "c", None, "The cluster configuration file (YAML)."],
         [
@@ -421,14 +422,8 @@ class Options(usage.Options):
             "Where this node's gateways listen, as the front door reaches them (overrides "
             "ArvProxy.NodeDispatcher.GatewayAddress).",
         ],
-        ["runtime", None, "docker", 'The gateways\' runtime: "docker" or "host".'],
-        [
-            "start-timeout",
-            None,
-            600.0,
-            "Seconds a gateway may take to get its container Running (image pulls included).",
-            float,
-        ],
+        RUNTIME_PARAMETER,
+        START_TIMEOUT_PARAMETER,
     ]
 
     def postOptions(self) -> None:
@@ -468,17 +463,7 @@ class Options(usage.Options):
             )
         if not config.container_logs:
             raise usage.UsageError(f"{at}.ArvProxy.ContainerLogs.Directory: missing")
-        if self["runtime"] not in ("docker", "host"):
-            raise usage.UsageError(f'--runtime must be "docker" or "host", got {self["runtime"]!r}')
-        if self["runtime"] == "docker":
-            from arvproxy.gateway.docker_runtime import engine_status
-            from arvproxy.gateway.netns import PERMISSION_HINT, has_cap_sys_admin
-
-            if not has_cap_sys_admin():
-                raise usage.UsageError(f"--runtime docker: {PERMISSION_HINT}")
-            problem = engine_status()
-            if problem is not None:
-                raise usage.UsageError(problem)
+        check_runtime(self["runtime"])
         if not self["start-timeout"] > 0:
             raise usage.UsageError("--start-timeout must be positive")
 
