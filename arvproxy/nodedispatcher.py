@@ -272,6 +272,9 @@ class NodeDispatcher(LocalDispatcher):
     async def _settle_held(self) -> None:
         """Step 1 of this module's docstring."""
         held = await self._cluster.held()
+        live = set(self.gateways) | self.orphans | self._settling | {e.uuid for e in held}
+        for uuid in set(self.needs) - live:
+            del self.needs[uuid]
         for entry in held:
             if self._stopping:
                 return
@@ -291,6 +294,10 @@ class NodeDispatcher(LocalDispatcher):
                 continue
             self._settling.add(uuid)
             try:
+                if entry.state == backends.LOCKED and entry.priority == 0:
+                    # lib/dispatchcloud (scheduler/sync.go): "requeue ... priority=0".
+                    await self._not_started(uuid, "its priority is 0 (its request was cancelled)")
+                    continue
                 container = backends.Container(uuid=uuid, state=entry.state)
                 await self._reconciler.reconcile([container])
             finally:

@@ -199,6 +199,23 @@ class NodeTests(unittest.TestCase):
         await node.poll()
         self.assertEqual(len(node.spawned), 2)
 
+    def test_pages(self) -> defer.Deferred[None]:
+        """The queue is read page after page (the server caps pages), in priority order."""
+        return defer.ensureDeferred(self._pages())
+
+    async def _pages(self) -> None:
+        self.fake.max_page = 2
+        uuids = [self.queue(priority=p) for p in (3, 9, 1, 7, 5)]
+        node = Node(self, self.token_a)
+        await node.start()
+        await node.poll()
+        self.assertEqual(
+            [uuid_in(argv) for _, argv in node.spawned],
+            [uuids[1], uuids[3], uuids[4], uuids[0], uuids[2]],
+        )
+        lists = [c for c in self.fake.calls if c.path == "/arvados/v1/containers"]
+        self.assertGreaterEqual(len(lists), 4)
+
     def test_losing_the_race_is_quiet(self) -> defer.Deferred[None]:
         """A container another node locks first is left to it; the next one is still taken."""
         return defer.ensureDeferred(self._losing_the_race_is_quiet())
@@ -357,6 +374,17 @@ class NodeTests(unittest.TestCase):
         await node.poll()
         await node.poll()
         self.assertEqual(node.gateway(uuid).signals, ["TERM"])
+        # One held with no gateway (a restart) and priority 0 goes back to the queue.
+        other = self.queue()
+        await node.api.lock(other)
+        [request] = [
+            r for r in self.fake.container_requests.values() if r["container_uuid"] == other
+        ]
+        request["priority"] = 0
+        self.fake._update_priority(other)
+        await node.poll()
+        self.assertEqual(self.record(other)["state"], "Queued")
+        self.assertNotIn(other, [uuid_in(argv) for _, argv in node.spawned])
 
     def test_restart_settles_what_it_holds(self) -> defer.Deferred[None]:
         """A restarted node finds its containers by locked_by_uuid and settles each."""
