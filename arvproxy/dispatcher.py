@@ -489,14 +489,19 @@ def _no_gateway(uuid: str) -> bool:
     return False
 
 
-def _hold_dispatcher_lock(directory: str) -> None:
-    """Hold this registry's dispatcher lock until the process exits; exit 1 if it is held."""
+def _hold_dispatcher_lock(
+    directory: str, prog: str = "arv-local-dispatcher", where: str = "here"
+) -> None:
+    """
+    Hold the dispatcher lock in C{directory} (one dispatcher per registry, or per node) until
+    the process exits; exit 1, saying so as C{prog}, if another holds it.
+    """
     lock = FileLock(os.path.join(directory, DISPATCHER_LOCK_NAME))
     try:
         lock.acquire()
     except Held as e:
-        sys.stderr.write(f"arv-local-dispatcher: error: another dispatcher runs here ({e})\n")
+        sys.stderr.write(f"{prog}: error: another dispatcher runs {where} ({e})\n")
         raise SystemExit(1) from None
     except OSError as e:
-        sys.stderr.write(f"arv-local-dispatcher: error: cannot use {lock.path}: {e}\n")
+        sys.stderr.write(f"{prog}: error: cannot use {lock.path}: {e}\n")
         raise SystemExit(1) from None

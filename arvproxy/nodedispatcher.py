@@ -59,9 +59,6 @@ from zope.interface import implementer
 
 from arvproxy import backends, policy
 from arvproxy.containerlogs import (
-    DISPATCHER_LOCK_NAME,
-    FileLock,
-    Held,
     container_directory,
     gateway_running,
 )
@@ -70,6 +67,7 @@ from arvproxy.dispatcher import (
     RUNTIME_PARAMETER,
     START_TIMEOUT_PARAMETER,
     LocalDispatcher,
+    _hold_dispatcher_lock,
     check_runtime,
     gateway_argv,
     remove_docker_leftover,
@@ -537,12 +535,4 @@ def _hold_node_lock(directory: str) -> None:
     except OSError as e:
         sys.stderr.write(f"{PROG}: error: cannot use {directory}: {e.strerror}\n")
         raise SystemExit(1) from None
-    lock = FileLock(os.path.join(directory, DISPATCHER_LOCK_NAME))
-    try:
-        lock.acquire()
-    except Held as e:
-        sys.stderr.write(f"{PROG}: error: another dispatcher runs on this node ({e})\n")
-        raise SystemExit(1) from None
-    except OSError as e:
-        sys.stderr.write(f"{PROG}: error: cannot use {lock.path}: {e}\n")
-        raise SystemExit(1) from None
+    _hold_dispatcher_lock(directory, PROG, "on this node")
