@@ -456,15 +456,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if config.container_logs:
         _hold_dispatcher_lock(config.container_logs)
         running = functools.partial(gateway_running, config.container_logs)
-    inventory: IInventory = NoInventory()
-    if options["runtime"] == "docker":
-        from arvproxy.gateway.docker_inventory import DockerInventory
-
-        inventory = DockerInventory(
-            config.cluster_id,
-            output_directory=config.container_logs,
-            output_bytes=config.container_log_bytes,
-        )
+    inventory = runtime_inventory(config, options["runtime"])
     top = StopInTurn()
     cluster = open_cluster(reactor, config)
     cluster.setServiceParent(top)
@@ -483,6 +475,19 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         retry_deadline=config.limits.cluster_retry,
     ).setServiceParent(top)
     return top
+
+
+def runtime_inventory(config: Any, runtime: str) -> IInventory:
+    """The containers gateways of C{runtime} left on this machine (Docker's, by label)."""
+    if runtime != "docker":
+        return NoInventory()
+    from arvproxy.gateway.docker_inventory import DockerInventory
+
+    return DockerInventory(
+        config.cluster_id,
+        output_directory=config.container_logs,
+        output_bytes=config.container_log_bytes,
+    )
 
 
 def _no_gateway(uuid: str) -> bool:

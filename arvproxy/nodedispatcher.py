@@ -71,6 +71,7 @@ from arvproxy.dispatcher import (
     check_runtime,
     gateway_argv,
     remove_docker_leftover,
+    runtime_inventory,
 )
 from arvproxy.nodeapi import DispatchAPI, LockLost
 from arvproxy.nodeconfig import (
@@ -89,7 +90,7 @@ from arvproxy.nodepolicy import (
     judge,
     ours,
 )
-from arvproxy.reconcile import Found, IInventory, NoInventory
+from arvproxy.reconcile import Found, IInventory
 from arvproxy.retry import DEADLINE, describe
 from arvproxy.service import StopInTurn, fatal, read_config
 
@@ -487,15 +488,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     config = options["cluster"]
     node = config.node_dispatcher
     _hold_node_lock(config.container_logs)
-    inventory: IInventory = NoInventory()
-    if options["runtime"] == "docker":
-        from arvproxy.gateway.docker_inventory import DockerInventory
-
-        inventory = DockerInventory(
-            config.cluster_id,
-            output_directory=config.container_logs,
-            output_bytes=config.container_log_bytes,
-        )
+    inventory = runtime_inventory(config, options["runtime"])
     logs = config.container_logs
 
     def ours(uuid: str) -> bool:
