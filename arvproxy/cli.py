@@ -33,6 +33,8 @@ from arvproxy.backends import (
     UUID_RE,
 )
 from arvproxy.backends.registry import STATES, RegistryError, RegistryStore, to_json
+from arvproxy.clinode import NodeCommandFailed
+from arvproxy.clinode import add_commands as add_node_commands
 from arvproxy.clirun import CommandFailed
 from arvproxy.clirun import add_commands as add_run_commands
 from arvproxy.config import ConfigError, load_config
@@ -200,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=lambda store, args: store.get(args.uuid), read_only=True)
 
     add_run_commands(commands, add_port_options, _env_pair, _uuid_of)
+    add_node_commands(commands)
     return parser
 
 
@@ -326,6 +329,18 @@ def resolve_registry(args: argparse.Namespace) -> tuple[str, str]:
     return registry, config.cluster_id
 
 
+def config_path(args: argparse.Namespace) -> str:
+    """
+    The configuration file the command line names (C{--config}, else C{$ARVPROXY_CONFIG}).
+
+    @raise UsageError: neither.
+    """
+    path = args.config or os.environ.get(CONFIG_ENV)
+    if not path:
+        raise UsageError(f"no configuration: pass --config FILE or set {CONFIG_ENV}")
+    return str(path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """
     Run the C{arvproxy} command with C{argv} (default: C{sys.argv[1:]}).
@@ -335,16 +350,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = ""
     try:
         args = build_parser().parse_args(argv)
-        path, cluster_id = resolve_registry(args)
-        try:
-            # Read-only commands never create the file, a schema or a user, nor change anything.
-            store = RegistryStore(path, cluster_id, read_only=getattr(args, "read_only", False))
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        try:
-            result = args.run(store, args)
-        finally:
-            store.close()
+        if getattr(args, "node_run", None) is not None:  # arvproxy node: the Arvados API
+            result = args.node_run(args, config_path(args))
+        else:
+            path, cluster_id = resolve_registry(args)
+            try:
+                # Read-only commands never create the file, a schema or a user, nor change
+                # anything.
+                store = RegistryStore(path, cluster_id, read_only=getattr(args, "read_only", False))
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            try:
+                result = args.run(store, args)
+            finally:
+                store.close()
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
     except UsageError as e:
@@ -355,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(e.message, 1)
     except ConfigError as e:
         return _fail(str(e), 1)
-    except CommandFailed as e:
+    except (CommandFailed, NodeCommandFailed) as e:
         return _fail(str(e), 1)
     except (RegistryError, sqlite3.Error, OSError) as e:
         return _fail(f"registry {path}: {e}", 1)

@@ -58,6 +58,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from arvproxy.nodeconfig import NodeDispatcherConfig, parse_node_dispatcher
+
 
 class ConfigError(Exception):
     """
@@ -130,6 +132,7 @@ class ClusterConfig:
     @ivar container_logs: the directory of each container's kept output (absolute), or C{""}
         to keep none (L{arvproxy.containerlogs}).
     @ivar container_log_bytes: the most output kept per container.
+    @ivar node_dispatcher: C{ArvProxy.NodeDispatcher} (L{arvproxy.nodeconfig}), or C{None}.
     """
 
     source: str
@@ -152,6 +155,7 @@ class ClusterConfig:
     container_log_bytes: int = 4 * 1024 * 1024
     api_ca_file: str = ""
     connections_enabled: bool = True
+    node_dispatcher: NodeDispatcherConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -235,6 +239,7 @@ ARVPROXY_KEYS = (
     "ContainerLogs",
     "ConnectionsEnabled",
     "TLS",
+    "NodeDispatcher",
 )
 TLS_KEYS = ("CAFile",)
 TIMEOUT_KEYS = (
@@ -361,6 +366,7 @@ def parse_config(document: object, source: str, cluster_id: str | None = None) -
     enabled = own.get("ConnectionsEnabled", True)
     if not isinstance(enabled, bool):
         p.fail(f"{at_ap}.ConnectionsEnabled", f"expected true or false, got {_show(enabled)}")
+    node = parse_node_dispatcher(p, own.get("NodeDispatcher"), f"{at_ap}.NodeDispatcher")
     tls = p.mapping(cluster.get("TLS"), f"{at}.TLS", optional=True)
     insecure = tls.get("Insecure", False)
     if not isinstance(insecure, bool):
@@ -397,6 +403,7 @@ def parse_config(document: object, source: str, cluster_id: str | None = None) -
         container_log_bytes=log_bytes,
         api_ca_file=ca_file,
         connections_enabled=enabled,
+        node_dispatcher=node,
     )
 
 

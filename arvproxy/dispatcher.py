@@ -245,8 +245,7 @@ class LocalDispatcher(Service):
         @return: a Deferred that fires when it has started, or when the container has been
             cancelled because it could not be.
         """
-        secret = policy.gateway_secret(self._root_token, uuid)
-        process = GatewayProcess(uuid, dispatch_document(secret), self._gateway_ended)
+        process = GatewayProcess(uuid, self.dispatch_document(uuid), self._gateway_ended)
         if attach_to is None:
             argv = self._argv(self._config_path, uuid, self._runtime)
         else:
@@ -256,12 +255,20 @@ class LocalDispatcher(Service):
         except Exception as e:
             log.failure("Cannot start the gateway of {uuid}", uuid=uuid)
             return defer.ensureDeferred(
-                self._cancel(uuid, f"the gateway could not be started: {e}")
+                self._not_started(uuid, f"the gateway could not be started: {e}")
             )
         log.info("Started the gateway of {uuid}", uuid=uuid)
         self.gateways[uuid] = process
         self._reactor.callLater(self._start_timeout, self._check_started, uuid, process)
         return defer.succeed(None)
+
+    def dispatch_document(self, uuid: str) -> bytes:
+        """The JSON the gateway of container C{uuid} reads on standard input."""
+        return dispatch_document(policy.gateway_secret(self._root_token, uuid))
+
+    async def _not_started(self, uuid: str, reason: str) -> None:
+        """A locked container's gateway could not be started: cancel it, saying why."""
+        await self._cancel(uuid, reason)
 
     def _check_started(self, uuid: str, process: GatewayProcess) -> Any:
         """Kill a gateway that has not got its container Running in time."""
@@ -309,6 +316,14 @@ class LocalDispatcher(Service):
             how=how,
             state=container.state,
         )
+        await self._gateway_lost(container, how)
+
+    async def _gateway_lost(self, container: backends.Container, how: str) -> None:
+        """
+        The gateway of C{container} (Locked or Running) ended before it: cancel it, saying
+        why, and remove what the gateway left behind.
+        """
+        uuid = container.uuid
         await self._cancel(uuid, f"its gateway ended ({how}) before the container finished")
         if self._cleanup is not None:
             try:
@@ -365,31 +380,55 @@ def remove_docker_leftover(uuid: str) -> None:
         pass
 
 
+HAND_BACK_FLAG = [
+    "hand-back",
+    None,
+    "When stopped, leave the containers running (their gateways hand them back) for "
+    "the next dispatcher to attach to, instead of stopping them (Cancelled).",
+]
+RUNTIME_PARAMETER = ["runtime", None, "docker", 'The gateways\' runtime: "docker" or "host".']
+START_TIMEOUT_PARAMETER = [
+    "start-timeout",
+    None,
+    600.0,
+    "Seconds a gateway may take to get its container Running (image pulls included).",
+    float,
+]
+"""Options both dispatchers take (this one and L{arvproxy.nodedispatcher}'s)."""
+
+
+def check_runtime(runtime: str) -> None:
+    """
+    Refuse a gateway runtime this machine cannot give: not C{docker} or C{host}, or Docker
+    without root (gateways enter containers' namespaces) or without an engine.
+
+    @raise usage.UsageError: saying why.
+    """
+    if runtime not in ("docker", "host"):
+        raise usage.UsageError(f'--runtime must be "docker" or "host", got {runtime!r}')
+    if runtime == "docker":
+        from arvproxy.gateway.docker_runtime import engine_status
+        from arvproxy.gateway.netns import PERMISSION_HINT, has_cap_sys_admin
+
+        if not has_cap_sys_admin():
+            raise usage.UsageError(f"--runtime docker: {PERMISSION_HINT}")
+        problem = engine_status()
+        if problem is not None:
+            raise usage.UsageError(problem)
+
+
 class Options(usage.Options):
     synopsis = "--config FILE [--runtime docker|host] [--poll-interval SECONDS]"
     longdesc = (
         "Run the embedded registry's queued containers on this machine: lock each one and "
         "start a crunch-run-gateway for it."
     )
-    optFlags = [
-        [
-            "hand-back",
-            None,
-            "When stopped, leave the containers running (their gateways hand them back) for "
-            "the next dispatcher to attach to, instead of stopping them (Cancelled).",
-        ],
-    ]
+    optFlags = [HAND_BACK_FLAG]
     optParameters = [
         ["config", "c", None, "The cluster configuration file (YAML)."],
-        ["runtime", None, "docker", 'The gateways\' runtime: "docker" or "host".'],
+        RUNTIME_PARAMETER,
         ["poll-interval", None, 2.0, "Seconds between two looks at the queue.", float],
-        [
-            "start-timeout",
-            None,
-            600.0,
-            "Seconds a gateway may take to get its container Running (image pulls included).",
-            float,
-        ],
+        START_TIMEOUT_PARAMETER,
     ]
 
     def postOptions(self) -> None:
@@ -402,17 +441,7 @@ class Options(usage.Options):
                 "the local dispatcher runs the embedded registry's containers; with the "
                 f"{self['cluster'].backend} backend, Arvados' own dispatcher starts gateways"
             )
-        if self["runtime"] not in ("docker", "host"):
-            raise usage.UsageError(f'--runtime must be "docker" or "host", got {self["runtime"]!r}')
-        if self["runtime"] == "docker":
-            from arvproxy.gateway.docker_runtime import engine_status
-            from arvproxy.gateway.netns import PERMISSION_HINT, has_cap_sys_admin
-
-            if not has_cap_sys_admin():
-                raise usage.UsageError(f"--runtime docker: {PERMISSION_HINT}")
-            problem = engine_status()
-            if problem is not None:
-                raise usage.UsageError(problem)
+        check_runtime(self["runtime"])
         if not self["poll-interval"] > 0 or not self["start-timeout"] > 0:
             raise usage.UsageError("--poll-interval and --start-timeout must be positive")
 
@@ -427,15 +456,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if config.container_logs:
         _hold_dispatcher_lock(config.container_logs)
         running = functools.partial(gateway_running, config.container_logs)
-    inventory: IInventory = NoInventory()
-    if options["runtime"] == "docker":
-        from arvproxy.gateway.docker_inventory import DockerInventory
-
-        inventory = DockerInventory(
-            config.cluster_id,
-            output_directory=config.container_logs,
-            output_bytes=config.container_log_bytes,
-        )
+    inventory = runtime_inventory(config, options["runtime"])
     top = StopInTurn()
     cluster = open_cluster(reactor, config)
     cluster.setServiceParent(top)
@@ -456,18 +477,36 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     return top
 
 
+def runtime_inventory(config: Any, runtime: str) -> IInventory:
+    """The containers gateways of C{runtime} left on this machine (Docker's, by label)."""
+    if runtime != "docker":
+        return NoInventory()
+    from arvproxy.gateway.docker_inventory import DockerInventory
+
+    return DockerInventory(
+        config.cluster_id,
+        output_directory=config.container_logs,
+        output_bytes=config.container_log_bytes,
+    )
+
+
 def _no_gateway(uuid: str) -> bool:
     return False
 
 
-def _hold_dispatcher_lock(directory: str) -> None:
-    """Hold this registry's dispatcher lock until the process exits; exit 1 if it is held."""
+def _hold_dispatcher_lock(
+    directory: str, prog: str = "arv-local-dispatcher", where: str = "here"
+) -> None:
+    """
+    Hold the dispatcher lock in C{directory} (one dispatcher per registry, or per node) until
+    the process exits; exit 1, saying so as C{prog}, if another holds it.
+    """
     lock = FileLock(os.path.join(directory, DISPATCHER_LOCK_NAME))
     try:
         lock.acquire()
     except Held as e:
-        sys.stderr.write(f"arv-local-dispatcher: error: another dispatcher runs here ({e})\n")
+        sys.stderr.write(f"{prog}: error: another dispatcher runs {where} ({e})\n")
         raise SystemExit(1) from None
     except OSError as e:
-        sys.stderr.write(f"arv-local-dispatcher: error: cannot use {lock.path}: {e}\n")
+        sys.stderr.write(f"{prog}: error: cannot use {lock.path}: {e}\n")
         raise SystemExit(1) from None

@@ -236,7 +236,9 @@ class DockerRuntime:
                 spec.image,
                 command=list(spec.command) or None,
                 environment=spec.environment,
-                working_dir=spec.cwd or None,
+                # crunch-run: 'both "" and "." mean default' (lib/crunchrun/crunchrun.go);
+                # Docker refuses a working directory that is not absolute.
+                working_dir=None if spec.cwd in ("", ".") else spec.cwd,
                 network_mode=spec.network_mode,
                 init=spec.init,
                 name=spec.name or None,

@@ -18,3 +18,9 @@ dispatcher = ServiceMaker(
     "Run the embedded registry's queued containers here, one crunch-run-gateway each",
     "arv-local-dispatcher",
 )
+node_dispatcher = ServiceMaker(
+    "arv-node-dispatcher",
+    "arvproxy.nodedispatcher",
+    "Run this compute node's share of an Arvados cluster's containers, one gateway each",
+    "arv-node-dispatcher",
+)
