@@ -274,12 +274,9 @@ class IdleConnectionTests(unittest.TestCase):
             idle += await defer.gatherResults(
                 [run(connect(self, running.controller_port)) for _ in range(25)]
             )
-        await e2e.wait_for(
-            reactor,
-            lambda: sockets(running.controller) >= before + len(idle),
-            "the controller to accept every connection",
-            [running.controller],
-        )
+        # No wait for the controller to hold all 200 at once: on a loaded machine the first
+        # ones reach their deadline (2 s from accept) before the last batch is connected.
+        # Each is closed by the server below, whenever it was accepted.
         empty_lines = [await connect(self, running.controller_port) for _ in range(3)]
         for client in empty_lines:
             client.trickle(b"\r\n" * 100)
